@@ -1,0 +1,57 @@
+"""Build random-weight checkpoints in tensorpack format (TF bundle or npz) for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from maskrcnn_serving.checkpoint import Architecture, expected_variables
+
+R50_BLOCKS = (3, 4, 6, 3)
+R101_BLOCKS = (3, 4, 23, 3)
+
+
+def small_architecture(blocks=(1, 1, 1, 1), classes: int = 3, mask: bool = True) -> Architecture:
+    """A narrow architecture so that random-weight graphs build and run in seconds."""
+    return Architecture(
+        resnet_num_blocks=tuple(blocks), num_categories=classes, fpn_channels=16, fc_head_dim=32,
+        mask_head_dim=16 if mask else None,
+    )
+
+
+def random_weights(arch: Architecture, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random variables with the exact names and shapes the graph expects (BN variances positive)."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_variables(arch).items():
+        if name.endswith("variance/EMA"):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith("gamma"):
+            value = rng.uniform(0.2, 0.5, shape)
+        else:
+            value = rng.normal(0.0, 0.05, shape)
+        weights[name] = value.astype(dtype)
+    return weights
+
+
+def write_npz(path: Path, weights: Mapping[str, np.ndarray], with_suffix: bool = True) -> Path:
+    """npz as tensorpack's dump tool writes it (``name:0`` keys) or without the suffix."""
+    np.savez(path, **{(f"{k}:0" if with_suffix else k): v for k, v in weights.items()})
+    return path
+
+
+def write_tf_checkpoint(model_dir: Path, weights: Mapping[str, np.ndarray], step: int = 0,
+                        extra: Mapping[str, np.ndarray] | None = None) -> Path:
+    """A TF V2 checkpoint ``model-<step>`` with the given variables (plus ``extra``, e.g. optimizer slots)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [tf.compat.v1.Variable(v, name=k) for k, v in {**weights, **(extra or {})}.items()]
+        saver = tf.compat.v1.train.Saver(variables, save_relative_paths=True)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            prefix = saver.save(sess, str(model_dir / "model"), global_step=step)
+    return Path(prefix)
