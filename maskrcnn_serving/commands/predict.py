@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -24,6 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="Where to write the results JSON.")
     parser.add_argument("--score-threshold", type=float, default=None, help="Override TEST.RESULT_SCORE_THRESH.")
     parser.add_argument("--max-detections", type=int, default=None, help="Override TEST.RESULTS_PER_IM.")
+    parser.add_argument(
+        "--vis-dir",
+        type=Path,
+        default=None,
+        help="Also write each image with its masks, boxes, class names and scores drawn on it, as PNG in this folder "
+        "(sub-folders of the inputs are kept).",
+    )
+    parser.add_argument(
+        "--vis-score-threshold",
+        type=float,
+        default=None,
+        help="Draw only detections scoring above this (default: the model's TEST.RESULT_SCORE_THRESH_VIS, 0.5).",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,22 +54,40 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def visualization_paths(files: list[Path], vis_dir: Path) -> list[Path]:
+    """One PNG path per image under ``vis_dir``, relative to the images' common folder so names cannot collide."""
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    return [vis_dir / f.resolve().relative_to(root).with_suffix(".png") for f in files]
+
+
 def run(args: argparse.Namespace) -> int:
     from maskrcnn_serving.backends.base import PredictOptions, load_backend
     from maskrcnn_serving.evaluation import to_coco_results
+    from maskrcnn_serving.visualize import draw_detections
 
     files = collect_images(args.inputs)
     if not files:
         raise SystemExit("error: no images found in the inputs")
     backend = load_backend(args.backend, args.model_dir)
     options = PredictOptions(score_threshold=args.score_threshold, max_detections=args.max_detections)
+    vis_paths = visualization_paths(files, args.vis_dir) if args.vis_dir is not None else None
+    vis_threshold = args.vis_score_threshold
+    if vis_threshold is None:
+        vis_threshold = float(backend.bundle.config["TEST.RESULT_SCORE_THRESH_VIS"])
     results = []
-    for path in tqdm(files, desc="predict", unit="img"):
+    for index, path in enumerate(tqdm(files, desc="predict", unit="img")):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             raise SystemExit(f"error: cannot decode image {path}")
-        results.extend(to_coco_results(backend.predict([image], options)[0], str(path)))
+        detections = backend.predict([image], options)[0]
+        results.extend(to_coco_results(detections, str(path)))
+        if vis_paths is not None:
+            vis_paths[index].parent.mkdir(parents=True, exist_ok=True)
+            shown = detections.select(detections.scores > vis_threshold)
+            cv2.imwrite(str(vis_paths[index]), draw_detections(image, shown))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results))
     print(f"{len(results)} detections in {len(files)} images written to {args.output}")
+    if args.vis_dir is not None:
+        print(f"annotated images written to {args.vis_dir}")
     return 0
