@@ -11,6 +11,7 @@ lazily by the accurate paste).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,9 @@ from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
 from maskrcnn_serving.structures import Detections
 
 tf1 = tf.compat.v1
+
+# tensorpack logs every layer's shapes at graph build; keep server logs to what matters.
+logging.getLogger("tensorpack").setLevel(logging.WARNING)
 
 _GROUP_WIDTHS = (64, 128, 256, 512)
 _BOX_RESOLUTION = 7
