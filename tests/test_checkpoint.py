@@ -139,7 +139,8 @@ def test_mismatched_shape_is_named(small_dir):
     tmp_path, _, weights = small_dir
     weights["maskrcnn/fcn1/W"] = np.zeros((3, 3, 16, 17), np.float32)
     write_npz(tmp_path / "model.npz", weights)
-    with pytest.raises(ModelLoadError, match=r"wrong shape: maskrcnn/fcn1/W \[3, 3, 16, 17\] \(expected \[3, 3, 16, 16\]\)"):
+    expected = r"wrong shape: maskrcnn/fcn1/W \[3, 3, 16, 17\] \(expected \[3, 3, 16, 16\]\)"
+    with pytest.raises(ModelLoadError, match=expected):
         load_model_dir(tmp_path, environ={})
 
 
@@ -160,7 +161,8 @@ def test_not_a_maskrcnn_checkpoint(tmp_path):
 def test_resnet_arch_contradicting_the_checkpoint(tmp_path):
     arch = small_architecture(blocks=R101_BLOCKS)
     write_npz(tmp_path / "model.npz", zero_weights(arch))
-    with pytest.raises(ModelLoadError, match=r"RESNET_NUM_BLOCKS=\[3, 4, 6, 3\].*contradicts.*\[3, 4, 23, 3\].*resnet101"):
+    expected = r"RESNET_NUM_BLOCKS=\[3, 4, 6, 3\].*contradicts.*\[3, 4, 23, 3\].*resnet101"
+    with pytest.raises(ModelLoadError, match=expected):
         load_model_dir(tmp_path, environ={"RESNET_ARCH": "resnet50"})
 
 

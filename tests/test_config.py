@@ -23,7 +23,9 @@ def test_defaults_and_finalized_max_size():
 
 
 def test_precedence_config_json_then_resnet_arch_then_config_env(tmp_path):
-    write_config(tmp_path, {"PREPROC.MAX_SIZE": 576, "TEST.RESULTS_PER_IM": 50, "BACKBONE.RESNET_NUM_BLOCKS": [1, 1, 1, 1]})
+    write_config(
+        tmp_path, {"PREPROC.MAX_SIZE": 576, "TEST.RESULTS_PER_IM": 50, "BACKBONE.RESNET_NUM_BLOCKS": [1, 1, 1, 1]}
+    )
     env = {"CONFIG__TEST__RESULTS_PER_IM": "7", "RESNET_ARCH": "resnet101"}
     cfg = load_config(tmp_path, env)
     assert cfg["PREPROC.MAX_SIZE"] == 576

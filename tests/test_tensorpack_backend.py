@@ -131,6 +131,7 @@ def test_cli_eval_prints_json_summary_last(cli_uses_session_backend, demo_model_
 
 
 def test_cli_reports_load_errors(tmp_path, example_images, capsys):
-    code = cli.main(["predict", "--model-dir", str(tmp_path), str(example_images[0]), "--output", str(tmp_path / "o.json")])
+    args = ["predict", "--model-dir", str(tmp_path), str(example_images[0]), "--output", str(tmp_path / "o.json")]
+    code = cli.main(args)
     assert code == 2
     assert "No checkpoint in" in capsys.readouterr().err
