@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -20,3 +21,66 @@ def xywh(boxes: np.ndarray) -> np.ndarray:
     out = np.array(boxes, dtype=np.float64, copy=True)
     out[:, 2:] -= out[:, :2]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-detection encoders working on mask patches (Detections.mask_patches): a mask is ``patch`` (h, w) uint8 {0, 1}
+# placed at rows y0.., cols x0.. of an (H, W) image and 0 elsewhere, so no full-size mask is ever materialized.
+
+
+def _scan_run_lengths(patch: np.ndarray, y0: int, x0: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """Run lengths of the full (H, W) mask scanned in row-major (C) order, alternating zeros, ones, zeros, ...
+
+    Starts with the count of zeros (0 when the first pixel is set); the last run is the last real run (no trailing
+    zero-length run); ``sum == H * W``. Transitions are found per patch row with one vectorized diff; a run that
+    ends at the right image edge and continues at column 0 of the next row is merged, as a flat scan would do.
+    """
+    height, width = image_hw
+    total = height * width
+    patch = patch[: max(0, height - y0), : max(0, width - x0)]
+    if patch.size == 0 or not patch.any():
+        return np.array([total], dtype=np.int64)
+    padded = np.zeros((patch.shape[0], patch.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = patch != 0
+    rows, cols = np.nonzero(np.diff(padded, axis=1))  # row-major order: start, end, start, end, ... per row
+    bounds = (rows.astype(np.int64) + y0) * width + (cols.astype(np.int64) + x0)
+    # An end (odd index) equal to the next start (even index) is a run continuing across a row break: merge.
+    joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+    if len(joined):
+        drop = np.concatenate([2 * joined + 1, 2 * joined + 2])
+        bounds = np.delete(bounds, drop)
+    counts = np.diff(np.concatenate([[0], bounds, [total]]))
+    return counts[:-1] if counts[-1] == 0 else counts
+
+
+def legacy_rle(y0: int, x0: int, patch: np.ndarray, image_hw: tuple[int, int]) -> dict:
+    """The seed containers' ``segmentation`` (spec-facts A.7): uncompressed, ROW-major run lengths as JSON ints,
+    starting with a count of zeros (possibly 0), ``size`` [H, W]. Decode with ``np.repeat`` of alternating 0/1 and a
+    C-order reshape to (H, W). NOT pycocotools' format (column-major): pycocotools would decode it transposed-wrong.
+    """
+    counts = _scan_run_lengths(patch, y0, x0, image_hw)
+    return {"counts": counts.tolist(), "size": [int(image_hw[0]), int(image_hw[1])]}
+
+
+def coco_rle_of_patch(y0: int, x0: int, patch: np.ndarray, image_hw: tuple[int, int]) -> dict:
+    """Standard COCO RLE of one placed patch, byte-identical to ``coco_rle`` of the full mask: column-major runs
+    (the row-major runs of the transposed mask), compressed by pycocotools; ``counts`` is an ASCII str."""
+    height, width = image_hw
+    counts = _scan_run_lengths(patch.T, x0, y0, (width, height))
+    encoded = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [height, width]}, height, width)
+    return {"size": [int(height), int(width)], "counts": encoded["counts"].decode("ascii")}
+
+
+def polygons_of_patch(y0: int, x0: int, patch: np.ndarray) -> list[list[float]]:
+    """Outer contours of one placed patch as COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` in image pixels.
+
+    Vertices are the centres of the boundary pixels (pixel (i, j) has centre (j + 0.5, i + 0.5), the same frame as
+    the boxes). Holes are not represented (COCO polygons cannot express them): use RLE for exact masks.
+    """
+    if patch.size == 0:
+        return []
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(patch, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0)
+    )
+    # pycocotools needs at least 3 vertices; thinner pieces (1-2 pixel lines) have no area as polygons.
+    return [(c.reshape(-1).astype(np.float64) + 0.5).tolist() for c in contours if len(c) >= 3]

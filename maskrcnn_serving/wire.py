@@ -1,0 +1,385 @@
+"""The HTTP wire format of ``POST /invocations``: request parsing, option validation, image decoding, responses.
+
+Pure functions of bytes and :class:`Detections`, no Flask: the server moves bytes between this module and a
+backend. Every client mistake raises a :mod:`~maskrcnn_serving.http_errors` class, which fixes the HTTP status.
+
+Requests (see docs/openapi.yaml and the README):
+
+* ``application/json`` object ``{"img_id": any, "img_data": "<base64 of the image file>", <options>...}`` -- the
+  seed containers' schema -- or a JSON array of such objects (several images; the response is then an array);
+* a raw image body (``image/jpeg``, ``image/png``, ``application/x-image``, ...) for Batch Transform.
+
+Options (``score_threshold``, ``mask_threshold``, ``max_detections``, ``classes``, ``format``) come from, in
+increasing precedence: the server defaults, the ``X-Amzn-SageMaker-Custom-Attributes`` header (query-string
+syntax, as ``InvokeEndpoint(CustomAttributes=...)`` sends it), the URL query, and the JSON fields of an image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import parse_qsl
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle, polygons_of_patch
+from maskrcnn_serving.http_errors import InvalidRequest, PayloadTooLarge, TooManyPixels, UnsupportedMediaType
+from maskrcnn_serving.structures import Detections
+
+FORMATS = ("legacy", "coco", "polygon", "boxes")
+MASK_FORMATS = ("legacy", "coco", "polygon")
+OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "classes", "format")
+MAX_DETECTIONS_LIMIT = 1000
+RAW_IMAGE_TYPES = frozenset(
+    {
+        "image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp",
+        "application/x-image", "application/octet-stream",
+    }
+)
+# Formats identified from the header (by Pillow) that are then decoded by cv2; anything else is refused.
+IMAGE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits of one request. Bytes are counted on the HTTP body (base64 included)."""
+
+    max_request_bytes: int = 6 * MiB
+    max_response_bytes: int = 6 * MiB
+    max_image_pixels: int = 50_000_000
+    max_images: int = 16
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Validated per-image options.
+
+    score_threshold: keep detections with score strictly above it (applied in the graph, before per-class NMS).
+    mask_threshold: a mask pixel is set where the pasted probability is >= it.
+    max_detections: at most this many detections (None: the model's ``TEST.RESULTS_PER_IM``).
+    classes: keep only these contiguous class ids (None: all).
+    format: one of :data:`FORMATS`.
+    """
+
+    score_threshold: float
+    mask_threshold: float = 0.5
+    max_detections: int | None = None
+    classes: frozenset[int] | None = None
+    format: str = "legacy"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image of a request: ``img_id`` is echoed as ``str(img_id)`` (None for a raw body without one);
+    ``payload`` is base64 text (JSON requests) or the image file bytes (raw bodies)."""
+
+    img_id: str | None
+    payload: str | bytes
+    options: RequestOptions
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    images: list[ImageRequest]
+    is_list: bool
+
+
+def mimetype_of(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _is_json_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+
+def _number(name: str, value: Any, from_text: bool, kind: type) -> float | int:
+    expected = "an integer" if kind is int else "a number"
+    if from_text:
+        try:
+            return kind(value)
+        except ValueError:
+            raise InvalidRequest(f"{name} must be {expected}, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
+    if kind is int and not (math.isfinite(value) and float(value).is_integer()):
+        raise InvalidRequest(f"{name} must be {expected}, got {value!r}.")
+    return kind(value)
+
+
+def _classes(value: Any, from_text: bool, class_names: Sequence[str]) -> frozenset[int]:
+    if from_text or isinstance(value, str):
+        items: list[Any] = [v.strip() for v in str(value).split(",") if v.strip()]
+        items = [int(v) if v.lstrip("-").isdigit() else v for v in items]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise InvalidRequest(f"classes must be a list of class names or ids, got {type(value).__name__}.")
+    if not items:
+        raise InvalidRequest("classes must name at least one class.")
+    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(class_names) if i > 0)
+    ids = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise InvalidRequest(f"classes entries must be names or integer ids, got {item!r}.")
+        if isinstance(item, int):
+            if not 1 <= item < len(class_names):
+                raise InvalidRequest(f"Unknown class id {item}; this model has {valid}.")
+            ids.add(item)
+        else:
+            if item not in class_names[1:]:
+                raise InvalidRequest(f"Unknown class name {item!r}; this model has {valid}.")
+            ids.add(list(class_names).index(item, 1))
+    return frozenset(ids)
+
+
+def parse_options(
+    raw: Mapping[str, Any], base: RequestOptions, class_names: Sequence[str], from_text: bool, has_masks: bool = True
+) -> RequestOptions:
+    """Validate the option fields present in ``raw`` (JSON values, or strings when ``from_text``) over ``base``."""
+    updates: dict[str, Any] = {}
+    if "score_threshold" in raw:
+        value = _number("score_threshold", raw["score_threshold"], from_text, float)
+        if not 0.0 <= value <= 1.0:
+            raise InvalidRequest(f"score_threshold must be in [0, 1], got {value}.")
+        updates["score_threshold"] = value
+    if "mask_threshold" in raw:
+        value = _number("mask_threshold", raw["mask_threshold"], from_text, float)
+        if not 0.0 < value <= 1.0:
+            raise InvalidRequest(f"mask_threshold must be in (0, 1], got {value}.")
+        updates["mask_threshold"] = value
+    if "max_detections" in raw:
+        value = _number("max_detections", raw["max_detections"], from_text, int)
+        if not 1 <= value <= MAX_DETECTIONS_LIMIT:
+            raise InvalidRequest(f"max_detections must be an integer in [1, {MAX_DETECTIONS_LIMIT}], got {value}.")
+        updates["max_detections"] = value
+    if "classes" in raw:
+        updates["classes"] = _classes(raw["classes"], from_text, class_names)
+    if "format" in raw:
+        value = raw["format"]
+        if not isinstance(value, str) or value.lower() not in FORMATS:
+            raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}, got {value!r}.")
+        if value.lower() in MASK_FORMATS and not has_masks:
+            raise InvalidRequest(f"This model has no mask head; format={value} needs masks. Use format=boxes.")
+        updates["format"] = value.lower()
+    return replace(base, **updates) if updates else base
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+def parse_request(
+    body: bytes,
+    content_type: str | None,
+    query: Mapping[str, str],
+    defaults: RequestOptions,
+    class_names: Sequence[str],
+    limits: Limits,
+    custom_attributes: str | None = None,
+    has_masks: bool = True,
+) -> ParsedRequest:
+    """Parse an ``/invocations`` body into images with validated options (no image is decoded yet)."""
+    if len(body) > limits.max_request_bytes:
+        raise PayloadTooLarge(
+            f"The request body is over the limit of {limits.max_request_bytes} bytes. Send a smaller "
+            "image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES.",
+            code="request_too_large",
+        )
+    base = defaults
+    if custom_attributes:
+        base = parse_options(dict(parse_qsl(custom_attributes)), base, class_names, True, has_masks)
+    base = parse_options(query, base, class_names, True, has_masks)
+    mimetype = mimetype_of(content_type)
+    if _is_json_type(mimetype):
+        return _parse_json(body, base, class_names, limits, has_masks)
+    if mimetype in RAW_IMAGE_TYPES or mimetype.startswith("image/"):
+        if not body:
+            raise InvalidRequest("The request body is empty; send the image file bytes.", code="not_an_image")
+        return ParsedRequest([ImageRequest(query.get("img_id"), body, base)], is_list=False)
+    raise UnsupportedMediaType(
+        f"Content-Type {content_type or '(none)'!r} is not supported. Send application/json "
+        '({"img_id": ..., "img_data": "<base64 image>"}) or a raw image body (image/jpeg, image/png, '
+        "application/x-image)."
+    )
+
+
+def _parse_json(
+    body: bytes, base: RequestOptions, class_names: Sequence[str], limits: Limits, has_masks: bool
+) -> ParsedRequest:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    is_list = isinstance(document, list)
+    items = document if is_list else [document]
+    if is_list and not items:
+        raise InvalidRequest("The request list is empty; send at least one image.")
+    if len(items) > limits.max_images:
+        raise PayloadTooLarge(
+            f"The request has {len(items)} images; the limit is {limits.max_images} per request "
+            "(MODEL_SERVER_MAX_IMAGES).",
+            code="too_many_images",
+        )
+    images = []
+    for index, item in enumerate(items):
+        where = f"item {index}: " if is_list else ""
+        if not isinstance(item, dict):
+            raise InvalidRequest(
+                f'{where}expected a JSON object {{"img_id": ..., "img_data": "<base64>"}}, got {type(item).__name__}.'
+            )
+        for key in ("img_id", "img_data"):
+            if key not in item:
+                raise InvalidRequest(f"{where}missing required field {key!r}.", code="missing_field")
+        if not isinstance(item["img_data"], str):
+            raise InvalidRequest(
+                f"{where}img_data must be a base64 string, got {type(item['img_data']).__name__}.", code="invalid_field"
+            )
+        try:
+            options = parse_options(item, base, class_names, False, has_masks)
+        except InvalidRequest as exc:
+            raise InvalidRequest(where + exc.message, exc.code) from None
+        images.append(ImageRequest(str(item["img_id"]), item["img_data"], options))
+    return ParsedRequest(images, is_list)
+
+
+def decode_base64(text: str) -> bytes:
+    """The seed's lenient base64 (``base64.decodebytes``: characters outside the alphabet, like newlines, are
+    skipped), also accepting a ``data:image/...;base64,`` prefix; wrong padding is a 400."""
+    if text.startswith("data:") and "," in text[:100]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"img_data is not valid base64: {exc}.", code="invalid_base64") from None
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode image file bytes in memory to (H, W, 3) BGR uint8, as the seed's ``cv2.imread(IMREAD_COLOR)`` does:
+    EXIF orientation applied, grayscale expanded, alpha dropped, 16-bit scaled to 8 bits.
+
+    The pixel count is checked from the header (Pillow reads only the header) BEFORE the full decode, so a small
+    file declaring a huge image (a decompression bomb) costs nothing.
+    """
+    if not data:
+        raise InvalidRequest("The image is empty.", code="not_an_image")
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            image_format, (width, height) = header.format, header.size
+    except Image.DecompressionBombError:
+        raise TooManyPixels("The image declares more pixels than the decoder allows.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidRequest(
+            "The data is not an image in a supported format (JPEG, PNG, BMP, TIFF, WebP).", code="not_an_image"
+        ) from None
+    if image_format not in IMAGE_FORMATS:
+        raise InvalidRequest(
+            f"Image format {image_format} is not supported; send JPEG, PNG, BMP, TIFF or WebP.", code="not_an_image"
+        )
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+            "(MODEL_SERVER_MAX_IMAGE_PIXELS). Downscale it before sending."
+        )
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise InvalidRequest(f"The {IMAGE_FORMATS[image_format]} image cannot be decoded (truncated or corrupt).",
+                             code="not_an_image")
+    return image
+
+
+def image_bytes(item: ImageRequest) -> bytes:
+    """The image file bytes of one request item (base64-decoded for JSON requests)."""
+    return decode_base64(item.payload) if isinstance(item.payload, str) else item.payload
+
+
+# ----------------------------------------------------------------------------------------------- responses
+
+
+def filter_detections(dets: Detections, options: RequestOptions, default_max: int) -> Detections:
+    """Apply the class filter, then ``max_detections`` (the backend already applied the score threshold)."""
+    keep = np.arange(len(dets))
+    if options.classes is not None:
+        keep = keep[np.isin(dets.labels, sorted(options.classes))]
+    limit = options.max_detections or default_max
+    keep = keep[:limit]
+    return dets if len(keep) == len(dets) else dets.select(keep)
+
+
+def paste_patches(dets: Detections, options: RequestOptions) -> list[tuple[int, int, np.ndarray]] | None:
+    """Mask patches ``(y0, x0, patch)`` of every detection for mask formats (pasted at box size, never full
+    image size), None for ``boxes``."""
+    if options.format not in MASK_FORMATS or not dets.has_masks:
+        return None
+    return list(dets.mask_patches(options.mask_threshold))
+
+
+def encode_annotations(
+    dets: Detections, options: RequestOptions, patches: list[tuple[int, int, np.ndarray]] | None
+) -> list[dict]:
+    """The ``annotations`` list of one image in ``options.format``, in descending score order.
+
+    legacy: seed-compatible ``bbox`` [int(x1), int(y1), int(x2-x1), int(y2-y1)] (truncated; spec-facts A.8),
+        row-major uncompressed ``segmentation`` (A.7), contiguous ``category_id``, ``category_name``, plus ``score``.
+    coco: float xywh ``bbox``, ``segmentation`` compressed column-major COCO RLE with ``counts`` a str.
+    polygon: float xywh ``bbox``, ``segmentation`` a list of COCO polygons (outer contours, no holes).
+    boxes: float xywh ``bbox`` only.
+    """
+    fmt = options.format
+    height, width = dets.image_hw
+    annotations = []
+    for index in range(len(dets)):
+        x1, y1, x2, y2 = (float(v) for v in dets.boxes[index])
+        label = int(dets.labels[index])
+        if fmt == "legacy":
+            bbox: list = [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]
+        else:
+            bbox = [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)]
+        record: dict[str, Any] = {
+            "bbox": bbox,
+            "category_id": label,
+            "category_name": dets.class_names[label],
+            "score": round(float(dets.scores[index]), 5),
+        }
+        if patches is not None:
+            y0, x0, patch = patches[index]
+            if fmt == "legacy":
+                record["segmentation"] = legacy_rle(y0, x0, patch, (height, width))
+            elif fmt == "coco":
+                record["segmentation"] = coco_rle_of_patch(y0, x0, patch, (height, width))
+            else:
+                record["segmentation"] = polygons_of_patch(y0, x0, patch)
+        annotations.append(record)
+    return annotations
+
+
+def image_response(img_id: str | None, annotations: list[dict]) -> dict:
+    """One image's response object: ``{"img_id": str, "annotations": [...]}`` (``img_id`` omitted when the request
+    had none, i.e. a raw body without an ``img_id`` query parameter)."""
+    response: dict[str, Any] = {} if img_id is None else {"img_id": img_id}
+    response["annotations"] = annotations
+    return response
+
+
+def encode_response(responses: list[dict], is_list: bool, limits: Limits) -> bytes:
+    """Serialize the response and enforce the response size limit (413 with advice when over)."""
+    body = json.dumps(responses if is_list else responses[0], separators=(",", ":")).encode()
+    if len(body) > limits.max_response_bytes:
+        raise PayloadTooLarge(
+            f"The response would be {len(body)} bytes, over the limit of {limits.max_response_bytes} "
+            "(SageMaker real-time endpoints allow 6 MB). Ask for "
+            "format=coco (compressed RLE, usually 10-50x smaller than legacy), format=polygon or format=boxes, "
+            "a lower max_detections or a higher score_threshold.",
+            code="response_too_large",
+        )
+    return body
