@@ -85,7 +85,8 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
     return _read_tf_checkpoint(path)
 
 
-def _as_float32(name: str, value: np.ndarray, path: Path) -> np.ndarray:
+def _as_float32(value: np.ndarray) -> np.ndarray:
+    """Upcast float16 (fp16 training runs, compact npz files) and downcast float64 to the graph's float32."""
     if value.dtype in (np.float16, np.float64):
         return value.astype(np.float32)
     return value
@@ -97,7 +98,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         tensors = {}
         for key in archive.files:
             name = key[:-2] if key.endswith(":0") else key
-            tensors[name] = _as_float32(name, archive[key], path)
+            tensors[name] = _as_float32(archive[key])
     except Exception as exc:  # a truncated or foreign file raises anything from zipfile, numpy or pickle
         raise ModelLoadError(f"Cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     return tensors
@@ -109,7 +110,7 @@ def _read_tf_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
     try:
         reader = tf.train.load_checkpoint(str(prefix))
         names = reader.get_variable_to_shape_map()
-        return {name: _as_float32(name, np.asarray(reader.get_tensor(name)), prefix) for name in names}
+        return {name: _as_float32(np.asarray(reader.get_tensor(name))) for name in names}
     except Exception as exc:  # TF raises DataLossError, NotFoundError, ... for damaged bundles
         raise ModelLoadError(f"Cannot read TF checkpoint {prefix}: {type(exc).__name__}: {exc}") from exc
 
