@@ -135,11 +135,11 @@ def _classes(value: Any, from_text: bool, class_names: Sequence[str]) -> frozens
             raise InvalidRequest(f"classes entries must be names or integer ids, got {item!r}.")
         if isinstance(item, int):
             if not 1 <= item < len(class_names):
-                raise InvalidRequest(f"Unknown class id {item}; this model has {valid}.")
+                raise InvalidRequest(f"classes: unknown class id {item}; this model has {valid}.")
             ids.add(item)
         else:
             if item not in class_names[1:]:
-                raise InvalidRequest(f"Unknown class name {item!r}; this model has {valid}.")
+                raise InvalidRequest(f"classes: unknown class name {item!r}; this model has {valid}.")
             ids.add(list(class_names).index(item, 1))
     return frozenset(ids)
 

@@ -1,0 +1,311 @@
+"""Request parsing, option validation, in-memory image decoding and response encoding (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskrcnn_serving import wire
+from maskrcnn_serving.http_errors import InvalidRequest, PayloadTooLarge, TooManyPixels, UnsupportedMediaType
+from maskrcnn_serving.structures import Detections
+
+NAMES = ("BG", "circle", "rectangle", "triangle", "ring")
+DEFAULTS = wire.RequestOptions(score_threshold=0.5)
+LIMITS = wire.Limits()
+
+
+def parse(body, content_type="application/json", query=None, custom=None, limits=LIMITS, has_masks=True):
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    return wire.parse_request(body, content_type, query or {}, DEFAULTS, NAMES, limits, custom, has_masks)
+
+
+def encode_image(image: np.ndarray, ext: str) -> bytes:
+    ok, data = cv2.imencode(ext, image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture(scope="module")
+def bgr() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = np.zeros((24, 40, 3), dtype=np.uint8)
+    image[:, :20] = (255, 0, 0)
+    image[12:, 20:] = rng.integers(0, 255, (12, 20, 3))
+    return image
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+def test_seed_request_schema():
+    parsed = parse({"img_id": 17, "img_data": "aGVsbG8="})
+    assert not parsed.is_list
+    (item,) = parsed.images
+    assert item.img_id == "17"  # echoed as str(img_id), as the seed does
+    assert wire.image_bytes(item) == b"hello"
+    assert item.options == DEFAULTS
+
+
+def test_list_form_with_per_image_options():
+    parsed = parse([{"img_id": "a", "img_data": ""}, {"img_id": "b", "img_data": "", "format": "coco"}])
+    assert parsed.is_list
+    assert [i.img_id for i in parsed.images] == ["a", "b"]
+    assert [i.options.format for i in parsed.images] == ["legacy", "coco"]
+
+
+def test_raw_image_body_with_query_options():
+    parsed = parse(b"\xff\xd8rest", "image/jpeg", {"img_id": "x", "format": "boxes", "max_detections": "3"})
+    (item,) = parsed.images
+    assert (item.img_id, item.payload, item.options.format, item.options.max_detections) == (
+        "x", b"\xff\xd8rest", "boxes", 3
+    )
+    assert parse(b"bytes", "application/x-image").images[0].img_id is None
+
+
+def test_option_precedence_custom_attributes_query_json():
+    body = {"img_id": 1, "img_data": "", "mask_threshold": 0.7}
+    parsed = parse(body, query={"mask_threshold": "0.6", "max_detections": "5"},
+                   custom="mask_threshold=0.4&max_detections=9&classes=ring,1")
+    options = parsed.images[0].options
+    assert options.mask_threshold == 0.7 and options.max_detections == 5 and options.classes == frozenset({1, 4})
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"score_threshold": 0}, ("score_threshold", 0.0)),
+        ({"score_threshold": 1}, ("score_threshold", 1.0)),
+        ({"mask_threshold": 0.25}, ("mask_threshold", 0.25)),
+        ({"max_detections": 1000}, ("max_detections", 1000)),
+        ({"max_detections": 7.0}, ("max_detections", 7)),
+        ({"classes": ["circle", 3]}, ("classes", frozenset({1, 3}))),
+        ({"classes": "ring"}, ("classes", frozenset({4}))),
+        ({"format": "POLYGON"}, ("format", "polygon")),
+    ],
+)
+def test_valid_options(options, expected):
+    parsed = parse({"img_id": 1, "img_data": "", **options})
+    assert getattr(parsed.images[0].options, expected[0]) == expected[1]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score_threshold": 1.5}, {"score_threshold": -0.1}, {"score_threshold": "0.5"}, {"score_threshold": True},
+        {"score_threshold": None}, {"mask_threshold": 0}, {"mask_threshold": 2}, {"max_detections": 0},
+        {"max_detections": 1001}, {"max_detections": 2.5}, {"max_detections": "5"}, {"classes": []},
+        {"classes": ["dog"]}, {"classes": [0]}, {"classes": [5]}, {"classes": [True]}, {"classes": {"a": 1}},
+        {"format": "png"}, {"format": 3},
+    ],
+)
+def test_bad_option_values_are_400(options):
+    with pytest.raises(InvalidRequest) as info:
+        parse({"img_id": 1, "img_data": "", **options})
+    assert info.value.status == 400
+    assert next(iter(options)) in info.value.message
+
+
+@pytest.mark.parametrize("query", [{"score_threshold": "high"}, {"max_detections": "1.5"}, {"classes": "cat"}])
+def test_bad_query_options_are_400(query):
+    with pytest.raises(InvalidRequest):
+        parse(b"x", "image/png", query)
+
+
+def test_mask_formats_need_a_mask_model():
+    with pytest.raises(InvalidRequest, match="format=boxes"):
+        parse({"img_id": 1, "img_data": "", "format": "coco"}, has_masks=False)
+    assert parse({"img_id": 1, "img_data": "", "format": "boxes"}, has_masks=False).images[0].options.format == "boxes"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[]", "invalid_request"),
+        (b'"text"', "invalid_request"),
+        (b"[1]", "invalid_request"),
+        (b'{"img_data": ""}', "missing_field"),
+        (b'{"img_id": 1}', "missing_field"),
+        (b'{"img_id": 1, "img_data": 5}', "invalid_field"),
+        (b'{"img_id": 1, "img_data": ["a"]}', "invalid_field"),
+    ],
+)
+def test_malformed_json_requests_are_400(body, code):
+    with pytest.raises(InvalidRequest) as info:
+        parse(body)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize("content_type", [None, "", "text/plain", "multipart/form-data; boundary=x", "application/xml"])
+def test_unsupported_content_types_are_415(content_type):
+    with pytest.raises(UnsupportedMediaType):
+        parse(b"{}", content_type)
+
+
+def test_json_content_type_variants():
+    body = {"img_id": 1, "img_data": ""}
+    assert parse(body, "application/json; charset=utf-8").images
+    assert parse(body, "application/vnd.api+json").images
+
+
+def test_request_limits():
+    small = wire.Limits(max_request_bytes=100, max_images=2)
+    with pytest.raises(PayloadTooLarge) as info:
+        parse(b"x" * 101, "image/jpeg", limits=small)
+    assert info.value.status == 413 and info.value.code == "request_too_large"
+    with pytest.raises(PayloadTooLarge) as info:
+        parse([{"img_id": i, "img_data": ""} for i in range(3)], limits=small)
+    assert info.value.code == "too_many_images"
+
+
+def test_base64_is_as_lenient_as_the_seed():
+    data = bytes(range(256)) * 4
+    assert wire.decode_base64(base64.encodebytes(data).decode()) == data  # MIME line breaks, like decodebytes
+    assert wire.decode_base64("data:image/png;base64," + base64.b64encode(data).decode()) == data
+    with pytest.raises(InvalidRequest) as info:
+        wire.decode_base64("abcde")
+    assert info.value.code == "invalid_base64"
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp", ".tiff", ".webp"])
+def test_decode_formats(bgr, ext):
+    image = wire.decode_image(encode_image(bgr, ext), LIMITS.max_image_pixels)
+    assert image.shape == bgr.shape and image.dtype == np.uint8
+    if ext != ".jpg" and ext != ".webp":
+        assert np.array_equal(image, bgr)
+
+
+def test_exif_orientation_is_applied(bgr):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(bgr[..., ::-1]).save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    image = wire.decode_image(buffer.getvalue(), LIMITS.max_image_pixels)
+    assert image.shape == (40, 24, 3)
+    # The blue left half of the stored image is the top half after rotating clockwise.
+    assert image[:18, :, 0].mean() > 200 and image[:18, :, 2].mean() < 60
+
+
+def test_grayscale_alpha_and_16_bit_become_bgr_uint8(bgr):
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    decoded = wire.decode_image(encode_image(gray, ".png"), LIMITS.max_image_pixels)
+    assert decoded.shape == bgr.shape
+    assert np.array_equal(decoded[..., 0], gray) and np.array_equal(decoded[..., 2], gray)
+    bgra = np.dstack([bgr, np.full(bgr.shape[:2], 7, np.uint8)])
+    assert np.array_equal(wire.decode_image(encode_image(bgra, ".png"), LIMITS.max_image_pixels), bgr)
+    deep = bgr.astype(np.uint16) * 257
+    decoded = wire.decode_image(encode_image(deep, ".png"), LIMITS.max_image_pixels)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, bgr)
+    buffer = io.BytesIO()
+    Image.fromarray(gray).convert("LA").save(buffer, "PNG")
+    assert wire.decode_image(buffer.getvalue(), LIMITS.max_image_pixels).shape == bgr.shape
+
+
+def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("1", (10000, 8000)).save(buffer, "PNG")  # 80 MP declared, ~10 KB of file
+    data = buffer.getvalue()
+    assert len(data) < 100_000
+
+    def no_full_decode(*args, **kwargs):
+        raise AssertionError("the full image must not be decoded")
+
+    monkeypatch.setattr(wire.cv2, "imdecode", no_full_decode)
+    with pytest.raises(TooManyPixels) as info:
+        wire.decode_image(data, 50_000_000)
+    assert info.value.status == 422 and "10000x8000" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"GIF89a" + b"\x00" * 40, b""],
+    ids=["text", "bad-png", "gif", "empty"],
+)
+def test_not_an_image_is_400(data):
+    with pytest.raises(InvalidRequest) as info:
+        wire.decode_image(data, LIMITS.max_image_pixels)
+    assert info.value.code == "not_an_image"
+
+
+def test_truncated_jpeg_is_400(bgr):
+    data = encode_image(bgr, ".jpg")
+    with pytest.raises(InvalidRequest):
+        wire.decode_image(data[:30], LIMITS.max_image_pixels)
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+def make_detections(with_masks: bool = True) -> Detections:
+    probs = np.zeros((3, 28, 28), dtype=np.float32)
+    probs[:, 4:24, 4:24] = 0.9
+    return Detections(
+        boxes=np.array([[10.7, 5.2, 30.1, 20.9], [0.0, 0.0, 12.5, 9.99], [40.0, 30.0, 63.9, 47.5]], np.float32),
+        scores=np.array([0.97, 0.81234567, 0.6], np.float32),
+        labels=np.array([4, 1, 4]),
+        class_names=NAMES,
+        image_hw=(48, 64),
+        mask_probs=probs if with_masks else None,
+    )
+
+
+def test_legacy_annotations_match_the_seed_layout():
+    dets = make_detections()
+    options = wire.RequestOptions(score_threshold=0.5)
+    annotations = wire.encode_annotations(dets, options, wire.paste_patches(dets, options))
+    first = annotations[0]
+    assert list(first) == ["bbox", "category_id", "category_name", "score", "segmentation"]
+    x1, y1, x2, y2 = (float(v) for v in dets.boxes[0])
+    assert first["bbox"] == [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]  # spec-facts A.8
+    assert first["bbox"] == [10, 5, 19, 15]
+    assert (first["category_id"], first["category_name"]) == (4, "ring")
+    assert annotations[1]["score"] == 0.81235
+    full = dets.masks(0.5)
+    for annotation, mask in zip(annotations, full, strict=True):
+        counts = annotation["segmentation"]["counts"]
+        assert annotation["segmentation"]["size"] == [48, 64]
+        decoded = np.repeat(np.arange(len(counts)) % 2, counts).reshape(48, 64)
+        assert np.array_equal(decoded, mask)
+
+
+def test_coco_polygon_and_boxes_annotations():
+    dets = make_detections()
+    for fmt in ("coco", "polygon", "boxes"):
+        options = wire.RequestOptions(score_threshold=0.5, format=fmt)
+        annotations = wire.encode_annotations(dets, options, wire.paste_patches(dets, options))
+        assert annotations[0]["bbox"] == [10.7, 5.2, 19.4, 15.7]
+        if fmt == "coco":
+            assert isinstance(annotations[0]["segmentation"]["counts"], str)
+        elif fmt == "polygon":
+            assert all(len(p) >= 6 for p in annotations[0]["segmentation"])
+        else:
+            assert "segmentation" not in annotations[0]
+
+
+def test_filter_classes_then_max_detections():
+    dets = make_detections()
+    options = wire.RequestOptions(score_threshold=0.5, classes=frozenset({4}), max_detections=1)
+    kept = wire.filter_detections(dets, options, default_max=100)
+    assert kept.labels.tolist() == [4] and kept.scores.tolist() == pytest.approx([0.97])
+    assert len(wire.filter_detections(dets, wire.RequestOptions(score_threshold=0.5), 2)) == 2
+
+
+def test_response_size_limit_suggests_smaller_formats():
+    responses = [wire.image_response("1", [{"bbox": [0, 0, 1, 1], "segmentation": {"counts": list(range(500))}}])]
+    with pytest.raises(PayloadTooLarge) as info:
+        wire.encode_response(responses, False, wire.Limits(max_response_bytes=1000))
+    assert info.value.code == "response_too_large"
+    assert "format=coco" in info.value.message and "max_detections" in info.value.message
+    body = wire.encode_response(responses, True, wire.Limits(max_response_bytes=10_000))
+    assert json.loads(body)[0]["img_id"] == "1"
