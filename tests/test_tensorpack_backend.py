@@ -135,3 +135,12 @@ def test_cli_reports_load_errors(tmp_path, example_images, capsys):
     code = cli.main(args)
     assert code == 2
     assert "No checkpoint in" in capsys.readouterr().err
+
+
+def test_cli_inspect_summarizes_the_model_dir(demo_model_dir, capsys):
+    assert cli.main(["inspect", "--model-dir", str(demo_model_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["resnet_num_blocks"] == [1, 1, 1, 1]
+    assert summary["class_names"] == ["circle", "rectangle", "triangle", "ring"]
+    assert summary["parameters"] == 9_506_604  # the fixture README's count
+    assert summary["resize"] == {"short_edge": 320, "max_size": 576.0}
