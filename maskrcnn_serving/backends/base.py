@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,33 +55,14 @@ class Backend(ABC):
         return self.bundle.class_names
 
     @abstractmethod
-    def predict(
-        self,
-        images: Sequence[np.ndarray],
-        options: PredictOptions | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> list[Detections]:
+    def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
         """Detect objects in each image.
 
         images: uint8 arrays (H, W, 3) in BGR channel order (as cv2 decodes them), any size.
-        timings: optional; when a dict is given, the backend adds the seconds it spent to it per stage (see
-            :func:`record_stage`): "preprocess" (resize, input preparation), "graph" (the model call) and
-            "postprocess" (results back to the original frame). The benchmarks and the server's metrics read it.
         Returns one :class:`Detections` per image, in the same order, in original-image coordinates.
+        A backend reports the time of its input preparation (resize) as ``timing.stage("preprocess")``, so that
+        the server's metrics and the benchmarks can tell it from the model itself.
         """
-
-
-@contextmanager
-def record_stage(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
-    """Add the wall time of the ``with`` block to ``timings[stage]`` (seconds); does nothing when timings is None."""
-    if timings is None:
-        yield
-        return
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start)
 
 
 BACKENDS: dict[str, str] = {

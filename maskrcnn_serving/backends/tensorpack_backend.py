@@ -20,13 +20,14 @@ from tensorpack.models import BatchNorm, Conv2D, Conv2DTranspose, FullyConnected
 from tensorpack.tfutils.argscope import argscope
 from tensorpack.tfutils.tower import TowerContext
 
-from maskrcnn_serving.backends.base import Backend, PredictOptions, record_stage
+from maskrcnn_serving.backends.base import Backend, PredictOptions
 from maskrcnn_serving.errors import ModelLoadError
 from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.modeling import tf_ops
 from maskrcnn_serving.modeling.anchors import fpn_anchors
 from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
 from maskrcnn_serving.structures import Detections
+from maskrcnn_serving.timing import stage
 
 tf1 = tf.compat.v1
 
@@ -217,37 +218,30 @@ class TensorpackBackend(Backend):
             session.run(variable.initializer, {variable.initializer.inputs[1]: value})
         return cls(bundle, graph, session, tensors)
 
-    def predict(
-        self,
-        images: Sequence[np.ndarray],
-        options: PredictOptions | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> list[Detections]:
-        return [self._predict_one(image, options or PredictOptions(), timings) for image in images]
+    def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
+        return [self._predict_one(image, options or PredictOptions()) for image in images]
 
-    def _predict_one(self, image: np.ndarray, options: PredictOptions, timings: dict[str, float] | None) -> Detections:
+    def _predict_one(self, image: np.ndarray, options: PredictOptions) -> Detections:
         cfg = self.bundle.config
         image_hw = (int(image.shape[0]), int(image.shape[1]))
-        with record_stage(timings, "preprocess"):
+        with stage("preprocess"):
             resized, scale = resize_image(image, cfg.short_edge_size, cfg.max_size)
-            feed = {self._tensors.image: resized}
-            if options.score_threshold is not None:
-                feed[self._tensors.score_threshold] = options.score_threshold
-            if options.max_detections is not None:
-                feed[self._tensors.max_detections] = options.max_detections
-        with record_stage(timings, "graph"):
-            outputs = self._session.run(self._tensors.outputs, feed)
-        with record_stage(timings, "postprocess"):
-            boxes, scores, labels = outputs[:3]
-            return Detections(
-                boxes=boxes_to_original(boxes, scale, image_hw),
-                scores=scores,
-                labels=labels.astype(np.int64),
-                class_names=self.class_names,
-                image_hw=image_hw,
-                mask_probs=outputs[3] if len(outputs) > 3 else None,
-                accurate_paste=self._accurate_paste,
-            )
+        feed = {self._tensors.image: resized}
+        if options.score_threshold is not None:
+            feed[self._tensors.score_threshold] = options.score_threshold
+        if options.max_detections is not None:
+            feed[self._tensors.max_detections] = options.max_detections
+        outputs = self._session.run(self._tensors.outputs, feed)
+        boxes, scores, labels = outputs[:3]
+        return Detections(
+            boxes=boxes_to_original(boxes, scale, image_hw),
+            scores=scores,
+            labels=labels.astype(np.int64),
+            class_names=self.class_names,
+            image_hw=image_hw,
+            mask_probs=outputs[3] if len(outputs) > 3 else None,
+            accurate_paste=self._accurate_paste,
+        )
 
     def close(self) -> None:
         self._session.close()
