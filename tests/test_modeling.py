@@ -186,3 +186,42 @@ def test_fast_paste_rounds_the_box():
     edge = paste_masks(np.array([[40.0, 40.0, 50.0, 50.0]]), np.ones((1, 28, 28), np.float32), (50, 50),
                        accurate=False)[0]
     assert edge[40:50, 40:50].all() and edge.sum() == 100
+
+
+def tensorpack_accurate_paste(box, mask, hw):
+    """tensorpack's own accurate paste, with the SciPy interp2d it used (removed in SciPy 1.14; scipy is pinned to
+    1.13.1 in the dev extra for this comparison only)."""
+    import warnings
+
+    interpolate = pytest.importorskip("scipy.interpolate")
+    if not hasattr(interpolate, "interp2d"):
+        pytest.skip("this SciPy has no interp2d (removed in 1.14)")
+    padded = np.pad(mask, [(1, 1), (1, 1)], mode="constant")
+    n = padded.shape[0]
+    w_half, h_half = (box[2] - box[0]) * 0.5 * n / (n - 2), (box[3] - box[1]) * 0.5 * n / (n - 2)
+    x_c, y_c = (box[2] + box[0]) * 0.5, (box[3] + box[1]) * 0.5
+    scaled = np.array([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half])
+    knots = np.arange(0.0, n) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        interp = interpolate.interp2d(knots, knots, padded, fill_value=0.0)
+    ys = (np.arange(0.0, hw[0]) + 0.5 - scaled[1]) / (scaled[3] - scaled[1]) * n
+    xs = (np.arange(0.0, hw[1]) + 0.5 - scaled[0]) / (scaled[2] - scaled[0]) * n
+    return (interp(xs, ys) >= 0.5).astype(np.uint8)
+
+
+def test_accurate_paste_equals_scipy_interp2d_as_tensorpack_used_it():
+    rng = np.random.default_rng(1)
+    hw = (80, 90)
+    for _ in range(20):
+        x0, y0 = rng.uniform(0, 60, 2)
+        box = np.array([x0, y0, min(90.0, x0 + rng.uniform(1, 60)), min(80.0, y0 + rng.uniform(1, 60))])
+        # Real network masks: smooth sigmoid outputs, so no value sits within rounding of the threshold.
+        mask = cv2_blur(rng.uniform(0, 1, (28, 28)))
+        np.testing.assert_array_equal(paste_masks(box[None], mask[None], hw)[0], tensorpack_accurate_paste(box, mask, hw))
+
+
+def cv2_blur(values):
+    import cv2
+
+    return cv2.GaussianBlur(values.astype(np.float32), (5, 5), 1.5)
