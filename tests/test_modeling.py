@@ -218,7 +218,8 @@ def test_accurate_paste_equals_scipy_interp2d_as_tensorpack_used_it():
         box = np.array([x0, y0, min(90.0, x0 + rng.uniform(1, 60)), min(80.0, y0 + rng.uniform(1, 60))])
         # Real network masks: smooth sigmoid outputs, so no value sits within rounding of the threshold.
         mask = cv2_blur(rng.uniform(0, 1, (28, 28)))
-        np.testing.assert_array_equal(paste_masks(box[None], mask[None], hw)[0], tensorpack_accurate_paste(box, mask, hw))
+        ours = paste_masks(box[None], mask[None], hw)[0]
+        np.testing.assert_array_equal(ours, tensorpack_accurate_paste(box, mask, hw))
 
 
 def cv2_blur(values):
