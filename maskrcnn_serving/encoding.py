@@ -32,18 +32,25 @@ def _scan_run_lengths(patch: np.ndarray, y0: int, x0: int, image_hw: tuple[int, 
     """Run lengths of the full (H, W) mask scanned in row-major (C) order, alternating zeros, ones, zeros, ...
 
     Starts with the count of zeros (0 when the first pixel is set); the last run is the last real run (no trailing
-    zero-length run); ``sum == H * W``. Transitions are found per patch row with one vectorized diff; a run that
-    ends at the right image edge and continues at column 0 of the next row is merged, as a flat scan would do.
+    zero-length run); ``sum == H * W``. Transitions are found in one flat pass over the patch rows padded with a zero
+    column on each side (the padding separates the rows, so a flat comparison finds exactly the per-row starts and
+    ends); a run that ends at the right image edge and continues at column 0 of the next row is merged, as a flat
+    scan of the full mask would do.
     """
     height, width = image_hw
     total = height * width
     patch = patch[: max(0, height - y0), : max(0, width - x0)]
-    if patch.size == 0 or not patch.any():
+    if patch.size == 0:
         return np.array([total], dtype=np.int64)
-    padded = np.zeros((patch.shape[0], patch.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = patch != 0
-    rows, cols = np.nonzero(np.diff(padded, axis=1))  # row-major order: start, end, start, end, ... per row
-    bounds = (rows.astype(np.int64) + y0) * width + (cols.astype(np.int64) + x0)
+    padded_width = patch.shape[1] + 2
+    padded = np.zeros((patch.shape[0], padded_width), dtype=np.bool_)
+    padded[:, 1:-1] = patch  # nonzero -> True
+    flat = padded.ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1])  # row-major order: start, end, start, end, ... per row
+    if len(changes) == 0:
+        return np.array([total], dtype=np.int64)
+    rows, cols = np.divmod(changes, padded_width)  # cols: the start column, or one past the end column, in the patch
+    bounds = (rows + y0) * width + (cols + x0)
     # An end (odd index) equal to the next start (even index) is a run continuing across a row break: merge.
     joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
     if len(joined):
