@@ -67,6 +67,7 @@ class Backend(ABC):
 
 BACKENDS: dict[str, str] = {
     "tensorpack": "maskrcnn_serving.backends.tensorpack_backend:TensorpackBackend",
+    "optimized": "maskrcnn_serving.backends.optimized:OptimizedBackend",
 }
 
 

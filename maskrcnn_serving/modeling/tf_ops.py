@@ -35,10 +35,13 @@ def clip_boxes(boxes: tf.Tensor, image_hw: tf.Tensor) -> tf.Tensor:
     return tf.minimum(tf.maximum(boxes, 0.0), upper)
 
 
-def roi_align(featuremap: tf.Tensor, boxes: tf.Tensor, resolution: int) -> tf.Tensor:
+def roi_align(
+    featuremap: tf.Tensor, boxes: tf.Tensor, resolution: int, box_indices: tf.Tensor | None = None
+) -> tf.Tensor:
     """tensorpack's RoIAlign: half-pixel aligned, 2x2 bilinear samples per bin, averaged.
 
-    featuremap: [1, H, W, C]; boxes: (N, 4) in feature-map pixels (image boxes / stride).
+    featuremap: [B, H, W, C]; boxes: (N, 4) in feature-map pixels (image boxes / stride); box_indices: (N,) int32
+    image of each box in the batch (None: all from image 0, the batch-1 case).
     Returns (N, resolution, resolution, C). The map is padded by one edge-replicated pixel per side (boxes shift
     by +1); ``crop_and_resize`` samples a (2r x 2r) grid whose first point is ``x0 + spacing/2 - 0.5`` in pixel-index
     units (pixel k's value sits at k); 2x2 average pooling gives r x r.
@@ -57,7 +60,8 @@ def roi_align(featuremap: tf.Tensor, boxes: tf.Tensor, resolution: int) -> tf.Te
     nh = spacing_h * (crop - 1) / max_y
     nw = spacing_w * (crop - 1) / max_x
     normalized = tf.concat([ny0, nx0, ny0 + nh, nx0 + nw], axis=1)
-    box_indices = tf.zeros([tf.shape(boxes)[0]], dtype=tf.int32)
+    if box_indices is None:
+        box_indices = tf.zeros([tf.shape(boxes)[0]], dtype=tf.int32)
     crops = tf.image.crop_and_resize(padded, normalized, box_indices, [crop, crop])
     return tf.nn.avg_pool2d(crops, ksize=2, strides=2, padding="SAME")
 
@@ -70,15 +74,22 @@ def fpn_level_indices(boxes: tf.Tensor) -> tf.Tensor:
 
 
 def multilevel_roi_align(
-    features: Sequence[tf.Tensor], boxes: tf.Tensor, strides: Sequence[int], resolution: int
+    features: Sequence[tf.Tensor],
+    boxes: tf.Tensor,
+    strides: Sequence[int],
+    resolution: int,
+    box_indices: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """RoIAlign every (N, 4) image-pixel box on its FPN level; returns (N, r, r, C) in the order of ``boxes``."""
+    """RoIAlign every (N, 4) image-pixel box on its FPN level; returns (N, r, r, C) in the order of ``boxes``.
+
+    ``box_indices`` (N,) int32 names each box's image when the features hold a batch (see :func:`roi_align`)."""
     levels = fpn_level_indices(boxes)
     pooled, order = [], []
     for index in range(FPN_ROI_LEVELS):
         ids = tf.reshape(tf.where(tf.equal(levels, index)), [-1])
         level_boxes = tf.gather(boxes, ids) * (1.0 / strides[index])
-        pooled.append(roi_align(features[index], level_boxes, resolution))
+        level_indices = None if box_indices is None else tf.gather(box_indices, ids)
+        pooled.append(roi_align(features[index], level_boxes, resolution, level_indices))
         order.append(ids)
     restore = tf.math.invert_permutation(tf.cast(tf.concat(order, axis=0), tf.int32))
     return tf.gather(tf.concat(pooled, axis=0), restore)

@@ -1,0 +1,286 @@
+"""TF2-native FPN Mask R-CNN: a ``tf.Module`` of plain TF ops, NHWC, several images per call.
+
+The math is tensorpack's inference graph (spec-facts C.2-C.12), shared with the tensorpack backend through
+:mod:`maskrcnn_serving.modeling.tf_ops` and :mod:`~maskrcnn_serving.modeling.anchors`. What differs is only how it
+is computed:
+
+* FrozenBN is folded into the preceding convolution at load (``W * gamma / sqrt(var + eps)``, bias
+  ``beta - mean * gamma / sqrt(var + eps)``): the same function up to float rounding.
+* A batch holds B resized images zero-padded (bottom/right) to one common size, a multiple of 32. tensorpack pads
+  each image only to its own multiple of 32 and convolutions with SAME padding see zeros beyond that. To give every
+  image exactly its batch-1 answer, each 3x3 stride-1 convolution's input is multiplied by the image's valid-region
+  mask, the RPN reads anchors of the valid region only, and RoIAlign sees the valid region's edge replicated as
+  tensorpack's SYMMETRIC padding does. So results do not depend on the batch or the padded size.
+* Optional reduced precision (bfloat16 / float16) for the convolutions and hidden FC layers; the RPN, box and class
+  outputs, mask logits, proposals, NMS and RoIAlign stay float32.
+
+Frames: input images are BGR uint8, already resized by :func:`~maskrcnn_serving.modeling.preprocess.resize_image`;
+boxes are (x1, y1, x2, y2) float32 in resized-image pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from maskrcnn_serving.model_dir import ModelBundle
+from maskrcnn_serving.modeling import tf_ops
+from maskrcnn_serving.modeling.anchors import fpn_anchors
+
+BN_EPSILON = 1e-5
+SIZE_MULTIPLE = 32  # FPN.RESOLUTION_REQUIREMENT: every input side is padded to a multiple of this
+BOX_RESOLUTION = 7
+MASK_RESOLUTION = 14
+_GROUP_WIDTHS = (64, 128, 256, 512)
+_GROUP_STRIDES = (4, 8, 16, 32)
+
+
+def fold_frozen_bn(weights: Mapping[str, np.ndarray], scope: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (HWIO) and bias of ``scope``'s bias-free conv followed by its FrozenBN ``scope/bn``, in float64 maths."""
+    kernel = weights[f"{scope}/W"].astype(np.float64)
+    gamma = weights[f"{scope}/bn/gamma"].astype(np.float64)
+    beta = weights[f"{scope}/bn/beta"].astype(np.float64)
+    mean = weights[f"{scope}/bn/mean/EMA"].astype(np.float64)
+    variance = weights[f"{scope}/bn/variance/EMA"].astype(np.float64)
+    scale = gamma / np.sqrt(variance + BN_EPSILON)
+    return (kernel * scale).astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def valid_feature_hw(image_hw: tf.Tensor, stride: int) -> tf.Tensor:
+    """(B, 2) int32 size of each image's feature map at ``stride``, as tensorpack computes it on the image padded to
+    a multiple of 32 (P6: ``ceil(P5 / 2)``)."""
+    padded = (image_hw + SIZE_MULTIPLE - 1) // SIZE_MULTIPLE * SIZE_MULTIPLE
+    return (padded + stride - 1) // stride
+
+
+def _valid_mask(feature: tf.Tensor, valid_hw: tf.Tensor) -> tf.Tensor:
+    """[B, H, W, 1] mask (feature dtype): 1 inside each image's valid region, 0 in the batch padding."""
+    shape = tf.shape(feature)
+    rows = tf.range(shape[1])[None, :] < valid_hw[:, 0:1]
+    cols = tf.range(shape[2])[None, :] < valid_hw[:, 1:2]
+    return tf.cast(rows[:, :, None, None] & cols[:, None, :, None], feature.dtype)
+
+
+def _replicate_edges(feature: tf.Tensor, valid_hw: tf.Tensor) -> tf.Tensor:
+    """Replace the padding beyond each image's valid region by its last valid row / column, so that bilinear
+    sampling one pixel past the edge reads what tensorpack's SYMMETRIC pad gives."""
+    shape = tf.shape(feature)
+    rows = tf.minimum(tf.range(shape[1])[None, :], valid_hw[:, 0:1] - 1)
+    cols = tf.minimum(tf.range(shape[2])[None, :], valid_hw[:, 1:2] - 1)
+    feature = tf.gather(feature, rows, axis=1, batch_dims=1)
+    return tf.gather(feature, cols, axis=2, batch_dims=1)
+
+
+class MaskRCNN(tf.Module):
+    """tensorpack's ResNet-FPN Mask R-CNN at inference; weights from a :class:`ModelBundle`.
+
+    ``compute_dtype``: tf.float32, tf.bfloat16 or tf.float16 for the convolutions and hidden FC layers.
+    ``jit_compile``: compile the dense part (backbone, FPN, RPN head) with XLA; it is traced per input shape.
+    """
+
+    def __init__(self, bundle: ModelBundle, compute_dtype: tf.DType = tf.float32, jit_compile: bool = False) -> None:
+        super().__init__(name="maskrcnn")
+        cfg, arch = bundle.config, bundle.architecture
+        self.compute_dtype = compute_dtype
+        self.blocks = tuple(arch.resnet_num_blocks)
+        self.num_classes = arch.num_categories + 1
+        self.has_masks = arch.is_mask_rcnn
+        self.strides = tuple(cfg["FPN.ANCHOR_STRIDES"])
+        self.box_clip = cfg.box_clip
+        self.reg_weights = tuple(cfg["FRCNN.BBOX_REG_WEIGHTS"])
+        self.rpn_topk = int(cfg["RPN.TEST_PER_LEVEL_NMS_TOPK"])
+        self.rpn_nms = float(cfg["RPN.PROPOSAL_NMS_THRESH"])
+        self.rpn_min_size = float(cfg["RPN.MIN_SIZE"])
+        self.frcnn_nms = float(cfg["TEST.FRCNN_NMS_THRESH"])
+        self.pixel_mean = np.asarray(cfg["PREPROC.PIXEL_MEAN"][::-1], np.float32)  # BGR
+        self.inv_pixel_std = (1.0 / np.asarray(cfg["PREPROC.PIXEL_STD"][::-1], np.float64)).astype(np.float32)
+        self.anchors = [
+            tf.constant(a)
+            for a in fpn_anchors(self.strides, cfg["RPN.ANCHOR_SIZES"], cfg["RPN.ANCHOR_RATIOS"], cfg.max_size)
+        ]
+        self.params = self._build_params(bundle)
+        self._dense = tf.function(self._dense_impl, jit_compile=jit_compile)
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def _build_params(self, bundle: ModelBundle) -> dict[str, tf.Variable]:
+        """Variables named like the checkpoint scopes; BN folded into ``<conv>/W`` and ``<conv>/b``."""
+        weights, low = bundle.weights, self.compute_dtype
+        params: dict[str, tf.Variable] = {}
+
+        def add(name: str, value: np.ndarray, dtype: tf.DType) -> None:
+            params[name] = tf.Variable(tf.cast(value, dtype), trainable=False, name=name.replace("/", "_"))
+
+        backbone = ["conv0"]
+        for group, count in enumerate(self.blocks):
+            for block in range(count):
+                prefix = f"group{group}/block{block}"
+                backbone += [f"{prefix}/conv{i}" for i in (1, 2, 3)]
+                if block == 0:
+                    backbone.append(f"{prefix}/convshortcut")
+        for scope in backbone:
+            kernel, bias = fold_frozen_bn(weights, scope)
+            add(f"{scope}/W", kernel, low)
+            add(f"{scope}/b", bias, low)
+        high_precision = {"rpn/class", "rpn/box", "fastrcnn/outputs/class", "fastrcnn/outputs/box", "maskrcnn/conv"}
+        for name, value in weights.items():
+            scope = name.rsplit("/", 1)[0]
+            if scope.startswith(("fpn/", "rpn/", "fastrcnn/", "maskrcnn/")) and name.endswith(("/W", "/b")):
+                if name == "fastrcnn/fc6/W":
+                    value = bundle.fc6_weight_channel_last(BOX_RESOLUTION)
+                add(name, value, tf.float32 if scope in high_precision else low)
+        return params
+
+    # --------------------------------------------------------------------------------------------- layers
+    def _conv(self, x: tf.Tensor, scope: str, stride: int = 1, padding: str = "SAME", relu: bool = True):
+        kernel, bias = self.params[f"{scope}/W"], self.params[f"{scope}/b"]
+        x = tf.nn.bias_add(tf.nn.conv2d(tf.cast(x, kernel.dtype), kernel, stride, padding), bias)
+        return tf.nn.relu(x) if relu else x
+
+    def _fc(self, x: tf.Tensor, scope: str, relu: bool = True) -> tf.Tensor:
+        kernel, bias = self.params[f"{scope}/W"], self.params[f"{scope}/b"]
+        x = tf.nn.bias_add(tf.matmul(tf.cast(x, kernel.dtype), kernel), bias)
+        return tf.nn.relu(x) if relu else x
+
+    def _bottleneck(self, x: tf.Tensor, prefix: str, stride: int, mask: tf.Tensor | None) -> tf.Tensor:
+        y = self._conv(x, f"{prefix}/conv1")
+        if stride == 2:
+            # tensorpack's AlignPadding: pad top/left by 1, VALID. Reads only valid rows, so no mask is needed.
+            y = tf.pad(y, [[0, 0], [1, 0], [1, 0], [0, 0]])
+            y = self._conv(y, f"{prefix}/conv2", stride=2, padding="VALID")
+        else:
+            y = self._conv(y * mask, f"{prefix}/conv2")
+        y = self._conv(y, f"{prefix}/conv3", relu=False)
+        if f"{prefix}/convshortcut/W" in self.params:
+            x = self._conv(x, f"{prefix}/convshortcut", stride=stride, relu=False)
+        return tf.nn.relu(y + x)
+
+    def _backbone_fpn(self, image: tf.Tensor, image_hw: tf.Tensor) -> list[tf.Tensor]:
+        """P2..P6 (compute dtype) of a [B, H, W, 3] normalized batch, H and W multiples of 32."""
+        x = tf.pad(image, [[0, 0], [3, 2], [3, 2], [0, 0]])
+        x = self._conv(x, "conv0", stride=2, padding="VALID")
+        x = tf.pad(x, [[0, 0], [1, 0], [1, 0], [0, 0]])  # zeros are safe: the inputs are >= 0 after ReLU
+        x = tf.nn.max_pool2d(x, 3, 2, "VALID")
+        features = []
+        for group, count in enumerate(self.blocks):
+            mask = None  # valid region at this group's stride; only stride-1 blocks need it
+            for block in range(count):
+                stride = 2 if group > 0 and block == 0 else 1
+                if stride == 1 and mask is None:
+                    mask = _valid_mask(x, valid_feature_hw(image_hw, _GROUP_STRIDES[group]))
+                x = self._bottleneck(x, f"group{group}/block{block}", stride, mask)
+            features.append(x)
+
+        laterals = [self._conv(c, f"fpn/lateral_1x1_c{i + 2}", relu=False) for i, c in enumerate(features)]
+        summed = [laterals[-1]]
+        for lateral in laterals[-2::-1]:
+            summed.append(lateral + tf.repeat(tf.repeat(summed[-1], 2, axis=1), 2, axis=2))
+        outputs = []
+        for i, s in enumerate(summed[::-1]):
+            mask = _valid_mask(s, valid_feature_hw(image_hw, self.strides[i]))
+            outputs.append(self._conv(s * mask, f"fpn/posthoc_3x3_p{i + 2}", relu=False))
+        return outputs + [outputs[-1][:, ::2, ::2, :]]
+
+    def _dense_impl(self, images: tf.Tensor, image_hw: tf.Tensor):
+        """Normalize, backbone, FPN and RPN head. Returns (P2..P5 float32, per-level RPN logits [B, h, w, A] and
+        deltas [B, h, w, A, 4], float32)."""
+        normalized = (tf.cast(images, tf.float32) - self.pixel_mean) * self.inv_pixel_std
+        normalized *= _valid_mask(normalized, image_hw)
+        features = self._backbone_fpn(tf.cast(normalized, self.compute_dtype), image_hw)
+        logits, deltas = [], []
+        for stride, feature in zip(self.strides, features, strict=True):
+            mask = _valid_mask(feature, valid_feature_hw(image_hw, stride))
+            hidden = tf.cast(self._conv(feature * mask, "rpn/conv0"), tf.float32)
+            level_logits = self._conv(hidden, "rpn/class", relu=False)
+            level_deltas = self._conv(hidden, "rpn/box", relu=False)
+            shape = tf.shape(level_logits)
+            logits.append(level_logits)
+            deltas.append(tf.reshape(level_deltas, [shape[0], shape[1], shape[2], shape[3], 4]))
+        pooled = [tf.cast(f, tf.float32) for f in features[: tf_ops.FPN_ROI_LEVELS]]
+        return pooled, logits, deltas
+
+    # ------------------------------------------------------------------------------------------ inference
+    def detect(
+        self, images: tf.Tensor, image_hw: tf.Tensor, score_threshold: tf.Tensor, max_detections: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        """Detect objects in a batch. The batch size must be static (it unrolls the per-image NMS).
+
+        images: [B, H, W, 3] uint8 BGR, resized, zero-padded bottom/right, H and W multiples of 32.
+        image_hw: [B, 2] int32 resized (unpadded) size of each image.
+        Returns ``boxes`` (D, 4) float32 in resized-image pixels, ``scores`` (D,), ``labels`` (D,) int32 in 1..K,
+        ``masks`` (D, 28, 28) float32 probabilities (absent without a mask head) and ``counts`` (B,) int32: the
+        detections of image b are rows ``sum(counts[:b]) ..`` of each output, in descending score order.
+        """
+        batch = images.shape[0]
+        features, rpn_logits, rpn_deltas = self._dense(images, image_hw)
+
+        proposals = []
+        for b in range(batch):
+            level_boxes, level_logits = [], []
+            for level, stride in enumerate(self.strides):
+                valid = valid_feature_hw(image_hw[b : b + 1], stride)[0]
+                logits = tf.reshape(rpn_logits[level][b, : valid[0], : valid[1]], [-1])
+                deltas = tf.reshape(rpn_deltas[level][b, : valid[0], : valid[1]], [-1, 4])
+                anchors = tf.reshape(self.anchors[level][: valid[0], : valid[1]], [-1, 4])
+                level_boxes.append(tf_ops.decode_boxes(deltas, anchors, self.box_clip))
+                level_logits.append(logits)
+            boxes, _ = tf_ops.generate_fpn_proposals(
+                level_boxes, level_logits, image_hw[b], self.rpn_topk, self.rpn_nms, self.rpn_min_size
+            )
+            proposals.append(boxes)
+
+        roi_features = [
+            _replicate_edges(f, valid_feature_hw(image_hw, s)) for f, s in zip(features, self.strides, strict=False)
+        ]
+        rois, roi_images = self._concat_with_indices(proposals)
+        pooled = tf_ops.multilevel_roi_align(roi_features, rois, self.strides, BOX_RESOLUTION, roi_images)
+        hidden = tf.reshape(pooled, [-1, BOX_RESOLUTION * BOX_RESOLUTION * pooled.shape[-1]])
+        hidden = self._fc(self._fc(hidden, "fastrcnn/fc6"), "fastrcnn/fc7")
+        class_probs = tf.nn.softmax(self._fc(tf.cast(hidden, tf.float32), "fastrcnn/outputs/class", relu=False))
+        box_deltas = tf.reshape(
+            self._fc(tf.cast(hidden, tf.float32), "fastrcnn/outputs/box", relu=False), [-1, self.num_classes, 4]
+        )
+
+        counts = tf.stack([tf.shape(p)[0] for p in proposals])
+        det_boxes, det_scores, det_labels = [], [], []
+        for b, (probs, deltas, props) in enumerate(
+            zip(tf.split(class_probs, counts, num=batch), tf.split(box_deltas, counts, num=batch), proposals,
+                strict=True)
+        ):
+            decoded = tf_ops.decode_fastrcnn_boxes(deltas, props, self.reg_weights, self.box_clip, image_hw[b])
+            boxes, scores, labels = tf_ops.fastrcnn_predictions(
+                decoded, probs, score_threshold, max_detections, self.frcnn_nms
+            )
+            det_boxes.append(boxes)
+            det_scores.append(scores)
+            det_labels.append(labels)
+
+        boxes, box_images = self._concat_with_indices(det_boxes)
+        labels = tf.concat(det_labels, axis=0)
+        outputs = {
+            "boxes": boxes,
+            "scores": tf.concat(det_scores, axis=0),
+            "labels": labels,
+            "counts": tf.stack([tf.shape(s)[0] for s in det_scores]),
+        }
+        if self.has_masks:
+            outputs["masks"] = self._mask_head(roi_features, boxes, box_images, labels)
+        return outputs
+
+    @staticmethod
+    def _concat_with_indices(per_image: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        indices = [tf.fill([tf.shape(t)[0]], b) for b, t in enumerate(per_image)]
+        return tf.concat(per_image, axis=0), tf.concat(indices, axis=0)
+
+    def _mask_head(self, features, boxes: tf.Tensor, box_images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """(D, 28, 28) sigmoid probabilities of each detection's own class."""
+        x = tf_ops.multilevel_roi_align(features, boxes, self.strides, MASK_RESOLUTION, box_images)
+        for i in range(4):
+            x = self._conv(x, f"maskrcnn/fcn{i}")
+        kernel, bias = self.params["maskrcnn/deconv/W"], self.params["maskrcnn/deconv/b"]
+        size = 2 * MASK_RESOLUTION
+        out_shape = tf.stack([tf.shape(x)[0], size, size, kernel.shape[2]])
+        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d_transpose(x, kernel, out_shape, 2, "SAME"), bias))
+        logits = self._conv(tf.cast(x, tf.float32), "maskrcnn/conv", relu=False)  # (D, 28, 28, K)
+        return tf.sigmoid(tf.gather(logits, labels - 1, axis=3, batch_dims=1))
