@@ -1,0 +1,13 @@
+"""Benchmarks: the in-process model pipeline, HTTP load against an endpoint, and A/B comparisons in one run.
+
+Modules:
+    images     synthetic test images (JPEG bytes) and masks, generated in-process
+    stats      percentiles, peak resident memory, machine description
+    pipeline   the serving pipeline measured stage by stage: decode -> backend -> paste -> encode -> JSON
+    model      ``bench model``: throughput, latency and the stage breakdown per image size and batch size
+    seed_rle   the seed containers' ``groupby`` row-major RLE encoder, kept only as the comparison baseline
+    compare    ``bench compare``: two pipelines, or two RLE encoders, interleaved in one run
+    loadgen    ``bench http``: closed-loop and open-loop load against a URL or a SageMaker endpoint
+    plots      PNG figures (matplotlib, Agg backend)
+    report     tables for people
+"""

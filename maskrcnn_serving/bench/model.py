@@ -1,0 +1,117 @@
+"""``bench model``: in-process throughput, latency, memory and stage breakdown per image size and batch size.
+
+Every call sends ``batch_size`` encoded JPEGs through :class:`~maskrcnn_serving.bench.pipeline.Pipeline` (one backend
+call per batch). Warm-up calls are run and discarded for every (size, batch) configuration. A configuration stops
+after ``iterations`` timed calls or once ``max_seconds`` of timed calls have run, whichever comes first (at least
+``min_iterations``), so the whole run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from maskrcnn_serving.bench.images import DEFAULT_SIZES, format_size, synthetic_jpegs
+from maskrcnn_serving.bench.pipeline import STAGES, CallResult, Pipeline
+from maskrcnn_serving.bench.stats import peak_rss_mb, reset_peak_rss, summarize
+from maskrcnn_serving.wire import Limits
+
+RESPONSE_LIMIT_BYTES = Limits().max_response_bytes  # the server's default (SageMaker's 6 MB)
+
+
+@dataclass(frozen=True)
+class ModelBenchSettings:
+    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES  # (width, height) of the encoded inputs
+    batch_sizes: Sequence[int] = (1, 2)
+    iterations: int = 20  # timed calls per configuration, at most
+    min_iterations: int = 3
+    max_seconds: float = 15.0  # timed seconds per configuration, at most (checked between calls)
+    warmup: int = 2  # discarded calls per configuration
+    distinct_images: int = 4  # different synthetic images per size, used in turn
+    seed: int = 0
+
+
+def summarize_calls(calls: Sequence[CallResult]) -> dict:
+    """Throughput, latency percentiles (per call), seconds per image of each stage, and the check that the stages
+    add up to the measured total (``unaccounted_s_per_image`` is the time between stages)."""
+    images = sum(call.images for call in calls)
+    wall = sum(call.seconds for call in calls)
+    stage_totals: dict[str, float] = {}
+    for call in calls:
+        for name, seconds in call.stages.items():
+            stage_totals[name] = stage_totals.get(name, 0.0) + seconds
+    ordered = [name for name in STAGES if name in stage_totals] + sorted(set(stage_totals) - set(STAGES))
+    stages = {name: stage_totals[name] / images for name in ordered}
+    total = wall / images
+    staged = sum(stages.values())
+    detections = [n for call in calls for n in call.detections]
+    response_bytes = [len(call.body) / call.images for call in calls]
+    return {
+        "calls": len(calls),
+        "images": images,
+        "img_per_s": images / wall,
+        "latency_s": summarize([call.seconds for call in calls]),
+        "stages_s_per_image": stages,
+        "total_s_per_image": total,
+        "unaccounted_s_per_image": total - staged,
+        "stage_sum_relative_error": abs(total - staged) / total,
+        "non_graph_share": (1.0 - stages["graph"] / total) if "graph" in stages else None,
+        "detections_per_image": {"mean": float(np.mean(detections)), "min": int(min(detections))},
+        "response_bytes_per_image": float(np.mean(response_bytes)),
+        "over_response_limit": bool(max(len(call.body) for call in calls) > RESPONSE_LIMIT_BYTES),
+    }
+
+
+def run_configuration(
+    pipeline: Pipeline, size: tuple[int, int], batch_size: int, settings: ModelBenchSettings
+) -> dict:
+    """Warm up, then time calls of ``batch_size`` images of ``size`` until the count or the time bound is hit."""
+    payloads = synthetic_jpegs(size, max(batch_size, settings.distinct_images), settings.seed)
+
+    def batch(index: int) -> list[bytes]:
+        return [payloads[(index * batch_size + j) % len(payloads)] for j in range(batch_size)]
+
+    reset_peak_rss()
+    for i in range(settings.warmup):
+        pipeline.run(batch(i))
+    calls: list[CallResult] = []
+    started = time.perf_counter()
+    while len(calls) < settings.iterations and (
+        len(calls) < settings.min_iterations or time.perf_counter() - started < settings.max_seconds
+    ):
+        calls.append(pipeline.run(batch(settings.warmup + len(calls))))
+    result = {"size": format_size(size), "batch_size": batch_size}
+    result.update(summarize_calls(calls))
+    result["request_bytes_per_image"] = float(np.mean([len(p) for p in payloads]))
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def bench_model(
+    pipeline: Pipeline,
+    settings: ModelBenchSettings,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run every (size, batch size) configuration; the report's top-level figures are those of the first one."""
+    results = []
+    for size in settings.sizes:
+        for batch_size in settings.batch_sizes:
+            result = run_configuration(pipeline, size, batch_size, settings)
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    primary = results[0]
+    report = {
+        "primary": {"size": primary["size"], "batch_size": primary["batch_size"]},
+        "img_per_s": primary["img_per_s"],
+        "latency_s": primary["latency_s"],
+        "stages_s_per_image": primary["stages_s_per_image"],
+        "total_s_per_image": primary["total_s_per_image"],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        "results": results,
+    }
+    report["settings"]["sizes"] = [format_size(s) for s in settings.sizes]
+    return report

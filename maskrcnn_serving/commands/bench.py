@@ -1,0 +1,363 @@
+"""``maskrcnn-serving bench``: measure the model in-process, an endpoint under load, or two configurations side by side.
+
+    bench model    --model-dir DIR [--backend NAME] [--precision P] [--sizes ...] [--batch-sizes ...] [--json OUT]
+    bench http     (--url URL | --sagemaker-endpoint NAME) [--concurrency 1,2,4] [--rates 1,2] [--json OUT]
+    bench compare model --model-dir DIR --a SPEC --b SPEC     (two pipelines, interleaved, ratio B/A)
+    bench compare rle   [--a legacy --b seed]                 (two mask encoders, interleaved, identical output?)
+
+Every command prints a table, and writes the JSON report (``--json``) and a PNG figure (``--plot``, by default next
+to the JSON). docs/benchmarks.md explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from maskrcnn_serving.commands import add_model_arguments
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _size(text: str) -> tuple[int, int]:
+    from maskrcnn_serving.bench.images import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="Override a tensorpack config key for this run, e.g. PREPROC.TEST_SHORT_EDGE_SIZE=800 (repeatable).",
+    )
+    parser.add_argument("--detections", type=int, default=100,
+                        help="Detections per image, fixed: max_detections N with score threshold 0 (default 100).")
+    parser.add_argument("--score-threshold", type=float, default=0.0,
+                        help="Score threshold (default 0, so that weak or random weights cannot shrink the work).")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, default=None, help="Write the report as JSON here.")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="Write the PNG figure here (default: next to --json, same name, .png).")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="Benchmarks: the model in-process, an endpoint under load, two configurations side by side."
+    )
+    commands = parser.add_subparsers(dest="bench_command", required=True)
+
+    model = commands.add_parser(
+        "model",
+        help="In-process throughput, latency, peak memory and stage breakdown, per image size and batch size.",
+        description="Encoded JPEGs (synthetic, made in-process) through the server's own path: decode, backend, "
+        "paste, encode, JSON. Warm-up excluded. Each (size, batch) stops after --iterations calls or --max-seconds.",
+    )
+    add_model_arguments(model)
+    model.add_argument("--precision", default=None, help="Backend precision option (optimized backend).")
+    model.add_argument("--backend-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="Extra keyword for the backend's loader, e.g. xla=true (repeatable).")
+    _add_pipeline_arguments(model)
+    model.add_argument("--format", default="legacy",
+                       help="Response format: legacy (the server's default), coco, polygon, boxes, or seed (the seed "
+                       "containers' groupby encoder, slow).")
+    model.add_argument("--sizes", type=_csv(_size), default=None,
+                       help="Input sizes WIDTHxHEIGHT, comma-separated (default 640x480,1333x800,4000x3000).")
+    model.add_argument("--batch-sizes", type=_csv(int), default=[1, 2],
+                       help="Images per request/backend call, comma-separated (default 1,2).")
+    model.add_argument("--iterations", type=int, default=20, help="Timed calls per configuration, at most.")
+    model.add_argument("--max-seconds", type=float, default=15.0, help="Timed seconds per configuration, at most.")
+    model.add_argument("--warmup", type=int, default=2, help="Discarded calls per configuration (default 2).")
+    _add_output_arguments(model)
+    model.set_defaults(func=run_model)
+
+    http = commands.add_parser(
+        "http",
+        help="Load an endpoint: closed-loop concurrency sweep and open-loop fixed arrival rates.",
+        description="Bounded by --requests and --duration per load level; it stops by itself. Use it against "
+        "servers you run (here: 127.0.0.1 only) or your own SageMaker endpoint.",
+    )
+    where = http.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="Server URL, e.g. http://127.0.0.1:8080 (POST /invocations).")
+    where.add_argument("--sagemaker-endpoint", help="SageMaker endpoint name (boto3 invoke_endpoint).")
+    http.add_argument("--region", default=None, help="AWS region of the endpoint (default: boto3's).")
+    http.add_argument("--images", type=Path, nargs="*", default=None,
+                      help="Image files or folders to send (default: synthetic JPEGs of --size).")
+    http.add_argument("--size", type=_size, default=(640, 480), help="Synthetic image size (default 640x480).")
+    http.add_argument("--images-per-request", type=int, default=1, help="Images per request (list form).")
+    http.add_argument("--raw", action="store_true", help="Send raw image/jpeg bodies instead of JSON.")
+    http.add_argument("--field", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                      help="Extra JSON field per image, e.g. format=coco or max_detections=100 (repeatable).")
+    http.add_argument("--concurrency", type=_csv(int), default=[1, 2, 4],
+                      help="Closed-loop client counts to sweep (default 1,2,4; empty to skip).")
+    http.add_argument("--rates", type=_csv(float), default=[],
+                      help="Open-loop arrival rates in requests/s (default: none).")
+    http.add_argument("--poisson", action="store_true", help="Open loop: Poisson arrivals instead of even spacing.")
+    http.add_argument("--requests", type=int, default=40, help="Requests per load level, at most (default 40).")
+    http.add_argument("--duration", type=float, default=30.0, help="Seconds per load level, at most (default 30).")
+    http.add_argument("--warmup", type=int, default=2, help="Sequential requests before measuring (default 2).")
+    http.add_argument("--timeout", type=float, default=120.0, help="Per-request timeout in seconds.")
+    http.add_argument("--max-in-flight", type=int, default=64, help="Open loop: concurrent requests, at most.")
+    _add_output_arguments(http)
+    http.set_defaults(func=run_http)
+
+    compare = commands.add_parser(
+        "compare", help="Two configurations interleaved in one run, and their ratio (robust on a noisy machine)."
+    )
+    kinds = compare.add_subparsers(dest="compare_kind", required=True)
+    pipelines = kinds.add_parser(
+        "model",
+        help="Two serving pipelines on the same images: backends, precisions or response formats.",
+        description="A SPEC is comma-separated KEY=VALUE: backend=NAME, format=legacy|coco|polygon|boxes|seed, and "
+        "any backend loader keyword (precision=bfloat16, xla=true, ...). Example: --a backend=tensorpack "
+        "--b backend=optimized,precision=bfloat16.",
+    )
+    pipelines.add_argument("--model-dir", default=None, help="Model directory (default: $SM_MODEL_DIR).")
+    pipelines.add_argument("--a", required=True, help="Configuration A (SPEC).")
+    pipelines.add_argument("--b", required=True, help="Configuration B (SPEC).")
+    _add_pipeline_arguments(pipelines)
+    pipelines.add_argument("--size", type=_size, default=(640, 480), help="Input size (default 640x480).")
+    pipelines.add_argument("--batch-size", type=int, default=1, help="Images per call (default 1).")
+    pipelines.add_argument("--rounds", type=int, default=10, help="Interleaved rounds, at most (default 10).")
+    pipelines.add_argument("--max-seconds", type=float, default=240.0, help="Seconds of rounds, at most.")
+    pipelines.add_argument("--warmup", type=int, default=2, help="Discarded calls per side (default 2).")
+    _add_output_arguments(pipelines)
+    pipelines.set_defaults(func=run_compare_model)
+
+    rle = kinds.add_parser(
+        "rle",
+        help="Two mask encoders on the same full-size masks: legacy (ours), seed (the seed's groupby), coco.",
+    )
+    rle.add_argument("--a", default="legacy", help="Encoder A (default legacy, ours).")
+    rle.add_argument("--b", default="seed", help="Encoder B (default seed, the seed containers' groupby).")
+    rle.add_argument("--masks", type=int, default=100, help="Masks per round (default 100).")
+    rle.add_argument("--size", type=_size, default=(640, 480), help="Mask size WIDTHxHEIGHT (default 640x480).")
+    rle.add_argument("--rounds", type=int, default=5, help="Interleaved rounds, at most (default 5).")
+    rle.add_argument("--max-seconds", type=float, default=120.0, help="Seconds of rounds, at most.")
+    rle.add_argument("--json", type=Path, default=None, help="Write the report as JSON here.")
+    rle.set_defaults(func=run_compare_rle)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _parse_value(text: str) -> Any:
+    from maskrcnn_serving.config import parse_env_value
+
+    return parse_env_value(text)
+
+
+def _environ(config_overrides: list[tuple[str, str]]) -> dict[str, str]:
+    """The process environment plus ``CONFIG__SECTION__KEY`` variables for the --config overrides."""
+    environ = dict(os.environ)
+    for key, value in config_overrides:
+        environ["CONFIG__" + key.replace(".", "__")] = value
+    return environ
+
+
+def _load(backend: str, model_dir: str | None, environ: dict[str, str], options: dict[str, Any]):
+    from maskrcnn_serving.backends.base import load_backend
+
+    print(f"loading {backend} {options or ''} from {model_dir or '$SM_MODEL_DIR'} ...", file=sys.stderr, flush=True)
+    return load_backend(backend, model_dir, environ=environ, **options)
+
+
+def _model_description(backend, name: str, model_dir: str | None, options: dict, config_overrides: list) -> dict:
+    config = backend.bundle.config
+    return {
+        "dir": str(model_dir) if model_dir else os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
+        "backend": name,
+        "backend_options": options,
+        "config_overrides": dict(config_overrides),
+        "test_short_edge_size": config.short_edge_size,
+        "max_size": config["PREPROC.MAX_SIZE"],
+        "resnet_num_blocks": config["BACKBONE.RESNET_NUM_BLOCKS"],
+    }
+
+
+def _write_outputs(report: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    report.setdefault("command", "maskrcnn-serving " + " ".join(sys.argv[1:]))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"JSON report: {json_path}")
+    if plot_path is None and json_path is not None:
+        plot_path = json_path.with_suffix(".png")
+    if plot_path is not None and plot is not None:
+        try:
+            print(f"plot: {plot(report, plot_path)}")
+        except RuntimeError as exc:  # matplotlib missing: the JSON and the table are still there
+            print(f"warning: no plot: {exc}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from maskrcnn_serving.bench.images import DEFAULT_SIZES
+    from maskrcnn_serving.bench.model import ModelBenchSettings, bench_model
+    from maskrcnn_serving.bench.pipeline import Pipeline
+    from maskrcnn_serving.bench.plots import plot_model
+    from maskrcnn_serving.bench.report import model_table
+    from maskrcnn_serving.bench.stats import machine_info
+
+    options = {key: _parse_value(value) for key, value in args.backend_option}
+    if args.precision:
+        options["precision"] = args.precision
+    backend = _load(args.backend, args.model_dir, _environ(args.config), options)
+    pipeline = Pipeline(backend, args.score_threshold, args.detections, args.format)
+    settings = ModelBenchSettings(
+        sizes=tuple(args.sizes or DEFAULT_SIZES),
+        batch_sizes=tuple(args.batch_sizes),
+        iterations=args.iterations,
+        max_seconds=args.max_seconds,
+        warmup=args.warmup,
+    )
+
+    def progress(result: dict) -> None:
+        print(f"  {result['size']} batch {result['batch_size']}: {result['img_per_s']:.2f} img/s "
+              f"({result['calls']} calls)", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    report = bench_model(pipeline, settings, progress)
+    report["model"] = _model_description(backend, args.backend, args.model_dir, options, args.config)
+    report["model"]["format"] = args.format
+    report["detections"] = args.detections
+    report["score_threshold"] = args.score_threshold
+    report["machine"] = machine_info()
+    report["wall_s"] = time.perf_counter() - started
+    print(model_table(report["results"]))
+    print("stages in ms per image; p50/p90/p99 per call (a call = one batch); non-graph = 1 - graph/total")
+    _write_outputs(report, args.json, args.plot, plot_model)
+    return 0
+
+
+def _read_images(paths: list[Path]) -> list[bytes]:
+    from maskrcnn_serving.commands.predict import collect_images
+
+    return [path.read_bytes() for path in collect_images(paths)]
+
+
+def run_http(args: argparse.Namespace) -> int:
+    from maskrcnn_serving.bench import loadgen
+    from maskrcnn_serving.bench.images import format_size, synthetic_jpegs
+    from maskrcnn_serving.bench.plots import plot_http
+    from maskrcnn_serving.bench.report import http_table
+    from maskrcnn_serving.bench.stats import machine_info
+
+    if args.url:
+        target = loadgen.HttpTarget(args.url, args.timeout)
+    else:
+        target = loadgen.SageMakerTarget(args.sagemaker_endpoint, args.region, args.timeout)
+    images = _read_images(args.images) if args.images else synthetic_jpegs(args.size, 8)
+    if not images:
+        raise SystemExit("error: no images found")
+    fields = {key: _parse_value(value) for key, value in args.field}
+    bodies = loadgen.build_bodies(images, args.images_per_request, fields, args.raw)
+    warm = loadgen.warm_up(target, bodies, args.warmup)
+    print(f"{target.description}: warm-up statuses {warm}", file=sys.stderr, flush=True)
+    runs = []
+    for concurrency in args.concurrency:
+        runs.append(loadgen.run_closed(target, bodies, concurrency, args.requests, args.duration))
+        print(f"  closed loop c={concurrency}: {runs[-1]['throughput_rps']:.2f} req/s", file=sys.stderr, flush=True)
+    for rate in args.rates:
+        runs.append(loadgen.run_open(target, bodies, rate, args.requests, args.duration, args.max_in_flight,
+                                     args.poisson))
+        print(f"  open loop {rate}/s: {runs[-1]['throughput_rps']:.2f} req/s", file=sys.stderr, flush=True)
+    report = {
+        "target": target.description,
+        "images_per_request": args.images_per_request,
+        "payload": {
+            "images": [str(p) for p in args.images] if args.images else f"synthetic {format_size(args.size)} JPEG",
+            "fields": fields,
+            "raw": args.raw,
+        },
+        "warmup_statuses": warm,
+        "machine": machine_info(),
+        "runs": runs,
+    }
+    print(http_table(runs))
+    print("latency from the scheduled send time (open loop) or the send time (closed loop); successful requests")
+    _write_outputs(report, args.json, args.plot, plot_http)
+    return 0
+
+
+def _parse_spec(text: str) -> tuple[str, str, dict[str, Any]]:
+    """'backend=optimized,precision=bfloat16,format=coco' -> (backend, format, loader options)."""
+    values = dict(_key_value(item) for item in text.split(",") if item.strip())
+    backend = values.pop("backend", "tensorpack")
+    encoder = values.pop("format", "legacy")
+    return backend, encoder, {key: _parse_value(value) for key, value in values.items()}
+
+
+def run_compare_model(args: argparse.Namespace) -> int:
+    from maskrcnn_serving.bench.compare import compare_pipelines
+    from maskrcnn_serving.bench.pipeline import Pipeline
+    from maskrcnn_serving.bench.plots import plot_compare
+    from maskrcnn_serving.bench.report import compare_table
+    from maskrcnn_serving.bench.stats import machine_info
+
+    environ = _environ(args.config)
+    specs = [_parse_spec(args.a), _parse_spec(args.b)]
+    loaded: dict[str, Any] = {}
+    pipelines = []
+    for backend_name, encoder, options in specs:
+        key = json.dumps([backend_name, options], sort_keys=True)
+        if key not in loaded:  # the same backend and options on both sides are loaded once
+            loaded[key] = _load(backend_name, args.model_dir, environ, options)
+        pipelines.append(Pipeline(loaded[key], args.score_threshold, args.detections, encoder))
+    report = compare_pipelines(
+        pipelines[0], pipelines[1], args.size, args.batch_size, args.rounds, args.warmup, args.max_seconds,
+        labels=(args.a, args.b),
+    )
+    report["detections"] = args.detections
+    report["config_overrides"] = dict(args.config)
+    report["model_dir"] = args.model_dir
+    report["machine"] = machine_info()
+    print(compare_table(report))
+    print(f"B/A throughput: {report['throughput_ratio_b_over_a']:.3f}x  ({report['rounds']} interleaved rounds, "
+          f"{report['size']}, batch {report['batch_size']}, {args.detections} detections)")
+    _write_outputs(report, args.json, args.plot, plot_compare)
+    return 0
+
+
+def run_compare_rle(args: argparse.Namespace) -> int:
+    from maskrcnn_serving.bench.compare import compare_rle
+    from maskrcnn_serving.bench.images import format_size
+    from maskrcnn_serving.bench.stats import machine_info
+
+    report = compare_rle(args.a, args.b, args.masks, args.size, args.rounds, args.max_seconds)
+    report["machine"] = machine_info()
+    a, b = report["a"], report["b"]
+    print(f"{args.masks} masks of {format_size(args.size)} ({report['foreground_fraction']:.1%} foreground), "
+          f"{report['rounds']} interleaved rounds")
+    print(f"  A {a['encoder']:>7}: {a['s_per_mask'] * 1000:.3f} ms per mask")
+    print(f"  B {b['encoder']:>7}: {b['s_per_mask'] * 1000:.3f} ms per mask")
+    identical = {True: "identical", False: "DIFFERENT", None: "not comparable (different formats)"}
+    print(f"  A is {report['speedup_a_over_b']:.1f}x faster than B; outputs {identical[report['identical']]}")
+    _write_outputs(report, args.json, None, None)
+    return 0 if report["identical"] is not False else 1
