@@ -11,8 +11,8 @@ Mask formats (the server's ``format`` option):
   column-major and silently produce a wrong mask, so they are decoded here with ``np.repeat``.
 * ``coco``: standard COCO RLE, **column-major**; ``counts`` is a compressed str (or bytes), or, in the uncompressed
   form, a list of ints. Decoded with pycocotools.
-* ``polygon``: COCO polygons, a list of flat ``[x1, y1, x2, y2, ...]`` rings in continuous coordinates, rasterized
-  with pycocotools as COCO tools do.
+* ``polygon``: COCO polygons, a list of flat ``[x1, y1, x2, y2, ...]`` rings in continuous coordinates, filled with
+  ``cv2.fillPoly`` (pixels whose centres are inside or on a ring; the exact inverse of the server's polygons).
 * ``boxes``: no ``segmentation``.
 
 Nothing here imports matplotlib at module import time: the server imports this module's decoders only, and
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from maskrcnn_serving.structures import Detections
 
 MASK_FORMATS = ("auto", "legacy", "coco", "polygon")
+_POLYGON_SHIFT = 8  # fractional bits of polygon vertices given to cv2.fillPoly
 
 # (y0, x0, patch): the instance's mask is ``patch`` at rows y0.. and cols x0.., 0 elsewhere (as Detections yields).
 MaskPatch = tuple[int, int, np.ndarray]
@@ -73,14 +74,23 @@ def decode_coco_rle(rle: dict) -> np.ndarray:
 def decode_polygons(polygons: Sequence[Sequence[float]], image_hw: Sequence[int]) -> np.ndarray:
     """Rasterize COCO polygons (flat ``[x1, y1, x2, y2, ...]`` rings, continuous coordinates) to (H, W) uint8.
 
-    The rings are united, as COCO does. An empty list gives an all-zero mask.
+    A pixel (i, j) is set when its centre (j + 0.5, i + 0.5) lies inside a ring or on its outline, as
+    ``cv2.fillPoly`` draws it (vertices to 1/256 pixel; a centre exactly half a pixel outside an edge counts as on
+    it). Rings are united, as in COCO. This inverts the server's ``polygon`` format exactly (its vertices are the
+    centres of boundary pixels) for masks without holes, where pycocotools' rasterizer would drop part of the
+    boundary. An empty list gives an all-zero mask.
     """
     height, width = (int(v) for v in image_hw)
-    rings = [list(map(float, ring)) for ring in polygons if len(ring) >= 6]
-    if not rings:
-        return np.zeros((height, width), dtype=np.uint8)
-    merged = mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
-    return np.ascontiguousarray(mask_utils.decode(merged), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    scale = 1 << _POLYGON_SHIFT
+    for ring in polygons:
+        points = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+        if len(points) < 3:
+            continue
+        # Pixel-index frame (centres on integers), in cv2's fixed point; one call per ring = union, not even-odd.
+        fixed = np.round((points - 0.5) * scale).astype(np.int32)
+        cv2.fillPoly(mask, [fixed], 1, lineType=cv2.LINE_8, shift=_POLYGON_SHIFT)
+    return mask
 
 
 def _detect_format(segmentation: Any) -> str:

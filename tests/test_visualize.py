@@ -9,9 +9,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
-from maskrcnn_serving import visualize
+from maskrcnn_serving import encoding, visualize
 from maskrcnn_serving.encoding import coco_rle
 
 
@@ -90,15 +89,46 @@ def test_uncompressed_coco_counts_decode_column_major():
     np.testing.assert_array_equal(visualize.segmentation_to_mask(rle, fmt="coco"), mask)
 
 
-def test_polygons_rasterize_like_pycocotools_in_continuous_coordinates():
-    # A rectangle from x=1..5, y=1..4 covers the pixels whose centres are inside: columns 1-4, rows 1-3.
+def test_polygons_fill_the_pixels_whose_centres_are_inside():
+    # Centres (j + 0.5, i + 0.5) inside x 1.2..4.8, y 1.2..3.8: columns 1-4, rows 1-3.
     expected = np.zeros((6, 7), np.uint8)
     expected[1:4, 1:5] = 1
-    np.testing.assert_array_equal(visualize.decode_polygons([[1, 1, 5, 1, 5, 4, 1, 4]], (6, 7)), expected)
-    two = [[0, 0, 2, 0, 2, 2, 0, 2], [4, 3, 6, 3, 6, 5, 4, 5]]
-    reference = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(two, 6, 7)))
-    np.testing.assert_array_equal(visualize.decode_polygons(two, (6, 7)), reference)
+    rectangle = [[1.2, 1.2, 4.8, 1.2, 4.8, 3.8, 1.2, 3.8]]
+    np.testing.assert_array_equal(visualize.decode_polygons(rectangle, (6, 7)), expected)
+    # Two rings are united; an overlap is not cut out (even-odd filling would).
+    two = [[0.5, 0.5, 3.5, 0.5, 3.5, 3.5, 0.5, 3.5], [2.5, 2.5, 5.5, 2.5, 5.5, 4.5, 2.5, 4.5]]
+    union = np.zeros((6, 7), np.uint8)
+    union[0:4, 0:4] = 1
+    union[2:5, 2:6] = 1
+    np.testing.assert_array_equal(visualize.decode_polygons(two, (6, 7)), union)
     assert visualize.decode_polygons([], (6, 7)).sum() == 0
+    assert visualize.decode_polygons([[1, 1, 2, 2]], (6, 7)).sum() == 0  # fewer than 3 vertices: no area
+
+
+def hole_free(masks: np.ndarray) -> np.ndarray:
+    """The masks with holes filled and components too thin for a polygon (< 3 contour vertices) removed."""
+    out = np.zeros_like(masks)
+    for i, mask in enumerate(masks):
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out[i], [c for c in contours if len(c) >= 3], -1, 1, cv2.FILLED)
+    return out
+
+
+def test_round_trip_through_the_server_encoders():
+    """legacy and coco are exact for any mask; polygons (which cannot carry holes) for hole-free masks."""
+    masks = random_masks(40, 45, 53, seed=6)
+    for mask in masks:
+        ys, xs = np.nonzero(mask) if mask.any() else (np.array([0]), np.array([0]))
+        y0, x0 = int(ys.min()), int(xs.min())
+        patch = mask[y0 : ys.max() + 1, x0 : xs.max() + 1]
+        legacy = encoding.legacy_rle(y0, x0, patch, mask.shape)
+        assert legacy == seed_binary_mask_to_rle(mask)
+        np.testing.assert_array_equal(visualize.segmentation_to_mask(legacy), mask)
+        coco = encoding.coco_rle_of_patch(y0, x0, patch, mask.shape)
+        np.testing.assert_array_equal(visualize.segmentation_to_mask(coco), mask)
+    for mask in hole_free(masks):
+        polygons = encoding.polygons_of_patch(0, 0, mask)
+        np.testing.assert_array_equal(visualize.segmentation_to_mask(polygons, mask.shape), mask)
 
 
 def test_annotations_in_every_format_give_the_same_masks():
