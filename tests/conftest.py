@@ -40,3 +40,15 @@ def fixtures_dir() -> Path:
     if not (FIXTURES / "val_public" / "annotations.json").is_file():
         pytest.skip(f"needs the trained fixtures in {FIXTURES} (../shared beside the repo)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, example_images):
+    """The one real server of the session: ``maskrcnn-serving serve`` (gunicorn, 2 workers, demo model) on
+    127.0.0.1; see tests/live_server.py. Stopped at the end of the session."""
+    from live_server import start_live_server, stop_live_server
+
+    log_path = tmp_path_factory.mktemp("live_server") / "server.log"
+    server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes())
+    yield server
+    stop_live_server(server.process)

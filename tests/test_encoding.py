@@ -11,6 +11,9 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle, polygons_of_patch
 
+# pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def seed_rle_counts(mask: np.ndarray) -> list[int]:
     """Reference: the seed's algorithm as spec-facts A.7 describes it (groupby over the C-order scan; a leading 0
