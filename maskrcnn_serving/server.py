@@ -29,6 +29,14 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from maskrcnn_serving import metrics, wire
+from maskrcnn_serving.guards import (
+    DeadlinePredictor,
+    apply_memory_headroom,
+    body_read_error,
+    deadline_seconds,
+    start_request,
+    translate_resource_error,
+)
 from maskrcnn_serving.http_errors import (
     INTERNAL_ERROR_CODE,
     NotReady,
@@ -111,8 +119,8 @@ class SerializedPredictor:
 
 
 def make_predictor(backend) -> Predictor:
-    """The predictor the server uses for ``backend``."""
-    return SerializedPredictor(backend)
+    """The predictor the server uses for ``backend``: one call at a time, bounded by each request's deadline."""
+    return DeadlinePredictor(SerializedPredictor(backend), concurrency=1)
 
 
 def warmup_image(short_edge: int) -> np.ndarray:
@@ -167,6 +175,7 @@ class ModelRunner:
             start = time.perf_counter()
             self._warm_up()
             self.warmup_seconds = time.perf_counter() - start
+            apply_memory_headroom()  # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
         except Exception as exc:  # noqa: BLE001 - any failure must be reported, the worker stays up to say so
             self.state, self.message = "failed", f"The model failed to load: {exc}"
             log.exception("model load failed")
@@ -269,9 +278,11 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     app = Flask("maskrcnn_serving")
     app.extensions["maskrcnn_runner"] = runner
     limits = settings.limits
+    request_deadline = deadline_seconds()
 
     @app.before_request
     def _start() -> None:
+        start_request(request_deadline)
         g.request_id = _request_id()
         g.start = time.perf_counter()
         g.stages = {}
@@ -307,6 +318,10 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             return _error_response(exc.status, exc.code, exc.message)
         if isinstance(exc, HTTPException):
             return _error_response(*from_http_exception(exc))
+        resource_error = translate_resource_error(exc)  # out of memory: this request fails, the worker lives
+        if resource_error is not None:
+            log.warning("resource exhausted", exc_info=exc, extra={"fields": {"request_id": g.get("request_id")}})
+            return _handle_error(resource_error)
         request_id = g.get("request_id", "-")
         log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id}})
         message = f"Internal server error; the server log has the details under request id {request_id}."
@@ -390,7 +405,10 @@ def _read_body(limit: int) -> bytes:
             "request), or raise MODEL_SERVER_MAX_REQUEST_BYTES.",
             code="request_too_large",
         )
-    return request.stream.read(limit + 1)
+    try:
+        return request.stream.read(limit + 1)
+    except OSError as exc:  # a stalled client (gunicorn_worker's socket timeout), a malformed chunk, an early close
+        raise body_read_error(exc) from None
 
 
 def _run_model(

@@ -113,6 +113,8 @@ def _number(name: str, value: Any, from_text: bool, kind: type) -> float | int:
             raise InvalidRequest(f"{name} must be {expected}, got {value!r}.") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
+    if isinstance(value, int) and abs(value) > 2**53:  # float() of a 400-digit JSON integer overflows
+        raise InvalidRequest(f"{name} is out of range: an integer with {len(str(abs(value)))} digits.")
     if kind is int and not (math.isfinite(value) and float(value).is_integer()):
         raise InvalidRequest(f"{name} must be {expected}, got {value!r}.")
     return kind(value)
@@ -220,6 +222,10 @@ def _parse_json(
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    except RecursionError:  # hostile nesting ([[[[...]]]]) deeper than the interpreter's recursion limit
+        raise InvalidRequest("The body is not valid JSON: nested too deeply.", code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit conversion limit
         raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
     is_list = isinstance(document, list)
     items = document if is_list else [document]

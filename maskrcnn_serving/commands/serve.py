@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     threads = args.threads or _env_default("MODEL_SERVER_THREADS", DEFAULT_THREADS)
     timeout = args.timeout or _env_default("MODEL_SERVER_TIMEOUT", DEFAULT_TIMEOUT)
     _apply_settings_to_env(args, workers)
+    os.environ["MODEL_SERVER_TIMEOUT"] = str(timeout)  # workers derive their request deadline from it (guards.py)
     ServerSettings.from_env()  # fail fast on malformed MODEL_SERVER_* values
     configure_logging(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
 
@@ -125,10 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
         {
             "bind": f"{args.host}:{args.port}",
             "workers": workers,
-            "worker_class": "gthread",
+            # gthread + a read timeout for slow clients and JSON for gunicorn's own errors (gunicorn_worker.py)
+            "worker_class": "maskrcnn_serving.gunicorn_worker.GuardedThreadWorker",
             "threads": threads,
             "timeout": timeout,
-            "graceful_timeout": 30,
+            # SIGTERM drains in-flight requests for up to 25 s, so the master exits before SageMaker's 30 s SIGKILL
+            "graceful_timeout": 25,
             "keepalive": 75,  # above the 60 s idle timeout of SageMaker's front end / typical load balancers
             "accesslog": None,  # the app logs one structured line per request
             "child_exit": _child_exit,

@@ -16,7 +16,8 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: float) -> 
     if max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # At least one pixel: an extreme aspect ratio (e.g. 2 x 3000) would otherwise round a side to 0.
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def resize_image(image: np.ndarray, short_edge: int, max_size: float) -> tuple[np.ndarray, float]:
