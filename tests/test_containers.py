@@ -116,7 +116,7 @@ def test_entry_point_is_the_package_command_taking_serve(dockerfile):
 def test_image_installs_the_project_like_the_readme(dockerfile):
     steps = instructions(dockerfile)
     runs = [args for keyword, args in steps if keyword == "RUN"]
-    install = [r for r in runs if re.search(r"pip3? install (\S+ )*\.(\s|$|\[)", r) or "pip install ." in r]
+    install = [r for r in runs if re.search(r"pip3? install (\S+ )*['\"]?\.(['\"\s\[]|$)", r)]
     assert install, "the image must pip install the project directory (pyproject.toml pins the dependencies)"
     copied = [s for keyword, args in steps if keyword in ("COPY", "ADD") for s in copy_sources(args)]
     assert "pyproject.toml" in copied and "maskrcnn_serving" in copied
