@@ -317,7 +317,11 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             g.log_fields = {**g.get("log_fields", {}), "error_code": exc.code}
             return _error_response(exc.status, exc.code, exc.message)
         if isinstance(exc, HTTPException):
-            return _error_response(*from_http_exception(exc))
+            response = _error_response(*from_http_exception(exc))
+            for name, value in exc.get_headers():  # e.g. Allow on 405
+                if name.lower() != "content-type":
+                    response.headers[name] = value
+            return response
         resource_error = translate_resource_error(exc)  # out of memory: this request fails, the worker lives
         if resource_error is not None:
             log.warning("resource exhausted", exc_info=exc, extra={"fields": {"request_id": g.get("request_id")}})

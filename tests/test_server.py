@@ -375,3 +375,48 @@ def test_concurrent_clients_get_the_sequential_answers(live_server, example_imag
         assert answer == expected_json[image_index]
     print(f"\n400 concurrent requests in {elapsed:.1f} s ({400 / elapsed:.1f} req/s)")
     assert live_server.alive()
+
+
+# ------------------------------------------------------------------------------------------------ OpenAPI
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml").read_text())
+
+
+def _validator(openapi: dict, schema_name: str):
+    from jsonschema import Draft4Validator  # OpenAPI 3.0 schemas use draft-4's boolean exclusiveMinimum
+
+    return Draft4Validator({"$ref": f"#/components/schemas/{schema_name}", "components": openapi["components"]})
+
+
+def test_openapi_routes_match_the_app(openapi, client):
+    documented = {(path, method.upper()) for path, ops in openapi["paths"].items() for method in ops}
+    served = {
+        (rule.rule, method)
+        for rule in client.application.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert documented == served
+
+
+def test_real_responses_follow_the_openapi_schema(openapi, client, example_images):
+    data = base64.b64encode(example_images[0].read_bytes()).decode()
+    image_response = _validator(openapi, "ImageResponse")
+    for fmt in ("legacy", "coco", "polygon", "boxes"):
+        answer = post_json(client, {"img_id": 3, "img_data": data, "format": fmt}).json
+        image_response.validate(answer)
+        assert answer["annotations"]
+    listed = post_json(client, [{"img_id": 3, "img_data": data}, {"img_id": 4, "img_data": data}]).json
+    for answer in listed:
+        image_response.validate(answer)
+    request_schema = _validator(openapi, "ImageRequest")
+    request_schema.validate({"img_id": 3, "img_data": data, "classes": ["ring", 2], "format": "coco",
+                             "score_threshold": 0.2, "mask_threshold": 0.4, "max_detections": 10})
+    errors = _validator(openapi, "Error")
+    for response in (post_json(client, "{"), client.post("/invocations", data=b"x", content_type="text/plain")):
+        errors.validate(response.json)
