@@ -278,9 +278,21 @@ class MaskRCNN(tf.Module):
         x = tf_ops.multilevel_roi_align(features, boxes, self.strides, MASK_RESOLUTION, box_images)
         for i in range(4):
             x = self._conv(x, f"maskrcnn/fcn{i}")
+        x = tf.nn.relu(self._upsample_deconv(x))
+        # Only the detection's own class channel is used: one dot product per pixel instead of all K channels.
+        kernel = tf.gather(self.params["maskrcnn/conv/W"][0, 0], labels - 1, axis=1)  # (C, D)
+        bias = tf.gather(self.params["maskrcnn/conv/b"], labels - 1)
+        logits = tf.einsum("dhwc,cd->dhw", tf.cast(x, tf.float32), kernel) + bias[:, None, None]
+        return tf.sigmoid(logits)
+
+    def _upsample_deconv(self, x: tf.Tensor) -> tf.Tensor:
+        """``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one matmul: every input pixel writes its own 2x2
+        output block, ``out[2i + dy, 2j + dx] = x[i, j] @ W[dy, dx].T`` with W in [kh, kw, out, in] layout."""
         kernel, bias = self.params["maskrcnn/deconv/W"], self.params["maskrcnn/deconv/b"]
-        size = 2 * MASK_RESOLUTION
-        out_shape = tf.stack([tf.shape(x)[0], size, size, kernel.shape[2]])
-        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d_transpose(x, kernel, out_shape, 2, "SAME"), bias))
-        logits = self._conv(tf.cast(x, tf.float32), "maskrcnn/conv", relu=False)  # (D, 28, 28, K)
-        return tf.sigmoid(tf.gather(logits, labels - 1, axis=3, batch_dims=1))
+        out_channels = kernel.shape[2]
+        weight = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], 4 * out_channels])
+        n = tf.shape(x)[0]
+        y = tf.matmul(tf.reshape(x, [-1, kernel.shape[3]]), weight)  # (D*14*14, 2*2*out)
+        y = tf.reshape(y, [n, MASK_RESOLUTION, MASK_RESOLUTION, 2, 2, out_channels])
+        y = tf.reshape(tf.transpose(y, [0, 1, 3, 2, 4, 5]), [n, 2 * MASK_RESOLUTION, 2 * MASK_RESOLUTION, out_channels])
+        return tf.nn.bias_add(y, bias)

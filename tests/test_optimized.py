@@ -1,0 +1,193 @@
+"""The optimized backend: same detections as the tensorpack backend, batch/bucket invariance, fc6 row orders,
+folded FrozenBN, precision settings, the batcher on the real model."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+from checkpoint_factory import R101_BLOCKS, random_weights, small_architecture, write_npz, write_tf_checkpoint
+
+from maskrcnn_serving.backends.base import PredictOptions, load_backend
+from maskrcnn_serving.backends.optimized import OptimizedBackend, OptimizedSettings, resolve_precision
+from maskrcnn_serving.batching import DynamicBatcher
+from maskrcnn_serving.model_dir import load_model_dir
+from maskrcnn_serving.modeling.tf2_network import fold_frozen_bn
+
+ALL = PredictOptions(score_threshold=0.0, max_detections=30)
+
+
+def read(path):
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = np.logical_and(a, b).reshape(len(a), -1).sum(1)
+    union = np.logical_or(a, b).reshape(len(a), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def assert_same_detections(a, b, box_atol=0.05, min_mask_iou=0.98):
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=box_atol)
+    if a.has_masks:
+        np.testing.assert_allclose(a.mask_probs, b.mask_probs, atol=1e-3)
+        assert mask_iou(a.masks(), b.masks()).min() >= min_mask_iou
+
+
+def test_matches_tensorpack_on_the_example_images(optimized_backend, tensorpack_backend, example_images):
+    images = [read(p) for p in example_images]
+    expected = tensorpack_backend.predict(images)
+    actual = optimized_backend.predict(images)  # several images in one call
+    for a, b in zip(expected, actual, strict=True):
+        assert len(a) > 0
+        assert_same_detections(a, b)
+
+
+def test_forced_detection_count_matches_tensorpack(optimized_backend, tensorpack_backend, example_images):
+    image = read(example_images[1])
+    expected = tensorpack_backend.predict([image], ALL)[0]
+    actual = optimized_backend.predict([image], ALL)[0]
+    assert len(actual) == 30
+    assert_same_detections(expected, actual, box_atol=0.1, min_mask_iou=0.95)
+
+
+def test_results_do_not_depend_on_batch_or_padding(optimized_backend, example_images):
+    """Images padded into a larger shared bucket give exactly their batch-1 answers (the padding is masked)."""
+    first, second = read(example_images[0]), read(example_images[2])[:200, :300]
+    alone = [optimized_backend.predict([img], ALL)[0] for img in (first, second)]
+    together = optimized_backend.predict([first, second, first], ALL)
+    for a, b in zip(alone + alone[:1], together, strict=True):
+        assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
+
+    # Run the raw graph with both images in one bucket much larger than either.
+    cfg = optimized_backend.bundle.config
+    from maskrcnn_serving.modeling.preprocess import resize_image
+
+    resized = [resize_image(img, cfg.short_edge_size, cfg.max_size)[0] for img in (first, second)]
+    batch = np.zeros((2, 448, 640, 3), np.uint8)
+    for i, r in enumerate(resized):
+        batch[i, : r.shape[0], : r.shape[1]] = r
+    hw = np.asarray([r.shape[:2] for r in resized], np.int32)
+    out = optimized_backend.detect_function(2)(
+        tf.constant(batch), tf.constant(hw), tf.constant(0.0), tf.constant(30)
+    )
+    counts = out["counts"].numpy()
+    assert counts.tolist() == [len(alone[0]), len(alone[1])]
+    single = optimized_backend.detect_function(1)(
+        tf.constant(batch[1:, : -(-hw[1, 0] // 32) * 32, : -(-hw[1, 1] // 32) * 32]), tf.constant(hw[1:]),
+        tf.constant(0.0), tf.constant(30),
+    )
+    np.testing.assert_allclose(out["boxes"].numpy()[counts[0] :], single["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(out["masks"].numpy()[counts[0] :], single["masks"].numpy(), atol=1e-4)
+
+
+def test_tiny_and_extreme_images(optimized_backend):
+    for shape in ((1, 1, 3), (8, 900, 3), (700, 5, 3)):
+        dets = optimized_backend.predict([np.full(shape, 127, np.uint8)])[0]
+        assert dets.image_hw == shape[:2]
+        assert dets.masks().shape == (len(dets), *shape[:2])
+    assert optimized_backend.predict([]) == []
+
+
+def test_fold_frozen_bn_equals_conv_then_bn():
+    rng = np.random.default_rng(0)
+    weights = {
+        "c/W": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
+        "c/bn/gamma": rng.uniform(0.5, 2, 5).astype(np.float32),
+        "c/bn/beta": rng.normal(size=5).astype(np.float32),
+        "c/bn/mean/EMA": rng.normal(size=5).astype(np.float32),
+        "c/bn/variance/EMA": rng.uniform(0.1, 3, 5).astype(np.float32),
+    }
+    x = tf.constant(rng.normal(size=(1, 6, 7, 4)).astype(np.float32))
+    conv = tf.nn.conv2d(x, weights["c/W"], 1, "SAME")
+    expected = (conv - weights["c/bn/mean/EMA"]) / np.sqrt(weights["c/bn/variance/EMA"] + 1e-5)
+    expected = expected * weights["c/bn/gamma"] + weights["c/bn/beta"]
+    kernel, bias = fold_frozen_bn(weights, "c")
+    np.testing.assert_allclose(tf.nn.conv2d(x, kernel, 1, "SAME") + bias, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_model_dirs(tmp_path_factory):
+    """A random small R101-depth model with channel-first fc6 rows (npz) and channel-last rows (TF ckpt)."""
+    arch = small_architecture(blocks=R101_BLOCKS, classes=3)
+    weights = random_weights(arch, seed=5)
+    weights["fastrcnn/outputs/class/b"] = np.array([-3.0, 2.0, 1.0, 0.5], np.float32)
+    first = tmp_path_factory.mktemp("opt_fc6_first")
+    write_npz(first / "model.npz", weights)
+    last = tmp_path_factory.mktemp("opt_fc6_last")
+    fc6 = weights["fastrcnn/fc6/W"]
+    channel_last = fc6.reshape(16, 7, 7, -1).transpose(1, 2, 0, 3).reshape(fc6.shape)
+    write_tf_checkpoint(last, {**weights, "fastrcnn/fc6/W": channel_last}, step=3)
+    (last / "config.json").write_text(json.dumps({"SERVING.FC6_ROW_ORDER": "channel_last"}))
+    return first, last
+
+
+def test_r101_both_fc6_row_orders_match_tensorpack(random_model_dirs):
+    image = np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    options = PredictOptions(score_threshold=0.0, max_detections=20)
+    first, last = random_model_dirs
+    expected = load_backend("tensorpack", first, environ={}).predict([image], options)[0]
+    assert len(expected) == 20
+    for model_dir in (first, last):
+        backend = load_backend("optimized", model_dir, environ={})
+        assert_same_detections(expected, backend.predict([image], options)[0], box_atol=1e-2, min_mask_iou=0.97)
+
+
+def test_bfloat16_runs_and_agrees_on_confident_detections(demo_model_dir, optimized_backend, example_images):
+    backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}), precision="bfloat16")
+    assert backend.network.compute_dtype == tf.bfloat16
+    image = read(example_images[0])
+    reference = optimized_backend.predict([image])[0]
+    low = backend.predict([image])[0]
+    confident = reference.select(reference.scores > 0.9)
+    assert len(confident) > 0
+    matched = low.select(low.scores > 0.5)
+    for box, label in zip(confident.boxes, confident.labels, strict=True):
+        ious = _box_iou(box, matched.boxes)
+        assert ious.max() > 0.9 and matched.labels[ious.argmax()] == label
+
+
+def _box_iou(box, boxes):
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(boxes) - inter)
+
+
+def test_settings_from_environment_and_validation():
+    settings = OptimizedSettings.from_environ(
+        {"MASKRCNN_PRECISION": "mixed", "MASKRCNN_XLA": "1", "MASKRCNN_MAX_BATCH_SIZE": "2"}, max_batch_size=3
+    )
+    assert (settings.precision, settings.xla, settings.max_batch_size, settings.bucket_step) == ("mixed", True, 3, 32)
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("mixed") in ("bfloat16", "float32", "float16")
+    for bad in ({"precision": "int8"}, {"bucket_step": 48}, {"max_batch_size": 0}):
+        with pytest.raises(ValueError):
+            OptimizedSettings(**bad)
+
+
+def test_batcher_batches_concurrent_requests_on_the_real_model(optimized_backend, example_images):
+    images = [read(p) for p in example_images]
+    expected = optimized_backend.predict(images)
+    results = [None] * len(images)
+    with DynamicBatcher(optimized_backend.predict, max_batch_size=4, max_delay=0.5) as batcher:
+
+        def worker(i):
+            results[i] = batcher.submit(images[i])
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert batcher.stats.largest_batch > 1
+    for a, b in zip(expected, results, strict=True):
+        assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
