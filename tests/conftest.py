@@ -36,6 +36,14 @@ def tensorpack_backend():
 
 
 @pytest.fixture(scope="session")
+def optimized_backend():
+    """The demo model on the optimized backend (float32, no XLA), built once per test session."""
+    from maskrcnn_serving.backends.base import load_backend
+
+    return load_backend("optimized", DEMO_MODEL_DIR, environ={}, precision="float32", xla=False, max_batch_size=4)
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not (FIXTURES / "val_public" / "annotations.json").is_file():
         pytest.skip(f"needs the trained fixtures in {FIXTURES} (../shared beside the repo)")
