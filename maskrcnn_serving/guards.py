@@ -119,11 +119,14 @@ class DeadlinePredictor:
 
     At most ``concurrency`` calls run at once (1 for a backend that runs one call at a time); a request waits for a
     slot only until its deadline, so requests queued behind a slow one fail with 504 without running the model.
-    A call that overruns keeps its slot until it ends (a running graph cannot be interrupted); its result is dropped.
+    The images of one request go to the model ``chunk_size`` at a time (the backend's batch size) with the deadline
+    checked before each chunk, so an overrunning request frees the model within one chunk: a running graph call
+    cannot be interrupted, but the rest of the request is not computed for nobody.
     """
 
-    def __init__(self, inner: Any, concurrency: int = 1) -> None:
+    def __init__(self, inner: Any, concurrency: int = 1, chunk_size: int = 1) -> None:
         self._inner = inner
+        self._chunk_size = max(1, int(chunk_size))
         self._slots = threading.BoundedSemaphore(concurrency)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model")
 
@@ -134,7 +137,8 @@ class DeadlinePredictor:
         if left <= 0 or not self._slots.acquire(timeout=left):
             raise _exceeded("it was still waiting for the model, busy with earlier requests")
         try:
-            # copy_context: stage timings recorded by the backend land in this request's collection.
+            # The copied context carries the deadline, and the stage timings the backend records land in this
+            # request's collection.
             future = self._pool.submit(contextvars.copy_context().run, self._run_and_release, images, options)
         except BaseException:
             self._slots.release()
@@ -146,7 +150,12 @@ class DeadlinePredictor:
 
     def _run_and_release(self, images: Sequence[np.ndarray], options: Any) -> list:
         try:
-            return self._inner.predict(images, options)
+            results: list = []
+            for start in range(0, len(images), self._chunk_size):
+                if start and (remaining() or 0.0) <= 0:
+                    raise _exceeded("the model was still running")
+                results.extend(self._inner.predict(images[start : start + self._chunk_size], options))
+            return results
         finally:
             self._slots.release()
 

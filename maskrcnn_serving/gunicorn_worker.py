@@ -2,8 +2,8 @@
 
 * **Slow clients.** ``gthread`` reads a request with a blocking socket and no timeout, so a client that sends its
   headers or body slowly (or stops) holds a request thread forever, and a handful of them starve the worker.
-  Here every connection gets a socket timeout of ``MODEL_SERVER_CLIENT_TIMEOUT`` seconds (default 60, like nginx's
-  ``client_body_timeout``): the time allowed between two reads. A stalled body gets a 408 JSON answer
+  Here every connection gets a socket timeout of ``MODEL_SERVER_CLIENT_TIMEOUT`` seconds (default 20): the time
+  allowed between two reads, like nginx's ``client_body_timeout``. A stalled body gets a 408 JSON answer
   (:class:`maskrcnn_serving.guards.ClientTimeout`); stalled headers close the connection. After any error answer
   to a request with a body the connection is closed (the rest of the body may be unread).
 * **JSON everywhere.** Requests gunicorn refuses before the app sees them (a request line or headers over its
@@ -19,7 +19,7 @@ import os
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_CLIENT_TIMEOUT = 20.0
 
 _CODES = {400: "bad_http_request", 403: "forbidden", 431: "headers_too_large", 500: "internal_error"}
 

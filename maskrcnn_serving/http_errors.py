@@ -63,8 +63,13 @@ class NotReady(ServingError):
 INTERNAL_ERROR_CODE = "internal_error"
 
 
+MAX_MESSAGE_CHARS = 2000  # messages quote client values; a 1 MB bogus option must not come back as a 1 MB error
+
+
 def error_body(code: str, message: str) -> bytes:
-    """The JSON body of every error response."""
+    """The JSON body of every error response (the message is cut at ``MAX_MESSAGE_CHARS``)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + " ... (truncated)"
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 

@@ -120,7 +120,8 @@ class SerializedPredictor:
 
 def make_predictor(backend) -> Predictor:
     """The predictor the server uses for ``backend``: one call at a time, bounded by each request's deadline."""
-    return DeadlinePredictor(SerializedPredictor(backend), concurrency=1)
+    return DeadlinePredictor(SerializedPredictor(backend), concurrency=1,
+                             chunk_size=getattr(backend, "max_batch_size", 1) or 1)
 
 
 def warmup_image(short_edge: int) -> np.ndarray:

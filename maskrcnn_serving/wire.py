@@ -259,11 +259,16 @@ def _parse_json(
     return ParsedRequest(images, is_list)
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
 def decode_base64(text: str) -> bytes:
     """The seed's lenient base64 (``base64.decodebytes``: characters outside the alphabet, like newlines, are
-    skipped), also accepting a ``data:image/...;base64,`` prefix; wrong padding is a 400."""
+    skipped), also accepting a ``data:image/...;base64,`` prefix and the URL-safe alphabet (``-_``, which the
+    standard alphabet never contains); wrong padding is a 400."""
     if text.startswith("data:") and "," in text[:100]:
         text = text.split(",", 1)[1]
+    text = text.translate(_URLSAFE_TO_STANDARD)
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:
