@@ -2,8 +2,10 @@
 
 Every call sends ``batch_size`` encoded JPEGs through :class:`~maskrcnn_serving.bench.pipeline.Pipeline` (one backend
 call per batch). Warm-up calls are run and discarded for every (size, batch) configuration. A configuration stops
-after ``iterations`` timed calls or once ``max_seconds`` of timed calls have run, whichever comes first (at least
-``min_iterations``), so the whole run is bounded in time.
+after ``iterations`` timed calls or once its time budget is spent, whichever comes first (but never before
+``min_iterations``). The budget is ``max_seconds``, or less when the whole run would exceed ``max_total_seconds``: what
+is left of the total is shared evenly among the configurations still to run. So a slow model on a busy machine
+gives fewer calls per configuration rather than a run that does not end.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class ModelBenchSettings:
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES  # (width, height) of the encoded inputs
     batch_sizes: Sequence[int] = (1, 2)
     iterations: int = 20  # timed calls per configuration, at most
-    min_iterations: int = 3
+    min_iterations: int = 2
     max_seconds: float = 15.0  # timed seconds per configuration, at most (checked between calls)
-    warmup: int = 2  # discarded calls per configuration
+    max_total_seconds: float = 180.0  # for all configurations together, warm-up included (see the module doc)
+    warmup: int = 1  # discarded calls per configuration
     distinct_images: int = 4  # different synthetic images per size, used in turn
     seed: int = 0
 
@@ -66,9 +69,16 @@ def summarize_calls(calls: Sequence[CallResult]) -> dict:
 
 
 def run_configuration(
-    pipeline: Pipeline, size: tuple[int, int], batch_size: int, settings: ModelBenchSettings
+    pipeline: Pipeline,
+    size: tuple[int, int],
+    batch_size: int,
+    settings: ModelBenchSettings,
+    budget_seconds: float | None = None,
 ) -> dict:
-    """Warm up, then time calls of ``batch_size`` images of ``size`` until the count or the time bound is hit."""
+    """Warm up, then time calls of ``batch_size`` images of ``size`` until the count or the time bound is hit
+    (``budget_seconds``, default ``settings.max_seconds``, counts from the start of the warm-up)."""
+    budget = settings.max_seconds if budget_seconds is None else budget_seconds
+    started = time.perf_counter()
     payloads = synthetic_jpegs(size, max(batch_size, settings.distinct_images), settings.seed)
 
     def batch(index: int) -> list[bytes]:
@@ -78,9 +88,8 @@ def run_configuration(
     for i in range(settings.warmup):
         pipeline.run(batch(i))
     calls: list[CallResult] = []
-    started = time.perf_counter()
     while len(calls) < settings.iterations and (
-        len(calls) < settings.min_iterations or time.perf_counter() - started < settings.max_seconds
+        len(calls) < settings.min_iterations or time.perf_counter() - started < budget
     ):
         calls.append(pipeline.run(batch(settings.warmup + len(calls))))
     result = {"size": format_size(size), "batch_size": batch_size}
@@ -97,12 +106,15 @@ def bench_model(
 ) -> dict:
     """Run every (size, batch size) configuration; the report's top-level figures are those of the first one."""
     results = []
-    for size in settings.sizes:
-        for batch_size in settings.batch_sizes:
-            result = run_configuration(pipeline, size, batch_size, settings)
-            results.append(result)
-            if progress is not None:
-                progress(result)
+    configurations = [(size, batch_size) for size in settings.sizes for batch_size in settings.batch_sizes]
+    started = time.perf_counter()
+    for index, (size, batch_size) in enumerate(configurations):
+        left = settings.max_total_seconds - (time.perf_counter() - started)
+        budget = min(settings.max_seconds, max(0.0, left) / (len(configurations) - index))
+        result = run_configuration(pipeline, size, batch_size, settings, budget)
+        results.append(result)
+        if progress is not None:
+            progress(result)
     primary = results[0]
     report = {
         "primary": {"size": primary["size"], "batch_size": primary["batch_size"]},

@@ -75,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model",
         help="In-process throughput, latency, peak memory and stage breakdown, per image size and batch size.",
         description="Encoded JPEGs (synthetic, made in-process) through the server's own path: decode, backend, "
-        "paste, encode, JSON. Warm-up excluded. Each (size, batch) stops after --iterations calls or --max-seconds.",
+        "paste, encode, JSON. Warm-up excluded. Each (size, batch) stops after --iterations calls or when its "
+        "share of the time budget is spent (--max-seconds, --max-total-seconds).",
     )
     add_model_arguments(model)
     model.add_argument("--precision", default=None, help="Backend precision option (optimized backend).")
@@ -90,8 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--batch-sizes", type=_csv(int), default=[1, 2],
                        help="Images per request/backend call, comma-separated (default 1,2).")
     model.add_argument("--iterations", type=int, default=20, help="Timed calls per configuration, at most.")
-    model.add_argument("--max-seconds", type=float, default=15.0, help="Timed seconds per configuration, at most.")
-    model.add_argument("--warmup", type=int, default=2, help="Discarded calls per configuration (default 2).")
+    model.add_argument("--max-seconds", type=float, default=15.0,
+                       help="Seconds per configuration, at most (default 15; at least 2 timed calls run).")
+    model.add_argument("--max-total-seconds", type=float, default=180.0,
+                       help="Seconds for all configurations together (default 180): when a configuration overruns, "
+                       "the following ones get less time, never fewer than 2 timed calls.")
+    model.add_argument("--warmup", type=int, default=1, help="Discarded calls per configuration (default 1).")
     _add_output_arguments(model)
     model.set_defaults(func=run_model)
 
@@ -235,6 +240,7 @@ def run_model(args: argparse.Namespace) -> int:
         batch_sizes=tuple(args.batch_sizes),
         iterations=args.iterations,
         max_seconds=args.max_seconds,
+        max_total_seconds=args.max_total_seconds,
         warmup=args.warmup,
     )
 
