@@ -56,7 +56,7 @@ def plot_model(report: dict, path: Path) -> Path:
     right.invert_yaxis()
     right.set_xlabel("images per second")
     right.set_title("Throughput (latency per call)")
-    right.set_xlim(0, max(r["img_per_s"] for r in results) * 1.6)
+    right.set_xlim(0, max(r["img_per_s"] for r in results) * 1.9)
     fig.suptitle(_title(report), fontsize=10)
     return _save(fig, path, plt)
 
@@ -97,8 +97,9 @@ def plot_http(report: dict, path: Path) -> Path:
 
 def _title(report: dict) -> str:
     model = report.get("model", {})
-    parts = [model.get("backend", ""), model.get("dir", ""), f"format={model.get('format', '')}",
-             f"{report.get('detections', '')} detections"]
+    parts = [model.get("backend", ""), model.get("dir", ""),
+             f"resize {model.get('test_short_edge_size')}/{model.get('max_size')}",
+             f"format={model.get('format', '')}", f"{report.get('detections', '')} detections"]
     machine = report.get("machine", {})
     if machine:
         parts.append(f"{machine.get('cpus')} CPUs, GPUs: {len(machine.get('gpus', [])) or 'none'}")
