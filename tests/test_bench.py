@@ -277,3 +277,21 @@ def test_load_generator_counts_requests_that_get_no_answer():
     result = run_closed(HttpTarget(f"127.0.0.1:{port}", timeout=5), build_bodies([b"abc"]), 2, 4, 30)
     assert result["sent"] == 4 and result["ok"] == 0
     assert result["status_counts"] == {"error:ConnectionRefusedError": 4}
+
+
+def test_bench_http_against_the_real_server(live_server, example_images, tmp_path):
+    """The session's gunicorn server (demo model): every request of a short sweep answered 200 in coco format."""
+    import json
+
+    from maskrcnn_serving import cli
+
+    out = tmp_path / "live.json"
+    code = cli.main(["bench", "http", "--url", live_server.url, "--images", str(example_images[0]),
+                     "--concurrency", "2", "--rates", "5", "--requests", "4", "--warmup", "1",
+                     "--field", "format=coco", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["warmup_statuses"] == ["200"]
+    for run in report["runs"]:
+        assert run["status_counts"] == {"200": 4}
+        assert run["response_bytes"]["min"] > 50 and run["throughput_rps"] > 0
+        assert run["request_bytes"]["min"] > example_images[0].stat().st_size  # base64 of the file, plus JSON
