@@ -14,7 +14,7 @@ import sys
 from maskrcnn_serving.errors import ModelLoadError
 
 # Modules under maskrcnn_serving.commands; each defines register(subparsers) -> None.
-COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench")
+COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
