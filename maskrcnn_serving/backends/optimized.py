@@ -34,6 +34,7 @@ from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
 from maskrcnn_serving.modeling.tf2_network import SIZE_MULTIPLE, MaskRCNN
 from maskrcnn_serving.structures import Detections
+from maskrcnn_serving.timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class OptimizedBackend(Backend):
         cfg = self.bundle.config
         threshold = cfg["TEST.RESULT_SCORE_THRESH"] if options.score_threshold is None else options.score_threshold
         limit = cfg["TEST.RESULTS_PER_IM"] if options.max_detections is None else options.max_detections
-        prepared = [resize_image(image, cfg.short_edge_size, cfg.max_size) for image in images]
+        with stage("preprocess"):  # reported to the server's metrics and the benchmarks (see Backend.predict)
+            prepared = [resize_image(image, cfg.short_edge_size, cfg.max_size) for image in images]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, (resized, _) in enumerate(prepared):
             groups[self.bucket(resized.shape[:2])].append(index)
