@@ -7,14 +7,19 @@ queued image, waits at most ``max_delay`` seconds from that image's arrival for 
 ``max_batch_size``, then runs them in one ``predict`` call. While a batch runs, new requests queue up and form the
 next batch without further delay, so batches grow with the load and an idle server adds at most ``max_delay`` of
 latency.
+
+The server uses one per worker for backends that batch (``max_batch_size`` > 1, e.g. the optimized backend with
+``MASKRCNN_MAX_BATCH_SIZE``); ``MASKRCNN_MAX_BATCH_DELAY_MS`` sets the delay. gunicorn's threads per worker
+(``MODEL_SERVER_THREADS``) bound how many requests can be waiting to be batched.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -22,6 +27,8 @@ import numpy as np
 
 from maskrcnn_serving.backends.base import PredictOptions
 from maskrcnn_serving.structures import Detections
+
+DEFAULT_MAX_DELAY_MS = 10.0
 
 PredictFn = Callable[[Sequence[np.ndarray], PredictOptions], list[Detections]]
 
@@ -96,6 +103,18 @@ class DynamicBatcher:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             results.append(item.future.result(remaining))
         return results
+
+    def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
+        """The server's ``Predictor`` interface: :meth:`submit_many` without a timeout."""
+        return self.submit_many(images, options)
+
+    @classmethod
+    def for_backend(cls, backend, environ: Mapping[str, str] | None = None) -> DynamicBatcher:
+        """A batcher over ``backend.predict`` with the backend's ``max_batch_size`` and a delay of
+        ``MASKRCNN_MAX_BATCH_DELAY_MS`` milliseconds (default 10)."""
+        environ = os.environ if environ is None else environ
+        delay_ms = float(environ.get("MASKRCNN_MAX_BATCH_DELAY_MS") or DEFAULT_MAX_DELAY_MS)
+        return cls(backend.predict, max_batch_size=backend.max_batch_size, max_delay=delay_ms / 1000.0)
 
     @property
     def stats(self) -> BatchStats:

@@ -119,9 +119,16 @@ class SerializedPredictor:
 
 
 def make_predictor(backend) -> Predictor:
-    """The predictor the server uses for ``backend``: one call at a time, bounded by each request's deadline."""
-    return DeadlinePredictor(SerializedPredictor(backend), concurrency=1,
-                             chunk_size=getattr(backend, "max_batch_size", 1) or 1)
+    """The predictor the server uses for ``backend``, bounded by each request's deadline: one call at a time, or,
+    for a backend that batches (``max_batch_size`` > 1), a dynamic batcher that merges concurrent requests."""
+    batch_size = getattr(backend, "max_batch_size", 1) or 1
+    if batch_size > 1:
+        from maskrcnn_serving.batching import DynamicBatcher
+
+        # Up to two batches of requests may wait: one forming while the previous one runs.
+        return DeadlinePredictor(DynamicBatcher.for_backend(backend), concurrency=2 * batch_size,
+                                 chunk_size=batch_size)
+    return DeadlinePredictor(SerializedPredictor(backend), concurrency=1, chunk_size=batch_size)
 
 
 def warmup_image(short_edge: int) -> np.ndarray:

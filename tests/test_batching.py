@@ -126,3 +126,16 @@ def test_rejects_bad_settings():
         DynamicBatcher(RecordingPredict(), max_batch_size=0)
     with pytest.raises(ValueError):
         DynamicBatcher(RecordingPredict(), max_delay=-1)
+
+
+def test_for_backend_uses_the_backends_batch_size_and_the_delay_setting():
+    class Backend:
+        max_batch_size = 3
+        predict = RecordingPredict()
+
+    batcher = DynamicBatcher.for_backend(Backend(), environ={"MASKRCNN_MAX_BATCH_DELAY_MS": "25"})
+    try:
+        assert (batcher.max_batch_size, batcher.max_delay) == (3, 0.025)
+        assert [float(d.scores[0]) for d in batcher.predict([_image(4), _image(6)])] == [4.0, 6.0]
+    finally:
+        batcher.close()

@@ -191,3 +191,19 @@ def test_batcher_batches_concurrent_requests_on_the_real_model(optimized_backend
         assert batcher.stats.largest_batch > 1
     for a, b in zip(expected, results, strict=True):
         assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
+
+
+def test_server_predictor_batches_for_the_optimized_backend(optimized_backend, example_images):
+    from maskrcnn_serving.server import make_predictor
+
+    predictor = make_predictor(optimized_backend)
+    images = [read(p) for p in example_images[:2]]
+    results = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, predictor.predict([images[i]], ALL)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for image, got in zip(images, results, strict=True):
+        assert_same_detections(optimized_backend.predict([image], ALL)[0], got[0], box_atol=1e-3, min_mask_iou=0.999)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from maskrcnn_serving.backends.base import BACKENDS
 
@@ -14,4 +15,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Model directory with the checkpoint and optional config.json (default: $SM_MODEL_DIR or /opt/ml/model).",
     )
-    parser.add_argument("--backend", default="tensorpack", choices=sorted(BACKENDS), help="Inference backend.")
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("MODEL_SERVER_BACKEND") or "tensorpack",
+        choices=sorted(BACKENDS),
+        help="Inference backend (default: $MODEL_SERVER_BACKEND or tensorpack).",
+    )
