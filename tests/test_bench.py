@@ -295,3 +295,47 @@ def test_bench_http_against_the_real_server(live_server, example_images, tmp_pat
         assert run["status_counts"] == {"200": 4}
         assert run["response_bytes"]["min"] > 50 and run["throughput_rps"] > 0
         assert run["request_bytes"]["min"] > example_images[0].stat().st_size  # base64 of the file, plus JSON
+
+
+def test_sagemaker_target_calls_invoke_endpoint_and_maps_container_errors(monkeypatch):
+    """boto3 is optional and not installed for the tests: a stand-in records the calls; a ModelError carries the
+    container's own status, which the load generator must count (not the 424 SageMaker wraps it in)."""
+    import sys
+    import types
+
+    from maskrcnn_serving.bench import loadgen
+
+    class ClientError(Exception):
+        def __init__(self, response):
+            super().__init__("client error")
+            self.response = response
+
+    calls = []
+
+    class Client:
+        def invoke_endpoint(self, **kwargs):
+            calls.append(kwargs)
+            if kwargs["Body"] == b"bad":
+                raise ClientError({"Error": {"Code": "ModelError"}, "OriginalStatusCode": 413,
+                                   "ResponseMetadata": {"HTTPStatusCode": 424}})
+            return {"Body": types.SimpleNamespace(read=lambda: b'{"annotations": []}')}
+
+    boto3 = types.ModuleType("boto3")
+    boto3.client = lambda service, region_name=None, config=None: calls.append((service, region_name)) or Client()
+    botocore = types.ModuleType("botocore")
+    config_module = types.ModuleType("botocore.config")
+    config_module.Config = lambda **kwargs: kwargs
+    exceptions_module = types.ModuleType("botocore.exceptions")
+    exceptions_module.ClientError = ClientError
+    for name, module in {"boto3": boto3, "botocore": botocore, "botocore.config": config_module,
+                         "botocore.exceptions": exceptions_module}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+    target = loadgen.SageMakerTarget("my-endpoint", "eu-west-1")
+    assert target.description == "sagemaker:my-endpoint"
+    assert target.send(b"{}", "application/json") == (200, b'{"annotations": []}')
+    status, _ = target.send(b"bad", "application/json")
+    assert status == 413
+    assert calls[0] == ("sagemaker-runtime", "eu-west-1")
+    assert calls[1] == {"EndpointName": "my-endpoint", "ContentType": "application/json",
+                        "Accept": "application/json", "Body": b"{}"}
