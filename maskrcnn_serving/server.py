@@ -175,6 +175,10 @@ class ModelRunner:
             if self.backend is None:
                 from maskrcnn_serving.backends.base import load_backend
 
+                # Several workers share one GPU: TensorFlow must allocate GPU memory on demand instead of taking
+                # it all at start-up (read when TF initializes the GPU, i.e. during this load; for TF1 sessions and
+                # TF2 alike). An explicit TF_FORCE_GPU_ALLOW_GROWTH=false from the user wins.
+                os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
                 self.backend = load_backend(self.backend_name, self.model_dir)
             self.load_seconds = time.perf_counter() - start
             self.state, self.message = "warming_up", "The model is loaded and running its warm-up inference."

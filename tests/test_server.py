@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -188,13 +189,15 @@ def test_polygon_format(client, example_images):
         assert annotation["segmentation"] and all(len(p) >= 6 and len(p) % 2 == 0 for p in annotation["segmentation"])
 
 
-def test_not_ready_and_failed_runners_answer_503(tmp_path):
+def test_not_ready_and_failed_runners_answer_503(tmp_path, monkeypatch):
     loading = create_app(ServerSettings(), ModelRunner()).test_client()
     for response in (loading.get("/ping"), loading.post("/invocations", data=b"x", content_type="image/jpeg")):
         assert response.status_code == 503 and response.json["error"]["code"] == "not_ready"
         assert response.headers["Retry-After"]
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
     failed = ModelRunner("tensorpack", str(tmp_path)).start(background=False)
     assert failed.state == "failed"
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # workers sharing a GPU never take all of it
     response = create_app(ServerSettings(), failed).test_client().get("/ping")
     assert response.status_code == 503 and "failed to load" in response.json["error"]["message"]
 
