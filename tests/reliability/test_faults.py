@@ -1,0 +1,396 @@
+"""Faults: broken model directories, and a real server (its own gunicorn, 2 workers, a READ-ONLY copy of the demo
+model, short deadlines) under a huge image, an over-long request, stalled clients, a killed worker and SIGTERM.
+
+The server of this module is the session's second one (the first is ``live_server``); its settings make each fault
+cheap to provoke: ``MODEL_SERVER_REQUEST_DEADLINE=4`` s, ``MODEL_SERVER_CLIENT_TIMEOUT=2`` s,
+``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=400`` with a pixel limit above what that headroom can decode.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+WORKERS = 2
+DEADLINE_SECONDS = 4.0
+CLIENT_TIMEOUT_SECONDS = 2.0
+HEADROOM_MB = 400
+MAX_PIXELS = 150_000_000
+START_TIMEOUT = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_command(model_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "maskrcnn_serving.cli", "serve", "--model-dir", str(model_dir), "--host",
+            "127.0.0.1", "--port", str(port)]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))}
+    return {**env, **extra}
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return {int(p) for p in children.read().split()}
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+# ------------------------------------------------------------------------------------ broken model directories
+
+
+def _broken_model_dirs(root: Path, demo: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (model dir, a fragment the error message must contain)."""
+    from checkpoint_factory import random_weights, small_architecture, write_tf_checkpoint
+
+    checkpoint = (demo / "model.npz").read_bytes()
+    config = json.loads((demo / "config.json").read_text())
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def make(name: str, files: dict[str, bytes], fragment: str) -> None:
+        directory = root / name.replace(" ", "_")
+        directory.mkdir()
+        for file_name, data in files.items():
+            (directory / file_name).write_bytes(data)
+        cases[name] = (directory, fragment)
+
+    config_bytes = json.dumps(config).encode()
+    corrupt = bytearray(checkpoint)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)  # zeros inside a weight: the zip CRC catches it
+    contradicting = json.dumps({**config, "FPN.NUM_CHANNEL": 128}).encode()
+    make("missing checkpoint", {"config.json": config_bytes}, "No checkpoint")
+    make("empty checkpoint", {"config.json": config_bytes, "model.npz": b""}, "model.npz")
+    make("truncated checkpoint", {"config.json": config_bytes, "model.npz": checkpoint[: len(checkpoint) // 2]},
+         "model.npz")
+    make("corrupt checkpoint", {"config.json": config_bytes, "model.npz": bytes(corrupt)}, "model.npz")
+    make("config contradicts the checkpoint", {"config.json": contradicting, "model.npz": checkpoint},
+         "FPN.NUM_CHANNEL")
+    make("missing directory", {}, "")
+    shutil.rmtree(cases["missing directory"][0])
+    cases["missing directory"] = (cases["missing directory"][0], "does not exist")
+    tf_dir = root / "truncated_tf_checkpoint"
+    tf_dir.mkdir()
+    write_tf_checkpoint(tf_dir, random_weights(small_architecture()))
+    data_file = next(tf_dir.glob("model-0.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    cases["truncated TF checkpoint"] = (tf_dir, "TF checkpoint")
+    return cases
+
+
+def test_loader_refuses_every_broken_model_dir(tmp_path, demo_model_dir):
+    """What ``serve`` checks before it starts any worker: every broken directory raises ModelLoadError naming the
+    problem (in-process: fast; the next test runs the real command on a subset)."""
+    from maskrcnn_serving.errors import ModelLoadError
+    from maskrcnn_serving.model_dir import load_model_dir
+
+    for name, (directory, fragment) in _broken_model_dirs(tmp_path, demo_model_dir).items():
+        with pytest.raises(ModelLoadError, match=fragment) as raised:
+            load_model_dir(directory, environ={})
+        assert str(directory) in str(raised.value) or name == "config contradicts the checkpoint", name
+
+
+REAL_SERVE_CASES = ("missing checkpoint", "corrupt checkpoint", "truncated TF checkpoint")
+
+
+def test_serve_exits_nonzero_and_never_listens(tmp_path, demo_model_dir):
+    """The real ``serve`` on broken directories (run at once to keep the test short): exit status 2, the loader's
+    message on stderr without a traceback, and nothing ever listens -- no worker starts, so random weights are never
+    served (the seed served random weights when the checkpoint was missing)."""
+    cases = {name: case for name, case in _broken_model_dirs(tmp_path, demo_model_dir).items()
+             if name in REAL_SERVE_CASES}
+    ports = {name: _free_port() for name in cases}
+    processes = {
+        name: subprocess.Popen(_serve_command(directory, ports[name]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_clean_env())
+        for name, (directory, _) in cases.items()
+    }
+    listened = set()
+    while any(p.poll() is None for p in processes.values()):
+        for name, port in ports.items():
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    listened.add(name)
+        time.sleep(0.2)
+    failures = []
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=120)
+        fragment = cases[name][1]
+        if process.returncode != 2 or "cannot load the model" not in stderr or fragment not in stderr:
+            failures.append((name, process.returncode, stderr[-800:]))
+        if "Traceback" in stderr:
+            failures.append((name, "traceback instead of a message", stderr[-800:]))
+    assert failures == []
+    assert listened == set(), f"a server started listening for {listened}"
+
+
+# ------------------------------------------------------------------------------------------- the fault server
+
+
+class FaultServer:
+    def __init__(self, model_dir: Path, log_path: Path) -> None:
+        self.model_dir = model_dir
+        self.log_path = log_path
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = _clean_env(
+            MODEL_SERVER_REQUEST_DEADLINE=str(DEADLINE_SECONDS),
+            MODEL_SERVER_CLIENT_TIMEOUT=str(CLIENT_TIMEOUT_SECONDS),
+            MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=str(HEADROOM_MB),
+            MODEL_SERVER_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
+            MODEL_SERVER_MAX_IMAGES="64",
+        )
+        command = _serve_command(model_dir, self.port) + ["--workers", str(WORKERS), "--threads", "4"]
+        self.log = open(log_path, "wb")  # noqa: SIM115 - open while the server runs
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+
+    def wait_ready(self, pids: int = WORKERS, exclude: set[int] = frozenset(), timeout: float = START_TIMEOUT) -> set:
+        """Wait until ``pids`` distinct workers (not in ``exclude``) answered /ping 200; returns their pids."""
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(ready) < pids:
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not ready in {timeout} s"
+            try:
+                # A new connection each time: a kept-alive one would always reach the same worker.
+                response = requests.get(f"{self.url}/ping", timeout=5, headers={"Connection": "close"})
+                if response.status_code == 200 and response.json()["worker_pid"] not in exclude:
+                    ready.add(response.json()["worker_pid"])
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        return ready
+
+    def workers(self) -> set[int]:
+        return _children(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, stat.S_IMODE(p.stat().st_mode))
+            for p in sorted(directory.rglob("*"))} | {".": (0, directory.stat().st_mtime_ns, 0)}
+
+
+@pytest.fixture(scope="module")
+def read_only_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    directory = tmp_path_factory.mktemp("read_only") / "model"
+    shutil.copytree(demo_model_dir, directory)
+    for path in directory.iterdir():
+        path.chmod(0o444)
+    directory.chmod(0o555)
+    yield directory
+    directory.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def fault_server(read_only_model_dir, tmp_path_factory):
+    before = _snapshot(read_only_model_dir)
+    server = FaultServer(read_only_model_dir, tmp_path_factory.mktemp("fault_server") / "server.log")
+    try:
+        server.wait_ready()
+        server.model_dir_before = before
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def scene(example_images) -> np.ndarray:
+    image = cv2.imread(str(example_images[0]), cv2.IMREAD_COLOR)
+    return np.ascontiguousarray(image[100:220, 60:260])
+
+
+def _post_png(url: str, data: bytes, timeout: float = 60, **params) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=data, params=params, headers={"Content-Type": "image/png"},
+                         timeout=timeout)
+
+
+def test_read_only_model_dir_serves_and_is_never_written(fault_server, live_server, scene):
+    """The model directory is read-only (mode 0555/0444) and byte-for-byte untouched after loading and serving;
+    the answer equals the session server's (writable demo directory) answer."""
+    answer = _post_png(fault_server.url, _png(scene), format="coco")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == _post_png(live_server.url, _png(scene), format="coco").json()
+    assert answer.json()["annotations"], "the demo model finds objects in this crop"
+    assert _snapshot(fault_server.model_dir) == fault_server.model_dir_before
+    assert all(not os.stat(p).st_mode & 0o222 for p in [fault_server.model_dir, *fault_server.model_dir.iterdir()])
+
+
+def test_out_of_memory_fails_that_request_only(fault_server, scene):
+    """A 12000 x 12000 PNG (140 kB; under the pixel limit) needs 432 MB to decode, over the worker's 400 MB
+    headroom: that request gets 422 ``insufficient_memory``; concurrent requests are served; no worker dies."""
+    workers = fault_server.workers()
+    buffer = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buffer, "PNG")
+    huge = buffer.getvalue()
+    assert len(huge) < 1_000_000
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        bombs = [pool.submit(_post_png, fault_server.url, huge) for _ in range(2)]
+        normal = [pool.submit(_post_png, fault_server.url, _png(scene)) for _ in range(6)]
+        bomb_answers = [f.result() for f in bombs]
+        normal_answers = [f.result() for f in normal]
+    for answer in bomb_answers:
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["code"] == "insufficient_memory"
+    assert [a.status_code for a in normal_answers] == [200] * 6
+    assert fault_server.workers() == workers
+    assert _post_png(fault_server.url, _png(scene)).status_code == 200
+
+
+def test_request_over_the_deadline_fails_alone(fault_server, scene):
+    """A request of 64 images (several times the 4 s deadline of model time) gets 504 ``deadline_exceeded`` as JSON
+    at its deadline; requests sent meanwhile are all served; no worker is killed."""
+    workers = fault_server.workers()
+    body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
+                       for i in range(64)])
+    outcome: dict = {}
+
+    def long_request() -> None:
+        start = time.monotonic()
+        outcome["response"] = requests.post(f"{fault_server.url}/invocations", data=body,
+                                            headers={"Content-Type": "application/json"}, timeout=120)
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)
+    others = []
+    while thread.is_alive():
+        others.append(_post_png(fault_server.url, _png(scene), format="boxes").status_code)
+    thread.join()
+    response = outcome["response"]
+    assert response.status_code == 504, response.text[:300]
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert DEADLINE_SECONDS - 0.5 <= outcome["seconds"] < DEADLINE_SECONDS + 3.0
+    assert others and set(others) == {200}
+    assert fault_server.workers() == workers
+    # The model is free again right away: the long request stopped computing at its deadline.
+    start = time.monotonic()
+    assert _post_png(fault_server.url, _png(scene)).status_code == 200
+    assert time.monotonic() - start < DEADLINE_SECONDS
+
+
+def _stalled_connection(url_port: int, body_bytes: bytes | None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", url_port), timeout=30)
+    if body_bytes is None:  # headers never finished
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")
+    else:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000"
+                     b"\r\n\r\n" + body_bytes)
+    return sock
+
+
+def test_stalled_clients_get_408_and_cannot_starve_the_workers(fault_server, scene):
+    """12 connections that stop sending (more than the 2 x 4 request threads): bodies stalled for the client
+    timeout get 408 JSON, stalled headers are closed; a normal client is served meanwhile."""
+    stalled = [_stalled_connection(fault_server.port, b"\x89PNG" if i % 2 else None) for i in range(12)]
+    start = time.monotonic()
+    normal = _post_png(fault_server.url, _png(scene), timeout=30)
+    normal_seconds = time.monotonic() - start
+    assert normal.status_code == 200
+    assert normal_seconds < 2 * CLIENT_TIMEOUT_SECONDS + DEADLINE_SECONDS
+    for index, sock in enumerate(stalled):
+        with sock:
+            answer = b"".join(iter(lambda s=sock: s.recv(65536), b""))
+        if index % 2:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert json.loads(body)["error"]["code"] == "client_timeout"
+        else:
+            assert answer == b""  # closed without an answer: no request was ever read
+    assert time.monotonic() - start < 30
+
+
+def _busiest(pids: set[int], seconds: float = 0.5) -> int:
+    def cpu(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    before = {pid: cpu(pid) for pid in pids}
+    time.sleep(seconds)
+    return max(pids, key=lambda pid: cpu(pid) - before[pid])
+
+
+def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
+    """SIGKILL the worker busy with a request: its client gets a connection error (nothing else can be done for
+    it), the other worker keeps answering, and gunicorn starts a replacement that loads, warms up and answers."""
+    workers = fault_server.workers()
+    body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
+                       for i in range(12)])
+    outcome: dict = {}
+
+    def long_request() -> None:
+        try:
+            outcome["status"] = requests.post(f"{fault_server.url}/invocations", data=body, timeout=60,
+                                              headers={"Content-Type": "application/json"}).status_code
+        except requests.ConnectionError:
+            outcome["status"] = "connection error"
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.5)
+    victim = _busiest(workers)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert outcome["status"] in ("connection error", 504, 200)
+    survivor_answers = [_post_png(fault_server.url, _png(scene), format="boxes").status_code for _ in range(3)]
+    assert 200 in survivor_answers and set(survivor_answers) <= {200, 503}  # 503: the newcomer, still loading
+    replacement = fault_server.wait_ready(pids=1, exclude=workers)
+    assert fault_server.workers() == (workers - {victim}) | replacement
+    assert fault_server.process.poll() is None
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(fault_server, scene):
+    """SIGTERM to the master while requests are running: they complete with 200, new connections are refused,
+    and the master exits with status 0 well within SageMaker's 30 s grace period."""
+    body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
+                       for i in range(4)])
+
+    def in_flight() -> int:
+        return requests.post(f"{fault_server.url}/invocations", data=body, timeout=60,
+                             headers={"Content-Type": "application/json"}).status_code
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        running = [pool.submit(in_flight) for _ in range(3)]
+        time.sleep(0.5)
+        start = time.monotonic()
+        fault_server.process.send_signal(signal.SIGTERM)
+        statuses = [f.result() for f in running]
+    exit_code = fault_server.process.wait(timeout=30)
+    elapsed = time.monotonic() - start
+    assert statuses == [200, 200, 200]
+    assert exit_code == 0 and elapsed < 30
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{fault_server.url}/ping", timeout=5)
