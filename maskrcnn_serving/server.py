@@ -189,7 +189,9 @@ class ModelRunner:
             self.warmup_seconds = time.perf_counter() - start
             apply_memory_headroom()  # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
         except Exception as exc:  # noqa: BLE001 - any failure must be reported, the worker stays up to say so
-            self.state, self.message = "failed", f"The model failed to load: {exc}"
+            # Clients see the kind of failure only: the loader's message names files on the server (in the log).
+            self.state = "failed"
+            self.message = f"The model failed to load ({type(exc).__name__}); the server log has the details."
             log.exception("model load failed")
             return
         self.state, self.message = "ready", "ready"

@@ -392,4 +392,7 @@ def test_server_survived_the_catalogue(live_server, worker_pids, session):
                      if line.startswith("maskrcnn_requests_total") and re.search(r'status="5\d\d"', line)
                      and float(line.split()[-1]) > 0 and 'status="503"' not in line]
     assert server_errors == []
+    # Metric labels come from the matched route, never the raw path: random paths cannot grow the series.
+    routes = set(re.findall(r'^maskrcnn_requests_total\{route="([^"]*)"', metrics, re.MULTILINE))
+    assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "unmatched"}, routes
     assert session.get(f"{live_server.url}/ping", timeout=10).status_code == 200
