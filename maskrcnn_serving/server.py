@@ -54,6 +54,7 @@ access_log = logging.getLogger("maskrcnn_serving.access")
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = ("/ping", "/metrics")
+DEFAULT_READY_WAIT = 10.0
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -74,7 +75,8 @@ class ServerSettings:
     backend: str = "tensorpack"
     limits: wire.Limits = field(default_factory=wire.Limits)
     workers: int = 1
-    ready_wait: float = 0.0
+    # Seconds an /invocations request waits for a worker still loading (another worker may already answer /ping).
+    ready_wait: float = DEFAULT_READY_WAIT
     warmup: bool = True
 
     @classmethod
@@ -91,7 +93,7 @@ class ServerSettings:
                 max_images=_env_int(environ, "MODEL_SERVER_MAX_IMAGES", defaults.max_images),
             ),
             workers=_env_int(environ, "MODEL_SERVER_WORKERS", 1),
-            ready_wait=float(environ.get("MODEL_SERVER_READY_WAIT") or 0.0),
+            ready_wait=float(environ.get("MODEL_SERVER_READY_WAIT") or DEFAULT_READY_WAIT),
         )
 
 
@@ -158,16 +160,23 @@ class ModelRunner:
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
+        self._settled = threading.Event()  # ready or failed
         self._thread: threading.Thread | None = None
 
     def start(self, background: bool = True) -> ModelRunner:
         """Load (unless a backend was given) and warm up, on a daemon thread when ``background``."""
         if background:
-            self._thread = threading.Thread(target=self._load_and_warm_up, name="model-loader", daemon=True)
+            self._thread = threading.Thread(target=self._settle, name="model-loader", daemon=True)
             self._thread.start()
         else:
-            self._load_and_warm_up()
+            self._settle()
         return self
+
+    def _settle(self) -> None:
+        try:
+            self._load_and_warm_up()
+        finally:
+            self._settled.set()
 
     def _load_and_warm_up(self) -> None:
         try:
@@ -208,7 +217,11 @@ class ModelRunner:
         wire.encode_annotations(dets[0], options, wire.paste_patches(dets[0], options))
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout) if timeout > 0 else self._ready.is_set()
+        """Whether the model is ready, waiting up to ``timeout`` seconds while it is still loading (not after a
+        failure)."""
+        if timeout > 0 and not self._settled.is_set():
+            self._settled.wait(timeout)
+        return self._ready.is_set()
 
     @property
     def ready(self) -> bool:
@@ -345,13 +358,13 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         message = f"Internal server error; the server log has the details under request id {request_id}."
         return _error_response(500, INTERNAL_ERROR_CODE, message)
 
-    def _require_ready() -> None:
-        if not runner.wait_ready(settings.ready_wait):
+    def _require_ready(wait: float) -> None:
+        if not runner.wait_ready(wait):
             raise NotReady(runner.message)
 
     @app.get("/ping")
     def ping() -> Response:
-        _require_ready()
+        _require_ready(0.0)  # health checks get an immediate answer
         return _json_response({"status": "ready", "worker_pid": os.getpid()})
 
     @app.get("/execution-parameters")
@@ -371,7 +384,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
 
     @app.post("/invocations")
     def invocations() -> Response:
-        _require_ready()
+        _require_ready(settings.ready_wait)
         with collect_stages() as stages:
             g.stages = stages
             body = _read_body(limits.max_request_bytes)

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_polygon_format(client, example_images):
 
 
 def test_not_ready_and_failed_runners_answer_503(tmp_path, monkeypatch):
-    loading = create_app(ServerSettings(), ModelRunner()).test_client()
+    loading = create_app(ServerSettings(ready_wait=0.0), ModelRunner()).test_client()
     for response in (loading.get("/ping"), loading.post("/invocations", data=b"x", content_type="image/jpeg")):
         assert response.status_code == 503 and response.json["error"]["code"] == "not_ready"
         assert response.headers["Retry-After"]
@@ -198,8 +199,25 @@ def test_not_ready_and_failed_runners_answer_503(tmp_path, monkeypatch):
     failed = ModelRunner("tensorpack", str(tmp_path)).start(background=False)
     assert failed.state == "failed"
     assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # workers sharing a GPU never take all of it
-    response = create_app(ServerSettings(), failed).test_client().get("/ping")
-    assert response.status_code == 503 and "failed to load" in response.json["error"]["message"]
+    client = create_app(ServerSettings(ready_wait=30.0), failed).test_client()
+    start = time.perf_counter()
+    for response in (client.get("/ping"), client.post("/invocations", data=b"x", content_type="image/jpeg")):
+        assert response.status_code == 503 and "failed to load" in response.json["error"]["message"]
+    assert time.perf_counter() - start < 5  # a failed model is not waited for
+
+
+def test_invocations_wait_for_a_loading_worker_ping_does_not(tensorpack_backend, example_images):
+    runner = ModelRunner(backend=tensorpack_backend)
+    client = create_app(ServerSettings(ready_wait=60.0), runner).test_client()
+    assert client.get("/ping").status_code == 503  # immediately, while loading
+    timer = threading.Timer(0.5, runner.start, kwargs={"background": False})
+    start = time.perf_counter()
+    timer.start()
+    response = client.post("/invocations", data=example_images[0].read_bytes(), content_type="image/jpeg")
+    timer.join()
+    assert response.status_code == 200 and response.json["annotations"]
+    assert time.perf_counter() - start >= 0.5
+    assert client.get("/ping").status_code == 200
 
 
 def test_internal_fault_is_500_without_details(tensorpack_backend, example_images, caplog):

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Decompression-bomb guard (default: $MODEL_SERVER_MAX_IMAGE_PIXELS or 50,000,000).")
     parser.add_argument("--ready-wait", type=float, default=None,
                         help="Seconds an /invocations request waits for a worker that is still loading before "
-                        "answering 503 (default: $MODEL_SERVER_READY_WAIT or 0).")
+                        "answering 503; /ping never waits (default: $MODEL_SERVER_READY_WAIT or 10).")
     parser.set_defaults(func=run)
 
 
