@@ -399,7 +399,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
                 runner.has_masks,
             )
             with stage("decode"):
-                images = [wire.decode_image(wire.image_bytes(item), limits.max_image_pixels) for item in parsed.images]
+                images = wire.decode_images(parsed.images, limits.max_image_pixels)
             detections = _run_model(runner, parsed.images, images, stages)
             default_max = int(runner.config["TEST.RESULTS_PER_IM"])
             with stage("postprocess"):

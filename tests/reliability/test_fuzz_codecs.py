@@ -33,6 +33,9 @@ from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle
 from maskrcnn_serving.http_errors import ServingError
 from maskrcnn_serving.visualize import decode_coco_rle, decode_legacy_rle
 
+# pycocotools 2.0.11 calls np.array(..., copy=False) on its RLE objects under numpy 2 (harmless, once per decode).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 LONG_RUN_EXAMPLES = int(os.environ.get("MASKRCNN_FUZZ_EXAMPLES", "0"))
 
 

@@ -105,6 +105,7 @@ def catalogue(scene: np.ndarray) -> list[Case]:
     palette_bgr = np.asarray(palette.convert("RGB"))[:, :, ::-1]
     cmyk_jpeg = pil_bytes(rgb.convert("CMYK"), "JPEG", quality=95)
     deep = "[" * 100_000 + "]" * 100_000
+    big_blank = b64(pil_bytes(Image.new("L", (7000, 5000)), "PNG"))  # 35 M pixels, under the per-image limit
     cases = [
         # -------------------------------------------------------------------------------- bodies that are not images
         Case("empty raw body", raw(b"", "image/jpeg"), 400, "not_an_image"),
@@ -131,6 +132,9 @@ def catalogue(scene: np.ndarray) -> list[Case]:
              422, "too_many_pixels"),
         Case("decompression bomb: BMP declaring 30000x30000", raw(bmp_declaring(30000, 30000), "image/bmp"),
              422, "too_many_pixels"),
+        Case("16 images of 35 M pixels each in one list (over the total)",
+             {"json": [{"img_id": i, "img_data": big_blank} for i in range(LIMITS.max_images)]}, 422,
+             "too_many_pixels"),
         Case("BMP declaring 5000x5000 with no pixel data", raw(bmp_declaring(5000, 5000), "image/bmp"), 400,
              "not_an_image"),
         # ---------------------------------------------------------------------------------- pixel formats, EXIF
