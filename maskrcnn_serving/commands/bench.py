@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--backend-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="Extra keyword for the backend's loader, e.g. xla=true (repeatable).")
     _add_pipeline_arguments(model)
-    model.add_argument("--format", default="legacy",
+    model.add_argument("--format", default="legacy", choices=("legacy", "coco", "polygon", "boxes", "seed"),
                        help="Response format: legacy (the server's default), coco, polygon, boxes, or seed (the seed "
                        "containers' groupby encoder, slow).")
     model.add_argument("--sizes", type=_csv(_size), default=None,
