@@ -33,14 +33,14 @@ from maskrcnn_serving.modeling.tf2_network import SIZE_MULTIPLE, MaskRCNN
 
 
 def resized_shape_tf(image_hw: tf.Tensor, short_edge: float, max_size: float) -> tf.Tensor:
-    """[2] int32 (new_h, new_w): the graph version of ``preprocess.resized_shape`` (float64, rounded half up)."""
+    """[2] int32 (new_h, new_w): the graph version of ``preprocess.resized_shape`` (float64, rounded half up, >= 1)."""
     hw = tf.cast(image_hw, tf.float64)
     height, width = hw[0], hw[1]
     scale = short_edge / tf.minimum(height, width)
     new_h = tf.where(height < width, tf.constant(short_edge, tf.float64), scale * height)
     new_w = tf.where(height < width, scale * width, tf.constant(short_edge, tf.float64))
     shrink = tf.minimum(tf.constant(1.0, tf.float64), max_size / tf.maximum(new_h, new_w))
-    return tf.cast(tf.floor(tf.stack([new_h * shrink, new_w * shrink]) + 0.5), tf.int32)
+    return tf.maximum(tf.cast(tf.floor(tf.stack([new_h * shrink, new_w * shrink]) + 0.5), tf.int32), 1)
 
 
 def decode_rgb(data: tf.Tensor) -> tf.Tensor:
