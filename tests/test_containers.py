@@ -121,7 +121,9 @@ def test_image_installs_the_project_like_the_readme(dockerfile):
     copied = [s for keyword, args in steps if keyword in ("COPY", "ADD") for s in copy_sources(args)]
     assert "pyproject.toml" in copied and "maskrcnn_serving" in copied
     readme = (REPO / "README.md").read_text()
-    assert re.search(r"pip install (-e )?'?\.(\[[a-z,]+\])?'?", readme), "the README installs the repo with pip"
+    # Same constraints file as the images, so the README's venv and the containers resolve the same versions.
+    readme_install = r"pip install -c requirements-lock.txt (-e )?'?\.(\[[a-z,]+\])?'?"
+    assert re.search(readme_install, readme), "the README installs the repo with pip and the lock file"
     # No second, unpinned copy of a dependency: everything comes from pyproject.toml.
     for run in runs:
         for package in ("tensorflow", "tensorpack", "opencv", "pycocotools", "flask", "gunicorn", "numpy"):
