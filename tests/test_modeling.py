@@ -226,3 +226,33 @@ def cv2_blur(values):
     import cv2
 
     return cv2.GaussianBlur(values.astype(np.float32), (5, 5), 1.5)
+
+
+# --- Winograd F(4x4, 3x3) -------------------------------------------------------------------------------------------
+def test_winograd_matrices_compute_the_1d_correlation_exactly():
+    from maskrcnn_serving.modeling.winograd import winograd_matrices
+
+    at, g, bt = winograd_matrices()
+    assert np.array_equal(bt, np.round(bt))  # integer input transform: no rounding before the products
+    for k in range(3):
+        for j in range(6):
+            d, kernel = np.eye(6)[j], np.eye(3)[k]
+            expected = [d[i : i + 3] @ kernel for i in range(4)]
+            np.testing.assert_allclose(at @ ((g @ kernel) * (bt @ d)), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 13, 17, 8), (1, 8, 12, 16), (3, 4, 5, 2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_conv3x3_equals_the_direct_convolution(shape, relu):
+    from maskrcnn_serving.modeling import winograd
+
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, shape[3], 5)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    expected = tf.nn.conv2d(x.astype(np.float64), kernel.astype(np.float64), 1, "SAME").numpy() + bias
+    if relu:
+        expected = np.maximum(expected, 0)
+    actual = winograd.conv3x3(tf.constant(x), tf.constant(winograd.transform_kernel(kernel)), tf.constant(bias), relu)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual.numpy(), expected, atol=1e-4 * np.abs(expected).max())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,12 +14,19 @@ import tensorflow as tf
 from checkpoint_factory import R101_BLOCKS, random_weights, small_architecture, write_npz, write_tf_checkpoint
 
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
-from maskrcnn_serving.backends.optimized import OptimizedBackend, OptimizedSettings, resolve_precision
+from maskrcnn_serving.backends.optimized import (
+    OptimizedBackend,
+    OptimizedSettings,
+    resolve_precision,
+    resolve_winograd,
+)
 from maskrcnn_serving.batching import DynamicBatcher
+from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
-from maskrcnn_serving.modeling.tf2_network import fold_frozen_bn
+from maskrcnn_serving.modeling.tf2_network import MaskRCNN, fold_frozen_bn
 
 ALL = PredictOptions(score_threshold=0.0, max_detections=30)
+DEMO = Path(__file__).resolve().parents[1] / "model" / "demo"
 
 
 def read(path):
@@ -58,16 +66,29 @@ def test_forced_detection_count_matches_tensorpack(optimized_backend, tensorpack
     assert_same_detections(expected, actual, box_atol=0.1, min_mask_iou=0.95)
 
 
-def test_results_do_not_depend_on_batch_or_padding(optimized_backend, example_images):
+@pytest.fixture(scope="module")
+def coarse_bucket_backend(demo_model_dir):
+    """Buckets of 128: images of different sizes share calls, so the network masks the padding."""
+    backend = OptimizedBackend.from_bundle(
+        load_model_dir(demo_model_dir, environ={}), precision="float32", bucket_step=128, max_batch_size=4, environ={}
+    )
+    assert backend.network.masked_padding
+    return backend
+
+
+def test_results_do_not_depend_on_batch_or_padding(optimized_backend, coarse_bucket_backend, example_images):
     """Images padded into a larger shared bucket give exactly their batch-1 answers (the padding is masked)."""
+    assert not optimized_backend.network.masked_padding  # buckets of 32: every image pads as in tensorpack
     first, second = read(example_images[0]), read(example_images[2])[:200, :300]
     alone = [optimized_backend.predict([img], ALL)[0] for img in (first, second)]
-    together = optimized_backend.predict([first, second, first], ALL)
-    for a, b in zip(alone + alone[:1], together, strict=True):
-        assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
+    for backend in (optimized_backend, coarse_bucket_backend):
+        together = backend.predict([first, second, first], ALL)
+        for a, b in zip(alone + alone[:1], together, strict=True):
+            assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
 
     # Run the raw graph with both images in one bucket much larger than either.
-    cfg = optimized_backend.bundle.config
+    backend = coarse_bucket_backend
+    cfg = backend.bundle.config
     from maskrcnn_serving.modeling.preprocess import resize_image
 
     resized = [resize_image(img, cfg.short_edge_size, cfg.max_size)[0] for img in (first, second)]
@@ -75,17 +96,62 @@ def test_results_do_not_depend_on_batch_or_padding(optimized_backend, example_im
     for i, r in enumerate(resized):
         batch[i, : r.shape[0], : r.shape[1]] = r
     hw = np.asarray([r.shape[:2] for r in resized], np.int32)
-    out = optimized_backend.detect_function(2)(
+    out = backend.detect_function(2)(
         tf.constant(batch), tf.constant(hw), tf.constant(0.0), tf.constant(30)
     )
     counts = out["counts"].numpy()
     assert counts.tolist() == [len(alone[0]), len(alone[1])]
-    single = optimized_backend.detect_function(1)(
+    single = backend.detect_function(1)(
         tf.constant(batch[1:, : -(-hw[1, 0] // 32) * 32, : -(-hw[1, 1] // 32) * 32]), tf.constant(hw[1:]),
         tf.constant(0.0), tf.constant(30),
     )
     np.testing.assert_allclose(out["boxes"].numpy()[counts[0] :], single["boxes"].numpy(), atol=1e-3)
     np.testing.assert_allclose(out["masks"].numpy()[counts[0] :], single["masks"].numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def winograd_backend(demo_model_dir):
+    """The demo model with EVERY 3x3 stride-1 convolution at strides 4-16 run by Winograd (by default only those
+    with >= 128 input channels are, and the demo model's are narrower)."""
+    bundle = load_model_dir(demo_model_dir, environ={})
+    network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1, masked_padding=False)
+    return OptimizedBackend(bundle, network, OptimizedSettings(max_batch_size=4))
+
+
+def test_winograd_network_matches_the_direct_one(winograd_backend, optimized_backend, example_images):
+    transformed = {name[: -len("/U")] for name in winograd_backend.network.params if name.endswith("/U")}
+    assert {"rpn/conv0", "fpn/posthoc_3x3_p2", "fpn/posthoc_3x3_p4", "group0/block0/conv2"} <= transformed
+    assert "fpn/posthoc_3x3_p5" not in transformed and "maskrcnn/fcn0" not in transformed
+    assert not any(name.endswith("/U") for name in optimized_backend.network.params)  # the demo's are < 128 wide
+    images = [read(p) for p in example_images]
+    for a, b in zip(optimized_backend.predict(images, ALL), winograd_backend.predict(images, ALL), strict=True):
+        assert_same_detections(a, b, box_atol=0.02, min_mask_iou=0.99)
+
+
+def test_winograd_defaults_and_validation():
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert resolve_winograd("auto", "float32") is not has_gpu
+    assert resolve_winograd("auto", "bfloat16") is False
+    assert resolve_winograd("off", "float32") is False
+    with pytest.raises(ValueError):
+        resolve_winograd("on", "bfloat16")
+    assert OptimizedSettings.from_environ({"MASKRCNN_WINOGRAD": "0"}).winograd == "off"
+    assert OptimizedSettings(winograd=True).winograd == "on"
+    with pytest.raises(ValueError):
+        OptimizedSettings(winograd="sometimes")
+    with pytest.raises(ValueError):
+        MaskRCNN(load_model_dir(DEMO, environ={}), tf.bfloat16, winograd=True)
+
+
+def test_eval_on_demo_fixture_matches_tensorpack(winograd_backend, tensorpack_backend, fixtures_dir):
+    """Acceptance: within 0.003 AP of the tensorpack backend on val_public (Winograd in every eligible layer), and
+    above the foundation thresholds (tensorpack's own example minus 0.005)."""
+    val = fixtures_dir / "val_public"
+    expected = evaluate(tensorpack_backend, val / "annotations.json", val / "images", progress=False)
+    actual = evaluate(winograd_backend, val / "annotations.json", val / "images", progress=False)
+    for kind, threshold in (("bbox", 0.863), ("segm", 0.883)):
+        assert actual[kind]["AP"] >= threshold, actual
+        assert abs(actual[kind]["AP"] - expected[kind]["AP"]) <= 0.003, (expected, actual)
 
 
 def test_tiny_and_extreme_images(optimized_backend):
