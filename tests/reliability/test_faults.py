@@ -34,6 +34,9 @@ DEADLINE_SECONDS = 4.0
 CLIENT_TIMEOUT_SECONDS = 2.0
 HEADROOM_MB = 400
 MAX_PIXELS = 150_000_000
+# Images in the request that must overrun the deadline: far more model time than DEADLINE_SECONDS even on the
+# fastest backend (the demo model serves a small image in tens of milliseconds).
+LONG_REQUEST_IMAGES = 512
 START_TIMEOUT = 300.0
 
 
@@ -163,7 +166,8 @@ class FaultServer:
             MODEL_SERVER_CLIENT_TIMEOUT=str(CLIENT_TIMEOUT_SECONDS),
             MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=str(HEADROOM_MB),
             MODEL_SERVER_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
-            MODEL_SERVER_MAX_IMAGES="64",
+            MODEL_SERVER_MAX_IMAGES=str(LONG_REQUEST_IMAGES),
+            MODEL_SERVER_MAX_REQUEST_BYTES=str(64 * 1024 * 1024),
         )
         command = _serve_command(model_dir, self.port) + ["--workers", str(WORKERS), "--threads", "4"]
         self.log = open(log_path, "wb")  # noqa: SIM115 - open while the server runs
@@ -269,11 +273,11 @@ def test_out_of_memory_fails_that_request_only(fault_server, scene):
 
 
 def test_request_over_the_deadline_fails_alone(fault_server, scene):
-    """A request of 64 images (several times the 4 s deadline of model time) gets 504 ``deadline_exceeded`` as JSON
+    """A request of 512 images (many times the 4 s deadline of model time) gets 504 ``deadline_exceeded`` as JSON
     at its deadline; requests sent meanwhile are all served; no worker is killed."""
     workers = fault_server.workers()
     body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
-                       for i in range(64)])
+                       for i in range(LONG_REQUEST_IMAGES)])
     outcome: dict = {}
 
     def long_request() -> None:
