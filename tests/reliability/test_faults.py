@@ -167,6 +167,7 @@ class FaultServer:
             MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=str(HEADROOM_MB),
             MODEL_SERVER_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
             MODEL_SERVER_MAX_IMAGES=str(LONG_REQUEST_IMAGES),
+            # the long request is ~23 MB of base64 PNGs, over the 6 MiB default
             MODEL_SERVER_MAX_REQUEST_BYTES=str(64 * 1024 * 1024),
         )
         command = _serve_command(model_dir, self.port) + ["--workers", str(WORKERS), "--threads", "4"]
@@ -276,8 +277,8 @@ def test_request_over_the_deadline_fails_alone(fault_server, scene):
     """A request of 512 images (many times the 4 s deadline of model time) gets 504 ``deadline_exceeded`` as JSON
     at its deadline; requests sent meanwhile are all served; no worker is killed."""
     workers = fault_server.workers()
-    body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
-                       for i in range(LONG_REQUEST_IMAGES)])
+    img_data = base64.b64encode(_png(scene)).decode()
+    body = json.dumps([{"img_id": i, "img_data": img_data, "format": "boxes"} for i in range(LONG_REQUEST_IMAGES)])
     outcome: dict = {}
 
     def long_request() -> None:
