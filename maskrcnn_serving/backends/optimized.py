@@ -18,8 +18,9 @@ AMX), ``MASKRCNN_WINOGRAD`` (auto | 0 | 1; auto: on for float32 without a GPU, w
 algorithms), ``MASKRCNN_XLA`` (0/1), ``MASKRCNN_MAX_BATCH_SIZE`` (default 8), ``MASKRCNN_BUCKET_STEP`` (default 32).
 
 With Winograd on, each new (batch size, bucket) shape also compiles a few small XLA programs on first use (about
-0.3-0.8 s each, four shapes for ResNet-50-FPN); the server's warm-up inference (a 4:3 landscape image at the test
-size) compiles the most common one before ``/ping`` says ready.
+0.3-0.8 s each, five shapes for ResNet-50-FPN), and so does each new padded detection count of the mask head
+(multiples of 8); the server's warm-up inference (a 4:3 landscape image at the test size) compiles the most common
+shape before ``/ping`` says ready.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ is computed:
   the identity and is left out (``masked_padding=False``).
 * Optional reduced precision (bfloat16 / float16) for the convolutions and hidden FC layers; the RPN, box and class
   outputs, mask logits, proposals, NMS and RoIAlign stay float32.
-* Optional Winograd F(4x4, 3x3) for the large float32 3x3 stride-1 convolutions on CPU (:mod:`.winograd`): the
-  backbone's stride-8/16 blocks and the FPN / RPN convolutions on P2-P4, where it needs 4x fewer multiplies.
+* Optional Winograd F(4x4, 3x3) for the float32 3x3 stride-1 convolutions with many channels on CPU
+  (:mod:`.winograd`): the backbone's conv2 of groups 1-3, the FPN / RPN convolutions on P2-P4 and the mask head,
+  where it needs 4x fewer multiplies.
 
 Frames: input images are BGR uint8, already resized by :func:`~maskrcnn_serving.modeling.preprocess.resize_image`;
 boxes are (x1, y1, x2, y2) float32 in resized-image pixels.
@@ -39,8 +40,9 @@ BOX_RESOLUTION = 7
 MASK_RESOLUTION = 14
 _GROUP_WIDTHS = (64, 128, 256, 512)
 _GROUP_STRIDES = (4, 8, 16, 32)
-# Winograd pays off where maps are large and channels many (measured: 3x3 256->256 at 200x272 86 vs 165 ms, at 50x68
-# 6 vs 11 ms; 64 channels at 200x272 15 vs 10 ms, slower): feature strides 4-16 with at least 128 input channels.
+# Winograd pays off where channels are many (measured: 3x3 256->256 at 200x272 86 vs 165 ms, at 50x68 6 vs 11 ms, on
+# 100 RoIs of 14x14 88 vs 105 ms; 512->512 at 25x34 15 vs 20 ms; but 64 channels at 200x272 33 vs 22 ms and 256 at
+# 25x34 about even): at least 128 input channels, and for the FPN / RPN convolutions feature strides 4-16.
 WINOGRAD_STRIDES = (4, 8, 16)
 WINOGRAD_MIN_CHANNELS = 128
 
@@ -86,8 +88,9 @@ class MaskRCNN(tf.Module):
 
     ``compute_dtype``: tf.float32, tf.bfloat16 or tf.float16 for the convolutions and hidden FC layers.
     ``jit_compile``: compile the dense part (backbone, FPN, RPN head) with XLA; it is traced per input shape.
-    ``winograd``: run the float32 3x3 stride-1 convolutions at feature strides 4-16 with at least
-    ``winograd_min_channels`` input channels by Winograd F(4x4, 3x3) (XLA-compiled per input shape); float32 only.
+    ``winograd``: run the float32 3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels
+    (the FPN / RPN ones only at feature strides 4-16) by Winograd F(4x4, 3x3) (XLA-compiled per input shape);
+    float32 only.
     ``masked_padding``: mask the batch padding beyond each image's own multiple of 32 (see the module docstring);
     False is only correct when every image of a call pads to the call's size.
     """
@@ -163,15 +166,16 @@ class MaskRCNN(tf.Module):
         }
 
     def _winograd_scope(self, scope: str, kernel_shape) -> bool:
-        """Whether some call of ``scope`` (a 3x3 stride-1 conv at a stride in WINOGRAD_STRIDES) may use Winograd."""
+        """Whether some call of ``scope`` (a 3x3 stride-1 conv; FPN / RPN ones at WINOGRAD_STRIDES) may use Winograd."""
         if tuple(kernel_shape[:2]) != (3, 3) or kernel_shape[2] < self.winograd_min_channels:
             return False
         if scope.startswith("group"):
             group, block = int(scope[5]), int(scope.split("/")[1][5:])
-            return scope.endswith("/conv2") and _GROUP_STRIDES[group] in WINOGRAD_STRIDES and (group == 0 or block > 0)
+            # Every stride-1 conv2 (group 3's 512-channel ones too: 25x34 maps, 15 vs 20 ms).
+            return scope.endswith("/conv2") and (group == 0 or block > 0)
         if scope.startswith("fpn/posthoc_3x3_p"):
             return self.strides[int(scope[-1]) - 2] in WINOGRAD_STRIDES
-        return scope == "rpn/conv0"  # shared by all levels: Winograd on P2-P4, direct on P5-P6
+        return scope == "rpn/conv0" or scope.startswith("maskrcnn/fcn")  # rpn/conv0: Winograd on P2-P4 only
 
     # --------------------------------------------------------------------------------------------- layers
     def _conv(self, x: tf.Tensor, scope: str, stride: int = 1, padding: str = "SAME", relu: bool = True):
@@ -184,7 +188,7 @@ class MaskRCNN(tf.Module):
         if mask is not None:
             x = x * tf.cast(mask, x.dtype)
         transformed = self.params.get(f"{scope}/U")
-        if transformed is not None and stride in WINOGRAD_STRIDES:
+        if transformed is not None and (scope != "rpn/conv0" or stride in WINOGRAD_STRIDES):
             return winograd.conv3x3(x, transformed, self.params[f"{scope}/b"], relu)
         return self._conv(x, scope, relu=relu)
 
@@ -244,15 +248,18 @@ class MaskRCNN(tf.Module):
         normalized = (tf.cast(images, tf.float32) - self.pixel_mean) * self.inv_pixel_std
         normalized *= _valid_mask(normalized, image_hw)
         features = self._backbone_fpn(tf.cast(normalized, self.compute_dtype), image_hw)
+        # rpn/class and rpn/box as one 1x1 conv (A + 4A outputs): one pass over each level instead of two.
+        num_anchors = self.params["rpn/class/W"].shape[-1]
+        kernel = tf.concat([self.params["rpn/class/W"], self.params["rpn/box/W"]], axis=3)
+        bias = tf.concat([self.params["rpn/class/b"], self.params["rpn/box/b"]], axis=0)
         logits, deltas = [], []
         for stride, feature in zip(self.strides, features, strict=True):
             mask = self._padding_mask(feature, image_hw, stride)
             hidden = tf.cast(self._conv3x3(feature, "rpn/conv0", stride, mask, relu=True), tf.float32)
-            level_logits = self._conv(hidden, "rpn/class", relu=False)
-            level_deltas = self._conv(hidden, "rpn/box", relu=False)
-            shape = tf.shape(level_logits)
-            logits.append(level_logits)
-            deltas.append(tf.reshape(level_deltas, [shape[0], shape[1], shape[2], shape[3], 4]))
+            outputs = tf.nn.bias_add(tf.nn.conv2d(hidden, kernel, 1, "SAME"), bias)
+            shape = tf.shape(outputs)
+            logits.append(outputs[..., :num_anchors])
+            deltas.append(tf.reshape(outputs[..., num_anchors:], [shape[0], shape[1], shape[2], num_anchors, 4]))
         pooled = [tf.cast(f, tf.float32) for f in features[: tf_ops.FPN_ROI_LEVELS]]
         return pooled, logits, deltas
 
@@ -291,8 +298,11 @@ class MaskRCNN(tf.Module):
             roi_features = [
                 _replicate_edges(f, valid_feature_hw(image_hw, s)) for f, s in zip(features, self.strides, strict=False)
             ]
+        roi_features = [tf_ops.pad_edges(f) for f in roi_features]  # once for both heads
         rois, roi_images = self._concat_with_indices(proposals)
-        pooled = tf_ops.multilevel_roi_align(roi_features, rois, self.strides, BOX_RESOLUTION, roi_images)
+        pooled = tf_ops.multilevel_roi_align(
+            roi_features, rois, self.strides, BOX_RESOLUTION, roi_images, edge_padded=True
+        )
         hidden = tf.reshape(pooled, [-1, BOX_RESOLUTION * BOX_RESOLUTION * pooled.shape[-1]])
         hidden = self._fc(self._fc(hidden, "fastrcnn/fc6"), "fastrcnn/fc7")
         class_probs = tf.nn.softmax(self._fc(tf.cast(hidden, tf.float32), "fastrcnn/outputs/class", relu=False))
@@ -332,25 +342,32 @@ class MaskRCNN(tf.Module):
         return tf.concat(per_image, axis=0), tf.concat(indices, axis=0)
 
     def _mask_head(self, features, boxes: tf.Tensor, box_images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        """(D, 28, 28) sigmoid probabilities of each detection's own class."""
-        x = tf_ops.multilevel_roi_align(features, boxes, self.strides, MASK_RESOLUTION, box_images)
-        for i in range(4):
-            x = self._conv(x, f"maskrcnn/fcn{i}")
-        x = tf.nn.relu(self._upsample_deconv(x))
-        # Only the detection's own class channel is used: one dot product per pixel instead of all K channels.
+        """(D, 28, 28) sigmoid probabilities of each detection's own class; ``features`` went through pad_edges."""
+        x = tf_ops.multilevel_roi_align(features, boxes, self.strides, MASK_RESOLUTION, box_images, edge_padded=True)
+        scopes = [f"maskrcnn/fcn{i}" for i in range(4)]
+        if all(f"{scope}/U" in self.params for scope in scopes):
+            x = winograd.conv3x3_relu_stack(
+                x, [self.params[f"{s}/U"] for s in scopes], [self.params[f"{s}/b"] for s in scopes]
+            )
+        else:
+            for scope in scopes:
+                x = self._conv(x, scope)
+        blocks = self._upsample_deconv_relu(x)  # (D, 14, 14, 2, 2, C): output pixel (2i + dy, 2j + dx)
+        # Only the detection's own class channel is used: one dot product per pixel instead of all K channels. It
+        # is taken before the 2x2 blocks are interleaved into 28x28, so that only the small logits are shuffled.
         kernel = tf.gather(self.params["maskrcnn/conv/W"][0, 0], labels - 1, axis=1)  # (C, D)
         bias = tf.gather(self.params["maskrcnn/conv/b"], labels - 1)
-        logits = tf.einsum("dhwc,cd->dhw", tf.cast(x, tf.float32), kernel) + bias[:, None, None]
-        return tf.sigmoid(logits)
+        logits = tf.einsum("dhwyxc,cd->dhwyx", tf.cast(blocks, tf.float32), kernel) + bias[:, None, None, None, None]
+        size = 2 * MASK_RESOLUTION
+        return tf.sigmoid(tf.reshape(tf.transpose(logits, [0, 1, 3, 2, 4]), [-1, size, size]))
 
-    def _upsample_deconv(self, x: tf.Tensor) -> tf.Tensor:
-        """``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one matmul: every input pixel writes its own 2x2
-        output block, ``out[2i + dy, 2j + dx] = x[i, j] @ W[dy, dx].T`` with W in [kh, kw, out, in] layout."""
+    def _upsample_deconv_relu(self, x: tf.Tensor) -> tf.Tensor:
+        """ReLU of ``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one fused matmul + bias + ReLU: every input
+        pixel writes its own 2x2 output block, ``out[2i + dy, 2j + dx] = x[i, j] @ W[dy, dx].T`` with W in
+        [kh, kw, out, in] layout. Returns the blocks un-interleaved, (N, 14, 14, 2, 2, out) = [n, i, j, dy, dx]."""
         kernel, bias = self.params["maskrcnn/deconv/W"], self.params["maskrcnn/deconv/b"]
         out_channels = kernel.shape[2]
         weight = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], 4 * out_channels])
-        n = tf.shape(x)[0]
-        y = tf.matmul(tf.reshape(x, [-1, kernel.shape[3]]), weight)  # (D*14*14, 2*2*out)
-        y = tf.reshape(y, [n, MASK_RESOLUTION, MASK_RESOLUTION, 2, 2, out_channels])
-        y = tf.reshape(tf.transpose(y, [0, 1, 3, 2, 4, 5]), [n, 2 * MASK_RESOLUTION, 2 * MASK_RESOLUTION, out_channels])
-        return tf.nn.bias_add(y, bias)
+        y = tf.matmul(tf.reshape(x, [-1, kernel.shape[3]]), weight)  # (N*14*14, 2*2*out)
+        y = tf.nn.relu(tf.nn.bias_add(y, tf.tile(bias, [4])))
+        return tf.reshape(y, [-1, MASK_RESOLUTION, MASK_RESOLUTION, 2, 2, out_channels])

@@ -36,17 +36,22 @@ def clip_boxes(boxes: tf.Tensor, image_hw: tf.Tensor) -> tf.Tensor:
 
 
 def roi_align(
-    featuremap: tf.Tensor, boxes: tf.Tensor, resolution: int, box_indices: tf.Tensor | None = None
+    featuremap: tf.Tensor,
+    boxes: tf.Tensor,
+    resolution: int,
+    box_indices: tf.Tensor | None = None,
+    edge_padded: bool = False,
 ) -> tf.Tensor:
     """tensorpack's RoIAlign: half-pixel aligned, 2x2 bilinear samples per bin, averaged.
 
     featuremap: [B, H, W, C]; boxes: (N, 4) in feature-map pixels (image boxes / stride); box_indices: (N,) int32
     image of each box in the batch (None: all from image 0, the batch-1 case).
     Returns (N, resolution, resolution, C). The map is padded by one edge-replicated pixel per side (boxes shift
-    by +1); ``crop_and_resize`` samples a (2r x 2r) grid whose first point is ``x0 + spacing/2 - 0.5`` in pixel-index
-    units (pixel k's value sits at k); 2x2 average pooling gives r x r.
+    by +1; ``edge_padded``: the caller has already padded it with :func:`pad_edges`); ``crop_and_resize`` samples
+    a (2r x 2r) grid whose first point is ``x0 + spacing/2 - 0.5`` in pixel-index units (pixel k's value sits at
+    k); 2x2 average pooling gives r x r.
     """
-    padded = tf.pad(featuremap, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    padded = featuremap if edge_padded else pad_edges(featuremap)
     boxes = boxes + 1.0
     crop = 2 * resolution
     x0, y0, x1, y1 = tf.split(boxes, 4, axis=1)
@@ -66,6 +71,11 @@ def roi_align(
     return tf.nn.avg_pool2d(crops, ksize=2, strides=2, padding="SAME")
 
 
+def pad_edges(featuremap: tf.Tensor) -> tf.Tensor:
+    """[B, H, W, C] -> [B, H + 2, W + 2, C], one edge-replicated pixel per side: what :func:`roi_align` samples."""
+    return tf.pad(featuremap, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+
+
 def fpn_level_indices(boxes: tf.Tensor) -> tf.Tensor:
     """Index 0..3 (P2..P5) of each (N, 4) box: ``floor(4 + log2(sqrt(area) / 224 + 1e-6))`` clamped to [2, 5]."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -79,17 +89,19 @@ def multilevel_roi_align(
     strides: Sequence[int],
     resolution: int,
     box_indices: tf.Tensor | None = None,
+    edge_padded: bool = False,
 ) -> tf.Tensor:
     """RoIAlign every (N, 4) image-pixel box on its FPN level; returns (N, r, r, C) in the order of ``boxes``.
 
-    ``box_indices`` (N,) int32 names each box's image when the features hold a batch (see :func:`roi_align`)."""
+    ``box_indices`` (N,) int32 names each box's image when the features hold a batch; ``edge_padded``: the features
+    went through :func:`pad_edges` already (see :func:`roi_align`)."""
     levels = fpn_level_indices(boxes)
     pooled, order = [], []
     for index in range(FPN_ROI_LEVELS):
         ids = tf.reshape(tf.where(tf.equal(levels, index)), [-1])
         level_boxes = tf.gather(boxes, ids) * (1.0 / strides[index])
         level_indices = None if box_indices is None else tf.gather(box_indices, ids)
-        pooled.append(roi_align(features[index], level_boxes, resolution, level_indices))
+        pooled.append(roi_align(features[index], level_boxes, resolution, level_indices, edge_padded))
         order.append(ids)
     restore = tf.math.invert_permutation(tf.cast(tf.concat(order, axis=0), tf.int32))
     return tf.gather(tf.concat(pooled, axis=0), restore)
