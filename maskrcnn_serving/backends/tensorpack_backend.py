@@ -147,7 +147,10 @@ class _Graph:
             )
 
             num_classes = arch.num_categories + 1
-            roi_features = tf_ops.multilevel_roi_align(features[:4], proposals, strides, _BOX_RESOLUTION)
+            pooled_features = [tf_ops.pad_edges(f) for f in features[:4]]  # once for both heads
+            roi_features = tf_ops.multilevel_roi_align(
+                pooled_features, proposals, strides, _BOX_RESOLUTION, edge_padded=True
+            )
             with tf1.variable_scope("fastrcnn"):
                 hidden = FullyConnected("fc6", roi_features, arch.fc_head_dim, activation=tf.nn.relu)
                 hidden = FullyConnected("fc7", hidden, arch.fc_head_dim, activation=tf.nn.relu)
@@ -164,7 +167,9 @@ class _Graph:
 
             self.masks = None
             if arch.is_mask_rcnn:
-                mask_features = tf_ops.multilevel_roi_align(features[:4], self.boxes, strides, _MASK_RESOLUTION)
+                mask_features = tf_ops.multilevel_roi_align(
+                    pooled_features, self.boxes, strides, _MASK_RESOLUTION, edge_padded=True
+                )
                 with tf1.variable_scope("maskrcnn"):
                     x = mask_features
                     for i in range(4):
