@@ -19,10 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
+from maskrcnn_serving.bench.server import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,51 +201,6 @@ def run_load(
     )
 
 
-# ------------------------------------------------------------------------------------------------ own server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, workers: int, log_path: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """``maskrcnn-serving serve`` on 127.0.0.1 (a free port); returns once every worker answers /ping 200."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))}
-    command = [sys.executable, "-m", "maskrcnn_serving.cli", "serve", "--model-dir", str(model_dir), "--host",
-               "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    ready: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while len(ready) < workers:
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_server(process)
-            raise RuntimeError(f"server did not start; see {log_path}")
-        try:
-            response = requests.get(f"{url}/ping", timeout=5)
-            if response.status_code == 200:
-                ready.add(response.json()["worker_pid"])
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    return process, url
-
-
-def stop_server(process: subprocess.Popen) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="An already running server (default: start one on --model-dir).")
@@ -262,21 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     bodies = request_bodies(args.images)
-    process = None
+    server = None
     master_pid = None
     if args.url:
         url = args.url.rstrip("/")
     else:
         log_path = Path(args.output or "soak").with_suffix(".server.log")
-        process, url = start_server(args.model_dir, args.workers, log_path)
-        master_pid = process.pid
+        server = ServerProcess(args.model_dir, log_path, workers=args.workers).start()
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+        url, master_pid = server.url, server.process.pid
         print(f"server {url} (master pid {master_pid}, log {log_path})", flush=True)
     try:
         expected = expected_answers(url, bodies)
         report = run_load(url, bodies, expected, args.clients, args.minutes * 60, master_pid,
                           warmup_seconds=args.warmup_seconds, windows=args.windows, sample_every=5.0)
     finally:
-        exit_code = stop_server(process) if process is not None else None
+        exit_code = server.stop() if server is not None else None
     print(report.summary())
     for window in report.windows:
         print(f"  window from {window['from_s']:7.1f} s: {window['requests']:5d} requests, "

@@ -183,15 +183,58 @@ class ModelConfig:
             values[key] = _check_value(key, value, "replace()")
         return ModelConfig(values, self.explicit | {k.replace("__", ".") for k in updates})
 
-    @property
-    def max_size(self) -> float:
-        """``PREPROC.MAX_SIZE`` as tensorpack finalizes it: rounded up to the FPN resolution (1333 -> 1344.0)."""
+    def inference(self) -> InferenceConfig:
+        """The typed inference settings (see :class:`InferenceConfig`)."""
         mult = float(self["FPN.RESOLUTION_REQUIREMENT"])
-        return math.ceil(self["PREPROC.MAX_SIZE"] / mult) * mult
+        return InferenceConfig(
+            short_edge_size=int(self["PREPROC.TEST_SHORT_EDGE_SIZE"]),
+            # tensorpack rounds MAX_SIZE up to the FPN resolution (1333 -> 1344.0)
+            max_size=math.ceil(self["PREPROC.MAX_SIZE"] / mult) * mult,
+            pixel_mean_bgr=tuple(float(v) for v in self["PREPROC.PIXEL_MEAN"][::-1]),
+            pixel_std_bgr=tuple(float(v) for v in self["PREPROC.PIXEL_STD"][::-1]),
+            anchor_strides=tuple(int(v) for v in self["FPN.ANCHOR_STRIDES"]),
+            anchor_sizes=tuple(float(v) for v in self["RPN.ANCHOR_SIZES"]),
+            anchor_ratios=tuple(float(v) for v in self["RPN.ANCHOR_RATIOS"]),
+            rpn_min_size=float(self["RPN.MIN_SIZE"]),
+            rpn_nms_threshold=float(self["RPN.PROPOSAL_NMS_THRESH"]),
+            rpn_per_level_topk=int(self["RPN.TEST_PER_LEVEL_NMS_TOPK"]),
+            bbox_reg_weights=tuple(float(v) for v in self["FRCNN.BBOX_REG_WEIGHTS"]),
+            frcnn_nms_threshold=float(self["TEST.FRCNN_NMS_THRESH"]),
+            score_threshold=float(self["TEST.RESULT_SCORE_THRESH"]),
+            vis_score_threshold=float(self["TEST.RESULT_SCORE_THRESH_VIS"]),
+            results_per_image=int(self["TEST.RESULTS_PER_IM"]),
+            accurate_paste=bool(self["MRCNN.ACCURATE_PASTE"]),
+            fc6_row_order=str(self["SERVING.FC6_ROW_ORDER"]),
+        )
 
-    @property
-    def short_edge_size(self) -> int:
-        return int(self["PREPROC.TEST_SHORT_EDGE_SIZE"])
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """The inference settings of a model, typed, resolved once from its :class:`ModelConfig` (see
+    :meth:`ModelConfig.inference`): the only view of the config that code outside this module and
+    :mod:`maskrcnn_serving.model_dir` reads.
+
+    Frames: pixel means and standard deviations are per channel in **BGR** order (the order images are decoded in);
+    sizes are in pixels of the resized network input.
+    """
+
+    short_edge_size: int  # PREPROC.TEST_SHORT_EDGE_SIZE
+    max_size: float  # PREPROC.MAX_SIZE rounded up to FPN.RESOLUTION_REQUIREMENT, as tensorpack finalizes it
+    pixel_mean_bgr: tuple[float, float, float]
+    pixel_std_bgr: tuple[float, float, float]
+    anchor_strides: tuple[int, ...]  # FPN.ANCHOR_STRIDES, P2..P6
+    anchor_sizes: tuple[float, ...]
+    anchor_ratios: tuple[float, ...]
+    rpn_min_size: float
+    rpn_nms_threshold: float
+    rpn_per_level_topk: int  # RPN.TEST_PER_LEVEL_NMS_TOPK
+    bbox_reg_weights: tuple[float, float, float, float]  # FRCNN.BBOX_REG_WEIGHTS
+    frcnn_nms_threshold: float  # TEST.FRCNN_NMS_THRESH
+    score_threshold: float  # TEST.RESULT_SCORE_THRESH: the graph's default
+    vis_score_threshold: float  # TEST.RESULT_SCORE_THRESH_VIS: the server's default, as the seed container
+    results_per_image: int  # TEST.RESULTS_PER_IM
+    accurate_paste: bool  # MRCNN.ACCURATE_PASTE
+    fc6_row_order: str  # SERVING.FC6_ROW_ORDER
 
     @property
     def box_clip(self) -> float:

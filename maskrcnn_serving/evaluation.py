@@ -1,4 +1,5 @@
-"""COCO evaluation of a backend on an annotated image folder, with pycocotools."""
+"""COCO results records from the pipeline's ``coco`` annotations, and COCO evaluation on an annotated image
+folder, with pycocotools."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from maskrcnn_serving.backends.base import Backend
-from maskrcnn_serving.encoding import coco_rle, xywh
-from maskrcnn_serving.structures import Detections
+from maskrcnn_serving import wire
+from maskrcnn_serving.pipeline import Pipeline, StageTimes
 
 
 def category_ids_for(coco: COCO, class_names: Sequence[str]) -> list[int]:
@@ -34,21 +33,33 @@ def category_ids_for(coco: COCO, class_names: Sequence[str]) -> list[int]:
     return [0, *ids]
 
 
-def to_coco_results(dets: Detections, image_id, category_ids: Sequence[int] | None = None) -> list[dict]:
-    """COCO results records of one image: float xywh bbox, score, category id and compressed RLE."""
-    boxes = xywh(dets.boxes)
-    segmentations = coco_rle(dets.masks()) if dets.has_masks else [None] * len(dets)
+def results_options(pipeline: Pipeline, score_threshold: float | None = None,
+                    max_detections: int | None = None) -> wire.RequestOptions:
+    """Options for COCO results: the model's own test threshold (``TEST.RESULT_SCORE_THRESH``, low, as
+    evaluation needs) unless given, and standard COCO RLE masks (``coco``; ``boxes`` without a mask head)."""
+    inference = pipeline.inference
+    return wire.RequestOptions(
+        score_threshold=inference.score_threshold if score_threshold is None else score_threshold,
+        max_detections=max_detections,
+        format="coco" if pipeline.backend.has_masks else "boxes",
+    )
+
+
+def to_coco_results(annotations: Sequence[dict], image_id, category_ids: Sequence[int] | None = None) -> list[dict]:
+    """COCO results records of one image from its ``coco`` (or ``boxes``) annotations: float xywh bbox, score,
+    category id (mapped through ``category_ids`` when given) and compressed RLE."""
     records = []
-    for box, score, label, name, segm in zip(boxes, dets.scores, dets.labels, dets.names, segmentations, strict=True):
+    for annotation in annotations:
+        label = annotation["category_id"]
         record = {
             "image_id": image_id,
-            "category_id": int(category_ids[label]) if category_ids is not None else int(label),
-            "category_name": name,
-            "bbox": [round(float(v), 3) for v in box],
-            "score": round(float(score), 5),
+            "category_id": int(category_ids[label]) if category_ids is not None else label,
+            "category_name": annotation["category_name"],
+            "bbox": annotation["bbox"],
+            "score": annotation["score"],
         }
-        if segm is not None:
-            record["segmentation"] = segm
+        if "segmentation" in annotation:
+            record["segmentation"] = annotation["segmentation"]
         records.append(record)
     return records
 
@@ -58,22 +69,23 @@ def _summary(coco_eval: COCOeval) -> dict[str, float]:
 
 
 def evaluate(
-    backend: Backend, annotations: Path, images_dir: Path, limit: int | None = None, progress: bool = True
+    pipeline: Pipeline, annotations: Path, images_dir: Path, limit: int | None = None, progress: bool = True
 ) -> dict:
-    """Run ``backend`` on every annotated image and return bbox/segm AP, AP50, AP75, image count and seconds."""
+    """Run ``pipeline`` on every annotated image (the model's test threshold, COCO RLE masks) and return bbox/segm
+    AP, AP50, AP75, the image count, the seconds and the stage seconds."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(annotations))
-    category_ids = category_ids_for(coco, backend.class_names)
+    category_ids = category_ids_for(coco, pipeline.backend.class_names)
     image_ids = sorted(coco.getImgIds())[:limit]
+    options = results_options(pipeline)
     results: list[dict] = []
+    times = StageTimes()
     start = time.perf_counter()
     for image_id in tqdm(image_ids, desc="eval", unit="img", disable=not progress):
-        info = coco.loadImgs(image_id)[0]
-        path = images_dir / info["file_name"]
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"Cannot read image {path}")
-        results.extend(to_coco_results(backend.predict([image])[0], image_id, category_ids))
+        path = images_dir / coco.loadImgs(image_id)[0]["file_name"]
+        item = wire.ImageRequest(str(image_id), path.read_bytes(), options)
+        result = pipeline.process([item], times)[0]
+        results.extend(to_coco_results(result.annotations, image_id, category_ids))
     seconds = time.perf_counter() - start
     report: dict = {}
     iou_types = ["bbox", "segm"] if all("segmentation" in r for r in results) else ["bbox"]
@@ -91,6 +103,7 @@ def evaluate(
         report[iou_type] = _summary(coco_eval)
     report["images"] = len(image_ids)
     report["seconds"] = round(seconds, 2)
+    report["stages_s"] = {name: round(value, 3) for name, value in times.seconds.items()}
     report["detections"] = len(results)
     return report
 

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from maskrcnn_serving.checkpoint import (
     infer_architecture,
     read_checkpoint,
 )
-from maskrcnn_serving.config import FC6_CHANNEL_LAST, RESNET_ARCHS, ModelConfig, load_config
+from maskrcnn_serving.config import FC6_CHANNEL_LAST, RESNET_ARCHS, InferenceConfig, ModelConfig, load_config
 from maskrcnn_serving.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ModelBundle:
 
     ``weights`` maps tensorpack variable names to float32 arrays exactly as stored in the checkpoint (fc6 rows in
     the order ``config["SERVING.FC6_ROW_ORDER"]`` says). ``class_names[0]`` is ``"BG"``; label k names
-    ``class_names[k]``.
+    ``class_names[k]``. ``inference`` is the typed view of ``config`` that the networks and the server read.
     """
 
     model_dir: Path
@@ -53,6 +54,10 @@ class ModelBundle:
     architecture: Architecture
     weights: Mapping[str, np.ndarray]
     class_names: tuple[str, ...]
+
+    @cached_property
+    def inference(self) -> InferenceConfig:
+        return self.config.inference()
 
     @property
     def num_categories(self) -> int:

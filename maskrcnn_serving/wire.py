@@ -1,7 +1,8 @@
-"""The HTTP wire format of ``POST /invocations``: request parsing, option validation, image decoding, responses.
+"""The HTTP wire format of ``POST /invocations``: request parsing, option validation, responses.
 
-Pure functions of bytes and :class:`Detections`, no Flask: the server moves bytes between this module and a
-backend. Every client mistake raises a :mod:`~maskrcnn_serving.http_errors` class, which fixes the HTTP status.
+Pure functions of bytes and :class:`Detections`, no Flask; :class:`maskrcnn_serving.pipeline.Pipeline` calls them
+(image bytes are decoded by :mod:`maskrcnn_serving.imaging`). Every client mistake raises a
+:mod:`maskrcnn_serving.errors` class, which fixes the HTTP status.
 
 Requests (see docs/openapi.yaml and the README):
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -26,13 +26,23 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
-import cv2
 import numpy as np
 import orjson
-from PIL import Image, UnidentifiedImageError
 
 from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle, polygons_of_patch
-from maskrcnn_serving.http_errors import InvalidRequest, PayloadTooLarge, TooManyPixels, UnsupportedMediaType
+from maskrcnn_serving.errors import (
+    BadRequest,
+    InvalidBase64,
+    InvalidField,
+    InvalidJson,
+    MissingField,
+    NotAnImage,
+    RequestTooLarge,
+    ResponseTooLarge,
+    TooManyImages,
+    UnsupportedMediaType,
+)
+from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
 
 FORMATS = ("legacy", "coco", "polygon", "boxes")
@@ -45,20 +55,6 @@ RAW_IMAGE_TYPES = frozenset(
         "application/x-image", "application/octet-stream",
     }
 )
-# Formats identified from the header (by Pillow) that are then decoded by cv2; anything else is refused.
-IMAGE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits of one request. Bytes are counted on the HTTP body (base64 included)."""
-
-    max_request_bytes: int = 6 * MiB
-    max_response_bytes: int = 6 * MiB
-    max_image_pixels: int = 50_000_000
-    max_images: int = 16
-
 
 @dataclass(frozen=True)
 class RequestOptions:
@@ -111,13 +107,13 @@ def _number(name: str, value: Any, from_text: bool, kind: type) -> float | int:
         try:
             return kind(value)
         except ValueError:
-            raise InvalidRequest(f"{name} must be {expected}, got {value!r}.") from None
+            raise BadRequest(f"{name} must be {expected}, got {value!r}.") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
+        raise BadRequest(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
     if isinstance(value, int) and abs(value) > 2**53:  # float() of a 400-digit JSON integer overflows
-        raise InvalidRequest(f"{name} is out of range: an integer with {len(str(abs(value)))} digits.")
+        raise BadRequest(f"{name} is out of range: an integer with {len(str(abs(value)))} digits.")
     if kind is int and not (math.isfinite(value) and float(value).is_integer()):
-        raise InvalidRequest(f"{name} must be {expected}, got {value!r}.")
+        raise BadRequest(f"{name} must be {expected}, got {value!r}.")
     return kind(value)
 
 
@@ -128,21 +124,21 @@ def _classes(value: Any, from_text: bool, class_names: Sequence[str]) -> frozens
     elif isinstance(value, list):
         items = value
     else:
-        raise InvalidRequest(f"classes must be a list of class names or ids, got {type(value).__name__}.")
+        raise BadRequest(f"classes must be a list of class names or ids, got {type(value).__name__}.")
     if not items:
-        raise InvalidRequest("classes must name at least one class.")
+        raise BadRequest("classes must name at least one class.")
     valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(class_names) if i > 0)
     ids = set()
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | str):
-            raise InvalidRequest(f"classes entries must be names or integer ids, got {item!r}.")
+            raise BadRequest(f"classes entries must be names or integer ids, got {item!r}.")
         if isinstance(item, int):
             if not 1 <= item < len(class_names):
-                raise InvalidRequest(f"classes: unknown class id {item}; this model has {valid}.")
+                raise BadRequest(f"classes: unknown class id {item}; this model has {valid}.")
             ids.add(item)
         else:
             if item not in class_names[1:]:
-                raise InvalidRequest(f"classes: unknown class name {item!r}; this model has {valid}.")
+                raise BadRequest(f"classes: unknown class name {item!r}; this model has {valid}.")
             ids.add(list(class_names).index(item, 1))
     return frozenset(ids)
 
@@ -155,26 +151,26 @@ def parse_options(
     if "score_threshold" in raw:
         value = _number("score_threshold", raw["score_threshold"], from_text, float)
         if not 0.0 <= value <= 1.0:
-            raise InvalidRequest(f"score_threshold must be in [0, 1], got {value}.")
+            raise BadRequest(f"score_threshold must be in [0, 1], got {value}.")
         updates["score_threshold"] = value
     if "mask_threshold" in raw:
         value = _number("mask_threshold", raw["mask_threshold"], from_text, float)
         if not 0.0 < value <= 1.0:
-            raise InvalidRequest(f"mask_threshold must be in (0, 1], got {value}.")
+            raise BadRequest(f"mask_threshold must be in (0, 1], got {value}.")
         updates["mask_threshold"] = value
     if "max_detections" in raw:
         value = _number("max_detections", raw["max_detections"], from_text, int)
         if not 1 <= value <= MAX_DETECTIONS_LIMIT:
-            raise InvalidRequest(f"max_detections must be an integer in [1, {MAX_DETECTIONS_LIMIT}], got {value}.")
+            raise BadRequest(f"max_detections must be an integer in [1, {MAX_DETECTIONS_LIMIT}], got {value}.")
         updates["max_detections"] = value
     if "classes" in raw:
         updates["classes"] = _classes(raw["classes"], from_text, class_names)
     if "format" in raw:
         value = raw["format"]
         if not isinstance(value, str) or value.lower() not in FORMATS:
-            raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}, got {value!r}.")
+            raise BadRequest(f"format must be one of {', '.join(FORMATS)}, got {value!r}.")
         if value.lower() in MASK_FORMATS and not has_masks:
-            raise InvalidRequest(f"This model has no mask head; format={value} needs masks. Use format=boxes.")
+            raise BadRequest(f"This model has no mask head; format={value} needs masks. Use format=boxes.")
         updates["format"] = value.lower()
     return replace(base, **updates) if updates else base
 
@@ -194,10 +190,9 @@ def parse_request(
 ) -> ParsedRequest:
     """Parse an ``/invocations`` body into images with validated options (no image is decoded yet)."""
     if len(body) > limits.max_request_bytes:
-        raise PayloadTooLarge(
+        raise RequestTooLarge(
             f"The request body is over the limit of {limits.max_request_bytes} bytes. Send a smaller "
-            "image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES.",
-            code="request_too_large",
+            "image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES."
         )
     base = defaults
     if custom_attributes:
@@ -208,7 +203,7 @@ def parse_request(
         return _parse_json(body, base, class_names, limits, has_masks)
     if mimetype in RAW_IMAGE_TYPES or mimetype.startswith("image/"):
         if not body:
-            raise InvalidRequest("The request body is empty; send the image file bytes.", code="not_an_image")
+            raise NotAnImage("The request body is empty; send the image file bytes.")
         return ParsedRequest([ImageRequest(query.get("img_id"), body, base)], is_list=False)
     raise UnsupportedMediaType(
         f"Content-Type {content_type or '(none)'!r} is not supported. Send application/json "
@@ -223,39 +218,36 @@ def _parse_json(
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+        raise InvalidJson(f"The body is not valid JSON: {exc}.") from None
     except RecursionError:  # hostile nesting ([[[[...]]]]) deeper than the interpreter's recursion limit
-        raise InvalidRequest("The body is not valid JSON: nested too deeply.", code="invalid_json") from None
+        raise InvalidJson("The body is not valid JSON: nested too deeply.") from None
     except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit conversion limit
-        raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+        raise InvalidJson(f"The body is not valid JSON: {exc}.") from None
     is_list = isinstance(document, list)
     items = document if is_list else [document]
     if is_list and not items:
-        raise InvalidRequest("The request list is empty; send at least one image.")
+        raise BadRequest("The request list is empty; send at least one image.")
     if len(items) > limits.max_images:
-        raise PayloadTooLarge(
+        raise TooManyImages(
             f"The request has {len(items)} images; the limit is {limits.max_images} per request "
-            "(MODEL_SERVER_MAX_IMAGES).",
-            code="too_many_images",
+            "(MODEL_SERVER_MAX_IMAGES)."
         )
     images = []
     for index, item in enumerate(items):
         where = f"item {index}: " if is_list else ""
         if not isinstance(item, dict):
-            raise InvalidRequest(
+            raise BadRequest(
                 f'{where}expected a JSON object {{"img_id": ..., "img_data": "<base64>"}}, got {type(item).__name__}.'
             )
         for key in ("img_id", "img_data"):
             if key not in item:
-                raise InvalidRequest(f"{where}missing required field {key!r}.", code="missing_field")
+                raise MissingField(f"{where}missing required field {key!r}.")
         if not isinstance(item["img_data"], str):
-            raise InvalidRequest(
-                f"{where}img_data must be a base64 string, got {type(item['img_data']).__name__}.", code="invalid_field"
-            )
+            raise InvalidField(f"{where}img_data must be a base64 string, got {type(item['img_data']).__name__}.")
         try:
             options = parse_options(item, base, class_names, False, has_masks)
-        except InvalidRequest as exc:
-            raise InvalidRequest(where + exc.message, exc.code) from None
+        except BadRequest as exc:
+            raise type(exc)(where + exc.message) from None
         images.append(ImageRequest(str(item["img_id"]), item["img_data"], options))
     return ParsedRequest(images, is_list)
 
@@ -273,62 +265,7 @@ def decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"img_data is not valid base64: {exc}.", code="invalid_base64") from None
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode image file bytes in memory to (H, W, 3) BGR uint8, as the seed's ``cv2.imread(IMREAD_COLOR)`` does:
-    EXIF orientation applied, grayscale expanded, alpha dropped, 16-bit scaled to 8 bits.
-
-    The pixel count is checked from the header (Pillow reads only the header) BEFORE the full decode, so a small
-    file declaring a huge image (a decompression bomb) costs nothing.
-    """
-    if not data:
-        raise InvalidRequest("The image is empty.", code="not_an_image")
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            image_format, (width, height) = header.format, header.size
-    except Image.DecompressionBombError:
-        raise TooManyPixels("The image declares more pixels than the decoder allows.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise InvalidRequest(
-            "The data is not an image in a supported format (JPEG, PNG, BMP, TIFF, WebP).", code="not_an_image"
-        ) from None
-    if image_format not in IMAGE_FORMATS:
-        raise InvalidRequest(
-            f"Image format {image_format} is not supported; send JPEG, PNG, BMP, TIFF or WebP.", code="not_an_image"
-        )
-    if width * height > max_pixels:
-        raise TooManyPixels(
-            f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-            "(MODEL_SERVER_MAX_IMAGE_PIXELS). Downscale it before sending."
-        )
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise InvalidRequest(f"The {IMAGE_FORMATS[image_format]} image cannot be decoded (truncated or corrupt).",
-                             code="not_an_image")
-    return image
-
-
-def decode_images(items: Sequence[ImageRequest], max_pixels: int) -> list[np.ndarray]:
-    """Decode the images of one request; ``max_pixels`` bounds each image AND their total, since all of them are
-    in memory at once (16 images at the per-image limit would otherwise need 16 x 150 MB for one request)."""
-    images: list[np.ndarray] = []
-    used = 0
-    for index, item in enumerate(items):
-        try:
-            image = decode_image(image_bytes(item), max_pixels - used)
-        except TooManyPixels:
-            if used == 0:
-                raise
-            raise TooManyPixels(
-                f"Image {index} would bring the request over {max_pixels} pixels in total "
-                "(MODEL_SERVER_MAX_IMAGE_PIXELS applies to all images of a request together). Send fewer or "
-                "smaller images per request."
-            ) from None
-        used += image.shape[0] * image.shape[1]
-        images.append(image)
-    return images
+        raise InvalidBase64(f"img_data is not valid base64: {exc}.") from None
 
 
 def image_bytes(item: ImageRequest) -> bytes:
@@ -409,11 +346,10 @@ def encode_response(responses: list[dict], is_list: bool, limits: Limits) -> byt
     # orjson: compact like separators=(",", ":"), the same shortest round-trip floats, numpy scalars accepted.
     body = orjson.dumps(responses if is_list else responses[0], option=orjson.OPT_SERIALIZE_NUMPY)
     if len(body) > limits.max_response_bytes:
-        raise PayloadTooLarge(
+        raise ResponseTooLarge(
             f"The response would be {len(body)} bytes, over the limit of {limits.max_response_bytes} "
             "(SageMaker real-time endpoints allow 6 MB). Ask for "
             "format=coco (compressed RLE, about 2.5x smaller than legacy on typical masks) or format=boxes (no "
-            "masks), a lower max_detections or a higher score_threshold.",
-            code="response_too_large",
+            "masks), a lower max_detections or a higher score_threshold."
         )
     return body

@@ -55,3 +55,21 @@ def write_tf_checkpoint(model_dir: Path, weights: Mapping[str, np.ndarray], step
             sess.run(tf.compat.v1.global_variables_initializer())
             prefix = saver.save(sess, str(model_dir / "model"), global_step=step)
     return Path(prefix)
+
+
+def fc6_row_order_model_dirs(root_first: Path, root_last: Path, blocks=(1, 1, 1, 1), seed: int = 0,
+                             step: int = 1) -> tuple[Path, Path]:
+    """The same random small model (3 classes, made confident so that it detects things) stored twice: with
+    channel-first fc6 rows as an npz in ``root_first``, and with channel-last rows as a TF checkpoint plus the
+    config that says so in ``root_last``."""
+    import json
+
+    arch = small_architecture(blocks=blocks, classes=3)
+    weights = random_weights(arch, seed=seed)
+    weights["fastrcnn/outputs/class/b"] = np.array([-3.0, 2.0, 1.0, 0.5], np.float32)
+    write_npz(root_first / "model.npz", weights)
+    fc6 = weights["fastrcnn/fc6/W"]
+    channel_last = fc6.reshape(arch.fpn_channels, 7, 7, -1).transpose(1, 2, 0, 3).reshape(fc6.shape)
+    write_tf_checkpoint(root_last, {**weights, "fastrcnn/fc6/W": channel_last}, step=step)
+    (root_last / "config.json").write_text(json.dumps({"SERVING.FC6_ROW_ORDER": "channel_last"}))
+    return root_first, root_last

@@ -39,8 +39,9 @@ def tensorpack_backend():
 def optimized_backend():
     """The demo model on the optimized backend (float32, no XLA), built once per test session."""
     from maskrcnn_serving.backends.base import load_backend
+    from maskrcnn_serving.settings import Settings
 
-    return load_backend("optimized", DEMO_MODEL_DIR, environ={}, precision="float32", xla=False, max_batch_size=4)
+    return load_backend("optimized", DEMO_MODEL_DIR, Settings(precision="float32", max_batch_size=4), environ={})
 
 
 @pytest.fixture(scope="session")
@@ -59,4 +60,61 @@ def live_server(tmp_path_factory, example_images):
     log_path = tmp_path_factory.mktemp("live_server") / "server.log"
     server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes())
     yield server
-    stop_live_server(server.process)
+    stop_live_server(server)
+
+
+@pytest.fixture
+def cli_uses_session_backends(monkeypatch, request):
+    """CLI commands load their model through ``load_backend``; hand them the session's demo backend of the same
+    name instead of building a second copy."""
+    import maskrcnn_serving.backends.base as base
+
+    monkeypatch.setattr(base, "load_backend", lambda name, *args, **kwargs: request.getfixturevalue(f"{name}_backend"))
+
+
+@pytest.fixture(scope="session")
+def run_batched():
+    """``run(backend, images, options) -> (detections, stats)``: the images through a scheduler (the one place
+    batches form), all queued at once so that they share forward calls where the backend allows."""
+    from maskrcnn_serving.backends.base import PredictOptions
+    from maskrcnn_serving.scheduler import Scheduler
+
+    def run(backend, images, options=None):
+        options = options or PredictOptions()
+        with Scheduler.for_backend(backend) as scheduler:
+            results = scheduler.run([backend.preprocess(image) for image in images], [options] * len(images))
+            return [r.detections for r in results], scheduler.stats
+
+    return run
+
+
+@pytest.fixture
+def scripted_server():
+    """A minimal Flask app on 127.0.0.1: 200 with a 1000-byte body, except 500 for images whose id ends in "-3-0"
+    (the 4th body) and 413 for raw bodies. Yields its URL; shut down after the test."""
+    import threading
+
+    from flask import Flask, Response, request
+    from werkzeug.serving import make_server
+
+    app = Flask("scripted")
+    seen = []
+
+    @app.post("/invocations")
+    def invocations():
+        if request.mimetype != "application/json":
+            return Response(b"too large", status=413)
+        document = request.get_json()
+        seen.append(document)
+        if document["img_id"].endswith("-3-0"):
+            return Response(b'{"error": "scripted"}', status=500, mimetype="application/json")
+        return Response(b"x" * 1000, mimetype="application/json")
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

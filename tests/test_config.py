@@ -16,7 +16,7 @@ def write_config(tmp_path, values):
 def test_defaults_and_finalized_max_size():
     cfg = load_config(None, {})
     assert cfg["PREPROC.TEST_SHORT_EDGE_SIZE"] == 800
-    assert cfg.max_size == 1344.0  # tensorpack rounds 1333 up to a multiple of 32
+    assert cfg.inference().max_size == 1344.0  # tensorpack rounds 1333 up to a multiple of 32
     assert cfg["TEST.RESULT_SCORE_THRESH"] == 0.05
     assert cfg["BACKBONE.RESNET_NUM_BLOCKS"] == [3, 4, 6, 3]
     assert cfg.explicit == frozenset()

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-
 import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle, polygons_of_patch
 
 # pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def seed_rle_counts(mask: np.ndarray) -> list[int]:
-    """Reference: the seed's algorithm as spec-facts A.7 describes it (groupby over the C-order scan; a leading 0
-    when the first run is of ones). Written here from the description, per pixel on purpose: tiny inputs only."""
-    counts = []
-    for index, (value, run) in enumerate(itertools.groupby(mask.ravel(order="C"))):
-        if index == 0 and value == 1:
-            counts.append(0)
-        counts.append(len(list(run)))
-    return counts
 
 
 def placed(full_hw, y0, x0, patch):
@@ -63,7 +51,7 @@ def test_encoders_match_references_on_random_patches():
         patch = (rng.random((ph, pw)) < rng.random()).astype(np.uint8)
         full = placed((height, width), y0, x0, patch)
         legacy = legacy_rle(y0, x0, patch, (height, width))
-        assert legacy["counts"] == seed_rle_counts(full)
+        assert legacy["counts"] == seed_binary_mask_to_rle(full)["counts"]
         assert sum(legacy["counts"]) == height * width
         assert coco_rle_of_patch(y0, x0, patch, (height, width)) == coco_rle(full[None])[0]
 
@@ -71,7 +59,7 @@ def test_encoders_match_references_on_random_patches():
 def test_patch_overhanging_the_image_is_clipped():
     patch = np.ones((4, 4), dtype=np.uint8)
     full = placed((5, 5), 3, 3, patch)
-    assert legacy_rle(3, 3, patch, (5, 5))["counts"] == seed_rle_counts(full)
+    assert legacy_rle(3, 3, patch, (5, 5))["counts"] == seed_binary_mask_to_rle(full)["counts"]
     assert coco_rle_of_patch(3, 3, patch, (5, 5)) == coco_rle(full[None])[0]
 
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+from assertions import LEGACY_RLE_EXAMPLES
 
 from maskrcnn_serving import encoding, visualize
+from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle
-
-
-def seed_binary_mask_to_rle(mask: np.ndarray) -> dict:
-    """The seed containers' encoder as spec-facts A.7 describes it (groupby over the C-order scan; a leading 0 when
-    the first run is ones). A slow reference for small masks only."""
-    counts: list[int] = []
-    for i, (value, run) in enumerate(itertools.groupby(mask.ravel(order="C"))):
-        if i == 0 and value == 1:
-            counts.append(0)
-        counts.append(len(list(run)))
-    return {"counts": counts, "size": list(mask.shape)}
 
 
 def random_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -36,15 +26,7 @@ def random_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarr
     return masks
 
 
-@pytest.mark.parametrize(
-    ("mask", "counts"),
-    [
-        ([[0, 1, 1], [0, 0, 1]], [1, 2, 2, 1]),
-        ([[0, 0, 0], [0, 0, 0]], [6]),
-        ([[1, 1, 1], [1, 1, 1]], [0, 6]),
-        ([[1, 0], [0, 0]], [0, 1, 3]),
-    ],
-)
+@pytest.mark.parametrize(("mask", "counts"), LEGACY_RLE_EXAMPLES)
 def test_legacy_rle_examples_from_the_spec(mask, counts):
     mask = np.array(mask, dtype=np.uint8)
     decoded = visualize.decode_legacy_rle(counts, mask.shape)
@@ -236,25 +218,3 @@ def test_plot_annotations_uses_matplotlib_lazily():
     expected = cv2.cvtColor(visualize.draw_annotations(image, _example_annotations(masks)), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(np.asarray(shown), expected)
     plt.close("all")
-
-
-def test_predict_vis_dir_writes_annotated_images(tensorpack_backend, example_images, tmp_path, monkeypatch):
-    from maskrcnn_serving import cli
-    from maskrcnn_serving.backends import base
-
-    monkeypatch.setattr(base, "load_backend", lambda name, model_dir: tensorpack_backend)  # reuse the session model
-    inputs = tmp_path / "in"
-    (inputs / "sub").mkdir(parents=True)
-    (inputs / "a.jpg").write_bytes(example_images[0].read_bytes())
-    (inputs / "sub" / "a.jpg").write_bytes(example_images[1].read_bytes())  # same name, another folder
-    vis_dir = tmp_path / "vis"
-    code = cli.main(["predict", str(inputs), "--output", str(tmp_path / "r.json"), "--vis-dir", str(vis_dir)])
-    assert code == 0
-    expected_outputs = [(inputs / "a.jpg", vis_dir / "a.png"), (inputs / "sub" / "a.jpg", vis_dir / "sub" / "a.png")]
-    for source, written in expected_outputs:
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
-        drawn = cv2.imread(str(written), cv2.IMREAD_COLOR)
-        detections = tensorpack_backend.predict([image])[0]
-        shown = detections.select(detections.scores > 0.5)
-        np.testing.assert_array_equal(drawn, visualize.draw_detections(image, shown))
-        assert (drawn != image).any()

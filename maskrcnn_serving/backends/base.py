@@ -1,16 +1,29 @@
-"""The interface the server, the CLI and the benchmarks call, and the registry of backends by name."""
+"""The interface every backend implements, and the registry of backends by name.
+
+A backend is a loaded network split in two steps, so that the caller can time them and run them on different
+threads (:mod:`maskrcnn_serving.pipeline`):
+
+* :meth:`Backend.preprocess` (any thread, thread-safe): resize one decoded image for the network;
+* :meth:`Backend.forward` (one thread at a time): run the network on a batch of prepared images that share a
+  :attr:`PreparedImage.batch_key` and one :class:`PredictOptions`, at most :attr:`Backend.max_batch_size` of them.
+
+Which images share a forward call is decided in exactly one place, :class:`maskrcnn_serving.scheduler.Scheduler`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from maskrcnn_serving.model_dir import ModelBundle, load_model_dir
+from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
+from maskrcnn_serving.settings import Settings
 from maskrcnn_serving.structures import Detections
 
 
@@ -27,42 +40,99 @@ class PredictOptions:
     max_detections: int | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """One image ready for :meth:`Backend.forward`.
+
+    resized: (h, w, 3) uint8 BGR network input (the test-time resize of the original).
+    scale: the isotropic factor from original to resized pixels (boxes are divided by it to map back).
+    original_hw: (H, W) of the decoded original image.
+    batch_key: images with equal keys may share a forward call (e.g. the optimized backend's size bucket).
+    """
+
+    resized: np.ndarray
+    scale: float
+    original_hw: tuple[int, int]
+    batch_key: Hashable = None
+
+
 class Backend(ABC):
     """A loaded model that turns BGR images into :class:`Detections`.
 
-    Lifecycle: ``Backend.load(model_dir)`` (or ``from_bundle``) builds the network and loads every weight, or
-    raises :class:`~maskrcnn_serving.errors.ModelLoadError`; then ``predict`` may be called from one thread at a
-    time per instance unless the backend says otherwise.
+    Lifecycle: :func:`load_backend` (or ``from_bundle``) builds the network and loads every weight, or raises
+    :class:`~maskrcnn_serving.errors.ModelLoadError`; then ``preprocess`` / ``forward``; ``close`` frees it.
     """
 
     name: str = ""
+    #: Images per forward call, at most (1: the backend runs one image at a time).
+    max_batch_size: int = 1
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, environ: Mapping[str, str] | None = None, **options):
-        """Load the model directory (``SM_MODEL_DIR`` / ``/opt/ml/model`` when None) and build the backend."""
-        return cls.from_bundle(load_model_dir(model_dir, environ), **options)
-
-    @classmethod
     @abstractmethod
-    def from_bundle(cls, bundle: ModelBundle, **options) -> Backend:
+    def from_bundle(cls, bundle: ModelBundle, settings: Settings) -> Backend:
         """Build the backend from an already validated model bundle."""
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.bundle.class_names
 
-    @abstractmethod
-    def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
-        """Detect objects in each image.
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.bundle.architecture.is_mask_rcnn)
 
-        images: uint8 arrays (H, W, 3) in BGR channel order (as cv2 decodes them), any size.
-        Returns one :class:`Detections` per image, in the same order, in original-image coordinates.
-        A backend reports the time of its input preparation (resize) as ``timing.stage("preprocess")``, so that
-        the server's metrics and the benchmarks can tell it from the model itself.
+    @property
+    def description(self) -> dict:
+        """What the backend computes with, for logs and metadata (e.g. the optimized backend's precision)."""
+        return {"backend": self.name, "precision": "float32"}
+
+    def preprocess(self, image: np.ndarray) -> PreparedImage:
+        """Resize a decoded (H, W, 3) BGR uint8 image for the network (thread-safe)."""
+        inference = self.bundle.inference
+        resized, scale = resize_image(image, inference.short_edge_size, inference.max_size)
+        return PreparedImage(resized, scale, (int(image.shape[0]), int(image.shape[1])), self.batch_key(resized))
+
+    def batch_key(self, resized: np.ndarray) -> Hashable:
+        """Images whose keys are equal may share a forward call (default: any images)."""
+        return None
+
+    @abstractmethod
+    def forward(self, batch: Sequence[PreparedImage], options: PredictOptions) -> list[Detections]:
+        """Detect objects in each image of ``batch`` (at most ``max_batch_size`` images with one ``batch_key``).
+
+        Returns one :class:`Detections` per image, in order, in original-image coordinates. Called from one
+        thread at a time.
         """
+
+    def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
+        """Detect objects in decoded BGR images, one forward call per image: the simple in-process use (tests,
+        notebooks). Servers and batch jobs go through :class:`maskrcnn_serving.pipeline.Pipeline` instead."""
+        options = options or PredictOptions()
+        return [self.forward([self.preprocess(image)], options)[0] for image in images]
+
+    def close(self) -> None:  # noqa: B027 - most backends have nothing to free
+        """Free the network (sessions, compiled functions). The backend cannot be used afterwards."""
+
+    def detections(
+        self,
+        image: PreparedImage,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        mask_probs: np.ndarray | None,
+    ) -> Detections:
+        """The :class:`Detections` of one image from network outputs in resized-image pixels."""
+        return Detections(
+            boxes=boxes_to_original(boxes, image.scale, image.original_hw),
+            scores=scores,
+            labels=labels.astype(np.int64),
+            class_names=self.class_names,
+            image_hw=image.original_hw,
+            mask_probs=mask_probs,
+            accurate_paste=self.bundle.inference.accurate_paste,
+        )
 
 
 BACKENDS: dict[str, str] = {
@@ -79,6 +149,19 @@ def get_backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def load_backend(name: str, model_dir: str | Path | None = None, **options) -> Backend:
-    """Load ``model_dir`` with the backend registered as ``name``."""
-    return get_backend_class(name).load(model_dir, **options)
+def load_backend(
+    name: str,
+    model_dir: str | Path | None = None,
+    settings: Settings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Backend:
+    """Load ``model_dir`` (None: ``SM_MODEL_DIR`` or ``/opt/ml/model``) with the backend registered as ``name``.
+
+    ``environ``: where the model config's overrides (``CONFIG__*``, ``RESNET_ARCH``), ``SM_MODEL_DIR`` and, when
+    ``settings`` is None, the ``MASKRCNN_*`` settings are read (default: the process environment).
+    ``settings``: how the backend computes (precision, batch size, ...).
+    """
+    backend_class = get_backend_class(name)
+    environ = os.environ if environ is None else environ
+    settings = settings if settings is not None else Settings.from_env(environ)
+    return backend_class.from_bundle(load_model_dir(model_dir, environ), settings)

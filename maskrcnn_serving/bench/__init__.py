@@ -3,11 +3,13 @@
 Modules:
     images     synthetic test images (JPEG bytes) and masks, generated in-process
     stats      percentiles, peak resident memory, machine description
-    pipeline   the serving pipeline measured stage by stage: decode -> backend -> paste -> encode -> JSON
+    workload   requests through the serving pipeline, timed by its stages: decode -> preprocess -> queue -> model ->
+               postprocess -> encode
     model      ``bench model``: throughput, latency and the stage breakdown per image size and batch size
     seed_rle   the seed containers' ``groupby`` row-major RLE encoder, kept only as the comparison baseline
     compare    ``bench compare``: two pipelines, or two RLE encoders, interleaved in one run
     loadgen    ``bench http``: closed-loop and open-loop load against a URL or a SageMaker endpoint
     plots      PNG figures (matplotlib, Agg backend)
     report     tables for people
+    server     a real ``maskrcnn-serving serve`` in a child process, for load tests, soaks and HTTP tests
 """

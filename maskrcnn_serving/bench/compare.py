@@ -19,9 +19,9 @@ import numpy as np
 
 from maskrcnn_serving.bench.images import format_size, synthetic_jpegs, synthetic_masks
 from maskrcnn_serving.bench.model import summarize_calls
-from maskrcnn_serving.bench.pipeline import CallResult, Pipeline
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.bench.stats import summarize
+from maskrcnn_serving.bench.workload import CallResult, Workload
 from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle
 
 
@@ -30,8 +30,8 @@ def _rounds_order(index: int) -> tuple[int, int]:
 
 
 def compare_pipelines(
-    a: Pipeline,
-    b: Pipeline,
+    a: Workload,
+    b: Workload,
     size: tuple[int, int] = (640, 480),
     batch_size: int = 1,
     rounds: int = 10,

@@ -1,11 +1,12 @@
 """``bench model``: in-process throughput, latency, memory and stage breakdown per image size and batch size.
 
-Every call sends ``batch_size`` encoded JPEGs through :class:`~maskrcnn_serving.bench.pipeline.Pipeline` (one backend
-call per batch). Warm-up calls are run and discarded for every (size, batch) configuration. A configuration stops
-after ``iterations`` timed calls or once its time budget is spent, whichever comes first (but never before
-``min_iterations``). The budget is ``max_seconds``, or less when the whole run would exceed ``max_total_seconds``: what
-is left of the total is shared evenly among the configurations still to run. So a slow model on a busy machine
-gives fewer calls per configuration rather than a run that does not end.
+Every call sends ``batch_size`` encoded JPEGs as one request through
+:class:`~maskrcnn_serving.bench.workload.Workload` (the serving pipeline; the backend runs them in as few forward
+calls as its batch size allows). Warm-up calls are run and discarded for every (size, batch) configuration. A
+configuration stops after ``iterations`` timed calls or once its time budget is spent, whichever comes first (but
+never before ``min_iterations``). The budget is ``max_seconds``, or less when the whole run would exceed
+``max_total_seconds``: what is left of the total is shared evenly among the configurations still to run. So a
+slow model on a busy machine gives fewer calls per configuration rather than a run that does not end.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from maskrcnn_serving.bench.images import DEFAULT_SIZES, format_size, synthetic_jpegs
-from maskrcnn_serving.bench.pipeline import STAGES, CallResult, Pipeline
 from maskrcnn_serving.bench.stats import peak_rss_mb, reset_peak_rss, summarize
-from maskrcnn_serving.wire import Limits
+from maskrcnn_serving.bench.workload import CallResult, Workload
+from maskrcnn_serving.pipeline import STAGES, Stage
+from maskrcnn_serving.settings import Limits
 
 RESPONSE_LIMIT_BYTES = Limits().max_response_bytes  # the server's default (SageMaker's 6 MB)
 
@@ -61,7 +63,7 @@ def summarize_calls(calls: Sequence[CallResult]) -> dict:
         "total_s_per_image": total,
         "unaccounted_s_per_image": total - staged,
         "stage_sum_relative_error": abs(total - staged) / total,
-        "non_graph_share": (1.0 - stages["graph"] / total) if "graph" in stages else None,
+        "non_model_share": (1.0 - stages[Stage.MODEL] / total) if Stage.MODEL in stages else None,
         "detections_per_image": {"mean": float(np.mean(detections)), "min": int(min(detections))},
         "response_bytes_per_image": float(np.mean(response_bytes)),
         "over_response_limit": bool(max(len(call.body) for call in calls) > RESPONSE_LIMIT_BYTES),
@@ -69,7 +71,7 @@ def summarize_calls(calls: Sequence[CallResult]) -> dict:
 
 
 def run_configuration(
-    pipeline: Pipeline,
+    workload: Workload,
     size: tuple[int, int],
     batch_size: int,
     settings: ModelBenchSettings,
@@ -86,12 +88,12 @@ def run_configuration(
 
     reset_peak_rss()
     for i in range(settings.warmup):
-        pipeline.run(batch(i))
+        workload.run(batch(i))
     calls: list[CallResult] = []
     while len(calls) < settings.iterations and (
         len(calls) < settings.min_iterations or time.perf_counter() - started < budget
     ):
-        calls.append(pipeline.run(batch(settings.warmup + len(calls))))
+        calls.append(workload.run(batch(settings.warmup + len(calls))))
     result = {"size": format_size(size), "batch_size": batch_size}
     result.update(summarize_calls(calls))
     result["request_bytes_per_image"] = float(np.mean([len(p) for p in payloads]))
@@ -100,7 +102,7 @@ def run_configuration(
 
 
 def bench_model(
-    pipeline: Pipeline,
+    workload: Workload,
     settings: ModelBenchSettings,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -111,7 +113,7 @@ def bench_model(
     for index, (size, batch_size) in enumerate(configurations):
         left = settings.max_total_seconds - (time.perf_counter() - started)
         budget = min(settings.max_seconds, max(0.0, left) / (len(configurations) - index))
-        result = run_configuration(pipeline, size, batch_size, settings, budget)
+        result = run_configuration(workload, size, batch_size, settings, budget)
         results.append(result)
         if progress is not None:
             progress(result)

@@ -8,8 +8,8 @@ from maskrcnn_serving.bench.report import stage_columns
 
 # One fixed colour per stage, so figures of different runs read the same way.
 STAGE_COLOURS = {
-    "decode": "#4e79a7", "preprocess": "#59a14f", "graph": "#e15759", "paste": "#f28e2b",
-    "encode": "#edc948", "json": "#b07aa1", "model": "#ff9da7",
+    "decode": "#4e79a7", "preprocess": "#59a14f", "queue": "#bab0ac", "model": "#e15759", "postprocess": "#f28e2b",
+    "encode": "#edc948",
 }
 
 

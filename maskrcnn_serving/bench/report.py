@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from maskrcnn_serving.bench.pipeline import STAGES
+from maskrcnn_serving.pipeline import STAGES
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -37,12 +37,12 @@ def model_table(results: Sequence[dict]) -> str:
     """One row per (size, batch): throughput, latency per call, memory, then milliseconds per image by stage."""
     stages = stage_columns(results)
     headers = ["size", "batch", "img/s", "p50 ms", "p90 ms", "p99 ms", "peak MB", "dets"]
-    headers += [f"{name} ms" for name in stages] + ["sum ms", "total ms", "non-graph"]
+    headers += [f"{name} ms" for name in stages] + ["sum ms", "total ms", "non-model"]
     rows = []
     for r in results:
         latency = r["latency_s"]
         per_stage = [_ms(r["stages_s_per_image"].get(name)) for name in stages]
-        share = r.get("non_graph_share")
+        share = r.get("non_model_share")
         rows.append(
             [r["size"], r["batch_size"], round(r["img_per_s"], 2), _ms(latency["p50"]), _ms(latency["p90"]),
              _ms(latency["p99"]), round(r["peak_rss_mb"]), round(r["detections_per_image"]["mean"], 1)]

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.commands import add_model_arguments, settings_from_args
+from maskrcnn_serving.settings import Settings
 
 
 def _csv(kind):
@@ -74,14 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model = commands.add_parser(
         "model",
         help="In-process throughput, latency, peak memory and stage breakdown, per image size and batch size.",
-        description="Encoded JPEGs (synthetic, made in-process) through the server's own path: decode, backend, "
-        "paste, encode, JSON. Warm-up excluded. Each (size, batch) stops after --iterations calls or when its "
-        "share of the time budget is spent (--max-seconds, --max-total-seconds).",
+        description="Encoded JPEGs (synthetic, made in-process) through the server's own pipeline: decode, "
+        "preprocess, model, postprocess, encode. Warm-up excluded. Each (size, batch) stops after --iterations "
+        "calls or when its share of the time budget is spent (--max-seconds, --max-total-seconds).",
     )
     add_model_arguments(model)
     model.add_argument("--precision", default=None, help="Backend precision option (optimized backend).")
     model.add_argument("--backend-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="Extra keyword for the backend's loader, e.g. xla=true (repeatable).")
+                       help="A setting of `serve` by its name, e.g. xla=true or max_batch_size=4 (repeatable).")
     _add_pipeline_arguments(model)
     model.add_argument("--format", default="legacy", choices=("legacy", "coco", "polygon", "boxes", "seed"),
                        help="Response format: legacy (the server's default), coco, polygon, boxes, or seed (the seed "
@@ -138,8 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model",
         help="Two serving pipelines on the same images: backends, precisions or response formats.",
         description="A SPEC is comma-separated KEY=VALUE: backend=NAME, format=legacy|coco|polygon|boxes|seed, and "
-        "any backend loader keyword (precision=bfloat16, xla=true, ...). Example: --a backend=tensorpack "
-        "--b backend=optimized,precision=bfloat16.",
+        "any setting of `serve` by its name (precision=bfloat16, xla=true, max_batch_size=4, ...). Example: "
+        "--a backend=tensorpack --b backend=optimized,precision=bfloat16.",
     )
     pipelines.add_argument("--model-dir", default=None, help="Model directory (default: $SM_MODEL_DIR).")
     pipelines.add_argument("--a", required=True, help="Configuration A (SPEC).")
@@ -184,23 +185,26 @@ def _environ(config_overrides: list[tuple[str, str]]) -> dict[str, str]:
     return environ
 
 
-def _load(backend: str, model_dir: str | None, environ: dict[str, str], options: dict[str, Any]):
-    from maskrcnn_serving.backends.base import load_backend
+def _open(settings, environ: dict[str, str], label: str):
+    """The pipeline of ``settings`` (limits lifted: the benchmark measures the work and reports responses over the
+    server's response limit instead of refusing them)."""
+    from maskrcnn_serving.commands import open_pipeline
 
-    print(f"loading {backend} {options or ''} from {model_dir or '$SM_MODEL_DIR'} ...", file=sys.stderr, flush=True)
-    return load_backend(backend, model_dir, environ=environ, **options)
+    print(f"loading {label} from {settings.model_dir or '$SM_MODEL_DIR'} ...", file=sys.stderr, flush=True)
+    return open_pipeline(settings, environ=environ)
 
 
-def _model_description(backend, name: str, model_dir: str | None, options: dict, config_overrides: list) -> dict:
-    config = backend.bundle.config
+def _model_description(pipeline, model_dir: str | None, options: dict, config_overrides: list) -> dict:
+    bundle = pipeline.backend.bundle
     return {
         "dir": str(model_dir) if model_dir else os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
-        "backend": name,
+        "backend": pipeline.backend.name,
         "backend_options": options,
+        "compute": pipeline.backend.description,
         "config_overrides": dict(config_overrides),
-        "test_short_edge_size": config.short_edge_size,
-        "max_size": config["PREPROC.MAX_SIZE"],
-        "resnet_num_blocks": config["BACKBONE.RESNET_NUM_BLOCKS"],
+        "test_short_edge_size": bundle.inference.short_edge_size,
+        "max_size": bundle.inference.max_size,
+        "resnet_num_blocks": list(bundle.architecture.resnet_num_blocks),
     }
 
 
@@ -225,17 +229,18 @@ def _write_outputs(report: dict, json_path: Path | None, plot_path: Path | None,
 def run_model(args: argparse.Namespace) -> int:
     from maskrcnn_serving.bench.images import DEFAULT_SIZES
     from maskrcnn_serving.bench.model import ModelBenchSettings, bench_model
-    from maskrcnn_serving.bench.pipeline import Pipeline
     from maskrcnn_serving.bench.plots import plot_model
     from maskrcnn_serving.bench.report import model_table
     from maskrcnn_serving.bench.stats import machine_info
+    from maskrcnn_serving.bench.workload import Workload
 
-    options = {key: _parse_value(value) for key, value in args.backend_option}
+    options = dict(args.backend_option)
     if args.precision:
         options["precision"] = args.precision
-    backend = _load(args.backend, args.model_dir, _environ(args.config), options)
-    pipeline = Pipeline(backend, args.score_threshold, args.detections, args.format)
-    settings = ModelBenchSettings(
+    settings = settings_from_args(args).with_text(options)
+    pipeline = _open(settings, _environ(args.config), f"{settings.backend} {options or ''}")
+    workload = Workload(pipeline, args.score_threshold, args.detections, args.format)
+    bench_settings = ModelBenchSettings(
         sizes=tuple(args.sizes or DEFAULT_SIZES),
         batch_sizes=tuple(args.batch_sizes),
         iterations=args.iterations,
@@ -249,15 +254,16 @@ def run_model(args: argparse.Namespace) -> int:
               f"({result['calls']} calls)", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    report = bench_model(pipeline, settings, progress)
-    report["model"] = _model_description(backend, args.backend, args.model_dir, options, args.config)
+    report = bench_model(workload, bench_settings, progress)
+    report["model"] = _model_description(pipeline, args.model_dir, options, args.config)
     report["model"]["format"] = args.format
     report["detections"] = args.detections
     report["score_threshold"] = args.score_threshold
     report["machine"] = machine_info()
     report["wall_s"] = time.perf_counter() - started
     print(model_table(report["results"]))
-    print("stages in ms per image; p50/p90/p99 per call (a call = one batch); non-graph = 1 - graph/total")
+    print("stages in ms per image; p50/p90/p99 per call (a call = one request of `batch` images); "
+          "non-model = 1 - model/total")
     _write_outputs(report, args.json, args.plot, plot_model)
     return 0
 
@@ -312,32 +318,33 @@ def run_http(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_spec(text: str) -> tuple[str, str, dict[str, Any]]:
-    """'backend=optimized,precision=bfloat16,format=coco' -> (backend, format, loader options)."""
+def _parse_spec(text: str) -> tuple[str, dict[str, str]]:
+    """'backend=optimized,precision=bfloat16,format=coco' -> (format, settings as text incl. backend)."""
     values = dict(_key_value(item) for item in text.split(",") if item.strip())
-    backend = values.pop("backend", "tensorpack")
     encoder = values.pop("format", "legacy")
-    return backend, encoder, {key: _parse_value(value) for key, value in values.items()}
+    return encoder, values
 
 
 def run_compare_model(args: argparse.Namespace) -> int:
     from maskrcnn_serving.bench.compare import compare_pipelines
-    from maskrcnn_serving.bench.pipeline import Pipeline
     from maskrcnn_serving.bench.plots import plot_compare
     from maskrcnn_serving.bench.report import compare_table
     from maskrcnn_serving.bench.stats import machine_info
+    from maskrcnn_serving.bench.workload import Workload
 
     environ = _environ(args.config)
-    specs = [_parse_spec(args.a), _parse_spec(args.b)]
+    base = Settings.from_env(os.environ, model_dir=args.model_dir)
     loaded: dict[str, Any] = {}
-    pipelines = []
-    for backend_name, encoder, options in specs:
-        key = json.dumps([backend_name, options], sort_keys=True)
-        if key not in loaded:  # the same backend and options on both sides are loaded once
-            loaded[key] = _load(backend_name, args.model_dir, environ, options)
-        pipelines.append(Pipeline(loaded[key], args.score_threshold, args.detections, encoder))
+    workloads = []
+    for spec in (args.a, args.b):
+        encoder, values = _parse_spec(spec)
+        settings = base.with_text(values)
+        key = repr(settings)
+        if key not in loaded:  # the same backend and settings on both sides are loaded once
+            loaded[key] = _open(settings, environ, spec)
+        workloads.append(Workload(loaded[key], args.score_threshold, args.detections, encoder))
     report = compare_pipelines(
-        pipelines[0], pipelines[1], args.size, args.batch_size, args.rounds, args.warmup, args.max_seconds,
+        workloads[0], workloads[1], args.size, args.batch_size, args.rounds, args.warmup, args.max_seconds,
         labels=(args.a, args.b),
     )
     report["detections"] = args.detections

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.commands import add_model_arguments, open_pipeline, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,11 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskrcnn_serving.backends.base import load_backend
     from maskrcnn_serving.evaluation import evaluate
 
-    backend = load_backend(args.backend, args.model_dir)
-    report = evaluate(backend, args.annotations, args.images, limit=args.limit)
+    pipeline = open_pipeline(settings_from_args(args))
+    report = evaluate(pipeline, args.annotations, args.images, limit=args.limit)
     report.pop("detections", None)
+    report.pop("stages_s", None)
     print(json.dumps(report))
     return 0

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn_serving.model_dir import load_model_dir
 
     bundle = load_model_dir(args.model_dir)
-    arch, cfg = bundle.architecture, bundle.config
+    arch, cfg, inference = bundle.architecture, bundle.config, bundle.inference
     summary = {
         "model_dir": str(bundle.model_dir),
         "checkpoint": str(bundle.checkpoint_path),
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
         "class_names": list(bundle.class_names[1:]),
         "parameters": int(sum(w.size for w in bundle.weights.values())),
         "config_set": {key: cfg[key] for key in sorted(cfg.explicit)},
-        "resize": {"short_edge": cfg.short_edge_size, "max_size": cfg.max_size},
-        "fc6_row_order": cfg["SERVING.FC6_ROW_ORDER"],
+        "resize": {"short_edge": inference.short_edge_size, "max_size": inference.max_size},
+        "fc6_row_order": inference.fc6_row_order,
     }
     print(json.dumps(summary, indent=2))
     return 0

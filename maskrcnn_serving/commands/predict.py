@@ -10,7 +10,8 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.commands import add_model_arguments, open_pipeline, settings_from_args
+from maskrcnn_serving.errors import ServingError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -61,30 +62,33 @@ def visualization_paths(files: list[Path], vis_dir: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskrcnn_serving.backends.base import PredictOptions, load_backend
-    from maskrcnn_serving.evaluation import to_coco_results
+    from maskrcnn_serving import wire
+    from maskrcnn_serving.evaluation import results_options, to_coco_results
+    from maskrcnn_serving.pipeline import StageTimes
     from maskrcnn_serving.visualize import draw_detections
 
     files = collect_images(args.inputs)
     if not files:
         raise SystemExit("error: no images found in the inputs")
-    backend = load_backend(args.backend, args.model_dir)
-    options = PredictOptions(score_threshold=args.score_threshold, max_detections=args.max_detections)
+    pipeline = open_pipeline(settings_from_args(args))
+    options = results_options(pipeline, args.score_threshold, args.max_detections)
     vis_paths = visualization_paths(files, args.vis_dir) if args.vis_dir is not None else None
     vis_threshold = args.vis_score_threshold
     if vis_threshold is None:
-        vis_threshold = float(backend.bundle.config["TEST.RESULT_SCORE_THRESH_VIS"])
+        vis_threshold = pipeline.inference.vis_score_threshold
     results = []
+    times = StageTimes()
     for index, path in enumerate(tqdm(files, desc="predict", unit="img")):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise SystemExit(f"error: cannot decode image {path}")
-        detections = backend.predict([image], options)[0]
-        results.extend(to_coco_results(detections, str(path)))
+        item = wire.ImageRequest(str(path), path.read_bytes(), options)
+        try:
+            result = pipeline.process([item], times)[0]
+        except ServingError as exc:
+            raise SystemExit(f"error: {path}: {exc.message}") from None
+        results.extend(to_coco_results(result.annotations, str(path)))
         if vis_paths is not None:
             vis_paths[index].parent.mkdir(parents=True, exist_ok=True)
-            shown = detections.select(detections.scores > vis_threshold)
-            cv2.imwrite(str(vis_paths[index]), draw_detections(image, shown))
+            shown = result.detections.select(result.detections.scores > vis_threshold)
+            cv2.imwrite(str(vis_paths[index]), draw_detections(result.image, shown))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results))
     print(f"{len(results)} detections in {len(files)} images written to {args.output}")

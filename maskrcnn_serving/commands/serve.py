@@ -1,4 +1,4 @@
-"""``maskrcnn-serving serve``: the SageMaker serving entry point (gunicorn + the Flask app of ``server.py``).
+"""``maskrcnn-serving serve``: the SageMaker serving entry point (gunicorn + the Flask app of ``server/app.py``).
 
 SageMaker runs the container as ``<image> serve``; this listens on port 8080 and honours the seed containers'
 variables: ``SM_MODEL_DIR`` (model directory), ``MODEL_SERVER_WORKERS`` (gunicorn workers, each loads its own
@@ -15,52 +15,49 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 
 from gunicorn.app.base import BaseApplication
 
 from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.settings import Settings, setting_fields
 
 DEFAULT_PORT = 8080
-DEFAULT_TIMEOUT = 70  # the seed's MODEL_SERVER_TIMEOUT default
-DEFAULT_THREADS = 4
-
-
-def _env_default(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="Run the SageMaker-compatible HTTP server (/ping, /invocations, /execution-parameters, /metrics).",
+        description="Every setting below also comes from its environment variable (the flag wins); see "
+        "docs/deployment.md.",
     )
     add_model_arguments(parser)
     parser.add_argument("--host", default="0.0.0.0", help="Address to bind (default 0.0.0.0, as in a container).")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port (default 8080, SageMaker's).")
-    parser.add_argument(
-        "--workers", type=int, default=None,
-        help="gunicorn worker processes, each with its own model copy (default: $MODEL_SERVER_WORKERS or 1).",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="Request threads per worker; decoding and encoding overlap, the model runs one call at a time "
-        f"(default: $MODEL_SERVER_THREADS or {DEFAULT_THREADS}).",
-    )
-    parser.add_argument(
-        "--timeout", type=int, default=None,
-        help=f"gunicorn worker timeout in seconds (default: $MODEL_SERVER_TIMEOUT or {DEFAULT_TIMEOUT}).",
-    )
-    parser.add_argument("--max-request-bytes", type=int, default=None,
-                        help="Request body limit (default: $MODEL_SERVER_MAX_REQUEST_BYTES or 6 MiB).")
-    parser.add_argument("--max-response-bytes", type=int, default=None,
-                        help="Response body limit (default: $MODEL_SERVER_MAX_RESPONSE_BYTES or 6 MiB).")
-    parser.add_argument("--max-image-pixels", type=int, default=None,
-                        help="Decompression-bomb guard (default: $MODEL_SERVER_MAX_IMAGE_PIXELS or 50,000,000).")
-    parser.add_argument("--ready-wait", type=float, default=None,
-                        help="Seconds an /invocations request waits for a worker that is still loading before "
-                        "answering 503; /ping never waits (default: $MODEL_SERVER_READY_WAIT or 10).")
+    for spec in setting_fields(flags_only=True):
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"), dest=spec.name, type=spec.metadata["parse"], default=None,
+            help=f"{spec.metadata['help']} (default: ${spec.metadata['env']} or {spec.default})",
+        )
     parser.set_defaults(func=run)
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The server's settings: the environment, overridden by the flags given."""
+    flags = {spec.name: getattr(args, spec.name) for spec in setting_fields(flags_only=True)}
+    return Settings.from_env(environ, model_dir=args.model_dir, backend=args.backend, **flags)
+
+
+def worker_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the master adds to the workers' environment: the resolved settings (workers build their app after the
+    fork and read them back), and on-demand GPU memory so that several workers share one GPU (read by TensorFlow
+    when it initializes the GPU, for TF1 sessions and TF2 alike; an explicit TF_FORCE_GPU_ALLOW_GROWTH from the user
+    wins)."""
+    env = settings.to_env()
+    if "TF_FORCE_GPU_ALLOW_GROWTH" not in environ:
+        env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    return env
 
 
 def check_model_dir(backend: str, model_dir: str | None) -> str | None:
@@ -77,24 +74,8 @@ def check_model_dir(backend: str, model_dir: str | None) -> str | None:
     return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit code {result.returncode}"
 
 
-def _apply_settings_to_env(args: argparse.Namespace, workers: int) -> None:
-    """Workers read their settings from the environment (they build the app after the fork)."""
-    pairs = {
-        "SM_MODEL_DIR": args.model_dir,
-        "MODEL_SERVER_BACKEND": args.backend,
-        "MODEL_SERVER_WORKERS": workers,
-        "MODEL_SERVER_MAX_REQUEST_BYTES": args.max_request_bytes,
-        "MODEL_SERVER_MAX_RESPONSE_BYTES": args.max_response_bytes,
-        "MODEL_SERVER_MAX_IMAGE_PIXELS": args.max_image_pixels,
-        "MODEL_SERVER_READY_WAIT": args.ready_wait,
-    }
-    for name, value in pairs.items():
-        if value is not None:
-            os.environ[name] = str(value)
-
-
 def run(args: argparse.Namespace) -> int:
-    # Metrics from every worker, aggregated by whichever worker answers /metrics (see maskrcnn_serving.metrics).
+    # Metrics from every worker, aggregated by whichever worker answers /metrics (see server/metrics.py).
     # The variable must be set before prometheus_client is first imported (it picks its storage then).
     own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if own_metrics_dir:
@@ -107,17 +88,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from maskrcnn_serving.server import ServerSettings, configure_logging
+    from maskrcnn_serving.server.logs import configure_logging
 
-    workers = args.workers or _env_default("MODEL_SERVER_WORKERS", 1)
-    threads = args.threads or _env_default("MODEL_SERVER_THREADS", DEFAULT_THREADS)
-    timeout = args.timeout or _env_default("MODEL_SERVER_TIMEOUT", DEFAULT_TIMEOUT)
-    _apply_settings_to_env(args, workers)
-    os.environ["MODEL_SERVER_TIMEOUT"] = str(timeout)  # workers derive their request deadline from it (guards.py)
-    ServerSettings.from_env()  # fail fast on malformed MODEL_SERVER_* values
+    try:
+        settings = resolve_settings(args, os.environ)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(worker_environment(settings, os.environ))
     configure_logging(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
 
-    error = check_model_dir(args.backend, os.environ.get("SM_MODEL_DIR"))
+    error = check_model_dir(settings.backend, settings.model_dir)
     if error is not None:
         print(f"error: cannot load the model: {error}", file=sys.stderr)
         return 2
@@ -125,11 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
     _GunicornServer(
         {
             "bind": f"{args.host}:{args.port}",
-            "workers": workers,
+            "workers": settings.workers,
             # gthread + a read timeout for slow clients and JSON for gunicorn's own errors (gunicorn_worker.py)
-            "worker_class": "maskrcnn_serving.gunicorn_worker.GuardedThreadWorker",
-            "threads": threads,
-            "timeout": timeout,
+            "worker_class": "maskrcnn_serving.server.gunicorn_worker.GuardedThreadWorker",
+            "threads": settings.threads,
+            "timeout": settings.timeout,
             # SIGTERM drains in-flight requests for up to 25 s, so the master exits before SageMaker's 30 s SIGKILL
             "graceful_timeout": 25,
             "keepalive": 75,  # above the 60 s idle timeout of SageMaker's front end / typical load balancers
@@ -141,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _child_exit(server, worker) -> None:
-    from maskrcnn_serving.metrics import mark_worker_dead
+    from maskrcnn_serving.server.metrics import mark_worker_dead
 
     mark_worker_dead(worker.pid)
 
@@ -159,7 +140,7 @@ class _GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from maskrcnn_serving.server import create_app
+        from maskrcnn_serving.server.app import create_app
 
         return create_app()
 

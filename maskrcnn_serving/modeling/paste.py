@@ -16,7 +16,7 @@ The accurate paste's two small matrix products run on ONE BLAS thread: OpenBLAS 
 across threads, which costs 5-20x more than the product itself on a busy CPU (measured with ``bench model``: 0.4 s
 instead of 0.02 s for 100 masks on 640x480 next to a TensorFlow session). OpenBLAS picks its kernel by thread count,
 so a product may differ in the last bit (about 1e-16, as it already did between machines with different core
-counts); the thresholded masks are the same (tests/test_bench.py compares them with the threaded products).
+counts); the thresholded masks are the same (tests/modeling/test_paste.py compares them with the threaded products).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from maskrcnn_serving.model_dir import ModelBundle
-from maskrcnn_serving.modeling.tf2_network import SIZE_MULTIPLE, MaskRCNN
+from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
+from maskrcnn_serving.modeling.tf2_network import MaskRCNN
 
 
 def resized_shape_tf(image_hw: tf.Tensor, short_edge: float, max_size: float) -> tf.Tensor:
@@ -58,13 +59,13 @@ class ServingModule(tf.Module):
 
     def __init__(self, bundle: ModelBundle) -> None:
         super().__init__(name="maskrcnn_serving")
-        cfg = bundle.config
+        cfg = bundle.inference
         self.network = MaskRCNN(bundle, tf.float32, jit_compile=False)
         self.has_masks = self.network.has_masks
         self._short_edge = float(cfg.short_edge_size)
         self._max_size = float(cfg.max_size)
-        self._score_threshold = float(cfg["TEST.RESULT_SCORE_THRESH"])
-        self._limit = int(cfg["TEST.RESULTS_PER_IM"])
+        self._score_threshold = cfg.score_threshold
+        self._limit = cfg.results_per_image
         self.class_names = tf.constant(list(bundle.class_names))
 
     def _detect_one(self, rgb: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -135,11 +136,11 @@ def export_saved_model(bundle: ModelBundle, output: Path) -> Path:
         "detect_images": module.detect_images.get_concrete_function(),
     }
     tf.saved_model.save(module, str(output), signatures=signatures)
-    cfg = bundle.config
+    cfg = bundle.inference
     info = {
         "class_names": list(bundle.class_names),
-        "score_threshold": cfg["TEST.RESULT_SCORE_THRESH"],
-        "max_detections": cfg["TEST.RESULTS_PER_IM"],
+        "score_threshold": cfg.score_threshold,
+        "max_detections": cfg.results_per_image,
         "short_edge": cfg.short_edge_size,
         "max_size": cfg.max_size,
         "source_checkpoint": str(bundle.checkpoint_path),

@@ -33,13 +33,14 @@ import tensorflow as tf
 from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.modeling import tf_ops, winograd
 from maskrcnn_serving.modeling.anchors import fpn_anchors
+from maskrcnn_serving.modeling.constants import (
+    BN_EPSILON,
+    BOX_RESOLUTION,
+    MASK_RESOLUTION,
+    RESNET_GROUP_STRIDES,
+    SIZE_MULTIPLE,
+)
 
-BN_EPSILON = 1e-5
-SIZE_MULTIPLE = 32  # FPN.RESOLUTION_REQUIREMENT: every input side is padded to a multiple of this
-BOX_RESOLUTION = 7
-MASK_RESOLUTION = 14
-_GROUP_WIDTHS = (64, 128, 256, 512)
-_GROUP_STRIDES = (4, 8, 16, 32)
 # Winograd pays off where channels are many (measured: 3x3 256->256 at 200x272 86 vs 165 ms, at 50x68 6 vs 11 ms, on
 # 100 RoIs of 14x14 88 vs 105 ms; 512->512 at 25x34 15 vs 20 ms; but 64 channels at 200x272 33 vs 22 ms and 256 at
 # 25x34 about even): at least 128 input channels, and for the FPN / RPN convolutions feature strides 4-16.
@@ -105,7 +106,7 @@ class MaskRCNN(tf.Module):
         winograd_min_channels: int = WINOGRAD_MIN_CHANNELS,
     ) -> None:
         super().__init__(name="maskrcnn")
-        cfg, arch = bundle.config, bundle.architecture
+        cfg, arch = bundle.inference, bundle.architecture
         if winograd and compute_dtype != tf.float32:
             raise ValueError("Winograd convolutions are for float32 only")
         self.compute_dtype = compute_dtype
@@ -115,18 +116,17 @@ class MaskRCNN(tf.Module):
         self.blocks = tuple(arch.resnet_num_blocks)
         self.num_classes = arch.num_categories + 1
         self.has_masks = arch.is_mask_rcnn
-        self.strides = tuple(cfg["FPN.ANCHOR_STRIDES"])
+        self.strides = cfg.anchor_strides
         self.box_clip = cfg.box_clip
-        self.reg_weights = tuple(cfg["FRCNN.BBOX_REG_WEIGHTS"])
-        self.rpn_topk = int(cfg["RPN.TEST_PER_LEVEL_NMS_TOPK"])
-        self.rpn_nms = float(cfg["RPN.PROPOSAL_NMS_THRESH"])
-        self.rpn_min_size = float(cfg["RPN.MIN_SIZE"])
-        self.frcnn_nms = float(cfg["TEST.FRCNN_NMS_THRESH"])
-        self.pixel_mean = np.asarray(cfg["PREPROC.PIXEL_MEAN"][::-1], np.float32)  # BGR
-        self.inv_pixel_std = (1.0 / np.asarray(cfg["PREPROC.PIXEL_STD"][::-1], np.float64)).astype(np.float32)
+        self.reg_weights = cfg.bbox_reg_weights
+        self.rpn_topk = cfg.rpn_per_level_topk
+        self.rpn_nms = cfg.rpn_nms_threshold
+        self.rpn_min_size = cfg.rpn_min_size
+        self.frcnn_nms = cfg.frcnn_nms_threshold
+        self.pixel_mean = np.asarray(cfg.pixel_mean_bgr, np.float32)
+        self.inv_pixel_std = (1.0 / np.asarray(cfg.pixel_std_bgr, np.float64)).astype(np.float32)
         self.anchors = [
-            tf.constant(a)
-            for a in fpn_anchors(self.strides, cfg["RPN.ANCHOR_SIZES"], cfg["RPN.ANCHOR_RATIOS"], cfg.max_size)
+            tf.constant(a) for a in fpn_anchors(self.strides, cfg.anchor_sizes, cfg.anchor_ratios, cfg.max_size)
         ]
         self.params = self._build_params(bundle)
         self._dense = tf.function(self._dense_impl, jit_compile=jit_compile)
@@ -224,8 +224,8 @@ class MaskRCNN(tf.Module):
             for block in range(count):
                 stride = 2 if group > 0 and block == 0 else 1
                 if stride == 1 and mask is None:
-                    mask = self._padding_mask(x, image_hw, _GROUP_STRIDES[group])
-                x = self._bottleneck(x, f"group{group}/block{block}", stride, _GROUP_STRIDES[group], mask)
+                    mask = self._padding_mask(x, image_hw, RESNET_GROUP_STRIDES[group])
+                x = self._bottleneck(x, f"group{group}/block{block}", stride, RESNET_GROUP_STRIDES[group], mask)
             features.append(x)
 
         laterals = [self._conv(c, f"fpn/lateral_1x1_c{i + 2}", relu=False) for i, c in enumerate(features)]

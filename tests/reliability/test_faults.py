@@ -17,7 +17,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,8 @@ import pytest
 import requests
 from PIL import Image
 
+from maskrcnn_serving.bench.server import ServerProcess, clean_environment, free_port, serve_command
+
 WORKERS = 2
 DEADLINE_SECONDS = 4.0
 CLIENT_TIMEOUT_SECONDS = 2.0
@@ -38,27 +39,6 @@ MAX_PIXELS = 150_000_000
 # fastest backend (the demo model serves a small image in tens of milliseconds).
 LONG_REQUEST_IMAGES = 512
 START_TIMEOUT = 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_command(model_dir: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "maskrcnn_serving.cli", "serve", "--model-dir", str(model_dir), "--host",
-            "127.0.0.1", "--port", str(port)]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))}
-    return {**env, **extra}
-
-
-def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as children:
-        return {int(p) for p in children.read().split()}
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -127,10 +107,10 @@ def test_serve_exits_nonzero_and_never_listens(tmp_path, demo_model_dir):
     served (the seed served random weights when the checkpoint was missing)."""
     cases = {name: case for name, case in _broken_model_dirs(tmp_path, demo_model_dir).items()
              if name in REAL_SERVE_CASES}
-    ports = {name: _free_port() for name in cases}
+    ports = {name: free_port() for name in cases}
     processes = {
-        name: subprocess.Popen(_serve_command(directory, ports[name]), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_clean_env())
+        name: subprocess.Popen(serve_command(directory, ports[name]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
         for name, (directory, _) in cases.items()
     }
     listened = set()
@@ -155,51 +135,17 @@ def test_serve_exits_nonzero_and_never_listens(tmp_path, demo_model_dir):
 # ------------------------------------------------------------------------------------------- the fault server
 
 
-class FaultServer:
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.model_dir = model_dir
-        self.log_path = log_path
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = _clean_env(
-            MODEL_SERVER_REQUEST_DEADLINE=str(DEADLINE_SECONDS),
-            MODEL_SERVER_CLIENT_TIMEOUT=str(CLIENT_TIMEOUT_SECONDS),
-            MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=str(HEADROOM_MB),
-            MODEL_SERVER_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
-            MODEL_SERVER_MAX_IMAGES=str(LONG_REQUEST_IMAGES),
-            # the long request is ~23 MB of base64 PNGs, over the 6 MiB default
-            MODEL_SERVER_MAX_REQUEST_BYTES=str(64 * 1024 * 1024),
-        )
-        command = _serve_command(model_dir, self.port) + ["--workers", str(WORKERS), "--threads", "4"]
-        self.log = open(log_path, "wb")  # noqa: SIM115 - open while the server runs
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-
-    def wait_ready(self, pids: int = WORKERS, exclude: set[int] = frozenset(), timeout: float = START_TIMEOUT) -> set:
-        """Wait until ``pids`` distinct workers (not in ``exclude``) answered /ping 200; returns their pids."""
-        ready: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(ready) < pids:
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"not ready in {timeout} s"
-            try:
-                # A new connection each time: a kept-alive one would always reach the same worker.
-                response = requests.get(f"{self.url}/ping", timeout=5, headers={"Connection": "close"})
-                if response.status_code == 200 and response.json()["worker_pid"] not in exclude:
-                    ready.add(response.json()["worker_pid"])
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        return ready
-
-    def workers(self) -> set[int]:
-        return _children(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.log.close()
+def fault_server_process(model_dir: Path, log_path: Path) -> ServerProcess:
+    env = {
+        "MODEL_SERVER_REQUEST_DEADLINE": str(DEADLINE_SECONDS),
+        "MODEL_SERVER_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT_SECONDS),
+        "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB": str(HEADROOM_MB),
+        "MODEL_SERVER_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+        "MODEL_SERVER_MAX_IMAGES": str(LONG_REQUEST_IMAGES),
+        # the long request is ~23 MB of base64 PNGs, over the 6 MiB default
+        "MODEL_SERVER_MAX_REQUEST_BYTES": str(64 * 1024 * 1024),
+    }
+    return ServerProcess(model_dir, log_path, workers=WORKERS, flags=["--threads", "4"], env=env)
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -221,13 +167,13 @@ def read_only_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def fault_server(read_only_model_dir, tmp_path_factory):
     before = _snapshot(read_only_model_dir)
-    server = FaultServer(read_only_model_dir, tmp_path_factory.mktemp("fault_server") / "server.log")
+    server = fault_server_process(read_only_model_dir, tmp_path_factory.mktemp("fault_server") / "server.log").start()
     try:
         server.wait_ready()
         server.model_dir_before = before
         yield server
     finally:
-        server.stop()
+        server.stop(graceful=False)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +201,7 @@ def test_read_only_model_dir_serves_and_is_never_written(fault_server, live_serv
 def test_out_of_memory_fails_that_request_only(fault_server, scene):
     """A 12000 x 12000 PNG (140 kB; under the pixel limit) needs 432 MB to decode, over the worker's 400 MB
     headroom: that request gets 422 ``insufficient_memory``; concurrent requests are served; no worker dies."""
-    workers = fault_server.workers()
+    workers = fault_server.worker_pids()
     buffer = io.BytesIO()
     Image.new("L", (12000, 12000)).save(buffer, "PNG")
     huge = buffer.getvalue()
@@ -269,14 +215,14 @@ def test_out_of_memory_fails_that_request_only(fault_server, scene):
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["code"] == "insufficient_memory"
     assert [a.status_code for a in normal_answers] == [200] * 6
-    assert fault_server.workers() == workers
+    assert fault_server.worker_pids() == workers
     assert _post_png(fault_server.url, _png(scene)).status_code == 200
 
 
 def test_request_over_the_deadline_fails_alone(fault_server, scene):
     """A request of 512 images (many times the 4 s deadline of model time) gets 504 ``deadline_exceeded`` as JSON
     at its deadline; requests sent meanwhile are all served; no worker is killed."""
-    workers = fault_server.workers()
+    workers = fault_server.worker_pids()
     img_data = base64.b64encode(_png(scene)).decode()
     body = json.dumps([{"img_id": i, "img_data": img_data, "format": "boxes"} for i in range(LONG_REQUEST_IMAGES)])
     outcome: dict = {}
@@ -299,7 +245,7 @@ def test_request_over_the_deadline_fails_alone(fault_server, scene):
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert DEADLINE_SECONDS - 0.5 <= outcome["seconds"] < DEADLINE_SECONDS + 3.0
     assert others and set(others) == {200}
-    assert fault_server.workers() == workers
+    assert fault_server.worker_pids() == workers
     # The model is free again right away: the long request stopped computing at its deadline.
     start = time.monotonic()
     assert _post_png(fault_server.url, _png(scene)).status_code == 200
@@ -351,7 +297,7 @@ def _busiest(pids: set[int], seconds: float = 0.5) -> int:
 def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     """SIGKILL the worker busy with a request: its client gets a connection error (nothing else can be done for
     it), the other worker keeps answering, and gunicorn starts a replacement that loads, warms up and answers."""
-    workers = fault_server.workers()
+    workers = fault_server.worker_pids()
     body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
                        for i in range(12)])
     outcome: dict = {}
@@ -372,8 +318,8 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     assert outcome["status"] in ("connection error", 504, 200)
     survivor_answers = [_post_png(fault_server.url, _png(scene), format="boxes").status_code for _ in range(3)]
     assert 200 in survivor_answers and set(survivor_answers) <= {200, 503}  # 503: the newcomer, still loading
-    replacement = fault_server.wait_ready(pids=1, exclude=workers)
-    assert fault_server.workers() == (workers - {victim}) | replacement
+    replacement = fault_server.wait_ready(workers=1, exclude=workers)
+    assert fault_server.worker_pids() == (workers - {victim}) | replacement
     assert fault_server.process.poll() is None
 
 

@@ -4,7 +4,7 @@
   (spec-facts A.7) and the decoder clients use (``visualize.decode_legacy_rle``); the COCO encoder
   (``encoding.coco_rle_of_patch``, ``encoding.coco_rle``) against pycocotools and ``visualize.decode_coco_rle`` --
   random masks including empty, full, single-pixel, odd sizes and patches that run off the image;
-* the image decoder (``wire.decode_image``) on random bytes and on mutated valid images, and the request parser
+* the image decoder (``imaging.decode_image``) on random bytes and on mutated valid images, and the request parser
   (``wire.parse_request``) on random JSON documents: every input is either accepted or refused with a
   :class:`ServingError` (a 4xx), never any other exception (a 500).
 
@@ -15,7 +15,6 @@ The CI run is bounded (``max_examples`` below, a few seconds). The long run is t
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 
@@ -28,9 +27,11 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn_serving import wire
+from maskrcnn_serving import imaging, wire
+from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle
-from maskrcnn_serving.http_errors import ServingError
+from maskrcnn_serving.errors import ServingError
+from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.visualize import decode_coco_rle, decode_legacy_rle
 
 # pycocotools 2.0.11 calls np.array(..., copy=False) on its RLE objects under numpy 2 (harmless, once per decode).
@@ -83,17 +84,6 @@ def full_mask(y0: int, x0: int, patch: np.ndarray, image_hw: tuple[int, int]) ->
     return mask
 
 
-def seed_binary_mask_to_rle(mask: np.ndarray) -> list[int]:
-    """The seed containers' encoder, re-implemented from its description (spec-facts A.7): groupby over the C-order
-    scan, a leading 0 when the first run is ones."""
-    counts: list[int] = []
-    for index, (value, run) in enumerate(itertools.groupby(mask.ravel(order="C"))):
-        if index == 0 and value == 1:
-            counts.append(0)
-        counts.append(len(list(run)))
-    return counts
-
-
 @fuzz(400)
 @given(placed_patches())
 def test_legacy_rle_is_the_seed_encoding_and_round_trips(placed):
@@ -101,7 +91,7 @@ def test_legacy_rle_is_the_seed_encoding_and_round_trips(placed):
     mask = full_mask(y0, x0, patch, image_hw)
     encoded = legacy_rle(y0, x0, patch, image_hw)
     assert encoded["size"] == list(image_hw)
-    assert encoded["counts"] == seed_binary_mask_to_rle(mask)
+    assert encoded["counts"] == seed_binary_mask_to_rle(mask)["counts"]
     assert all(isinstance(c, int) and c >= 0 for c in encoded["counts"])
     assert np.array_equal(decode_legacy_rle(encoded["counts"], encoded["size"]), mask)
 
@@ -152,7 +142,7 @@ MAX_PIXELS = 50_000_000
 
 def _check_decode(data: bytes) -> None:
     try:
-        image = wire.decode_image(data, MAX_PIXELS)
+        image = imaging.decode_image(data, MAX_PIXELS)
     except ServingError as exc:
         assert exc.status in (400, 422)
         return
@@ -208,7 +198,7 @@ DEFAULTS = wire.RequestOptions(score_threshold=0.5)
 
 def _check_parse(body: bytes, content_type: str, query: dict, attributes: str | None = None) -> None:
     try:
-        parsed = wire.parse_request(body, content_type, query, DEFAULTS, CLASS_NAMES, wire.Limits(), attributes)
+        parsed = wire.parse_request(body, content_type, query, DEFAULTS, CLASS_NAMES, Limits(), attributes)
     except ServingError as exc:
         assert 400 <= exc.status < 500
         return

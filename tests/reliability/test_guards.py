@@ -1,8 +1,10 @@
 """Unit tests of the guards' logic (the end-to-end behaviour is in test_faults.py on a real server): deadline
-derivation, the deadline predictor's queueing and chunking, error translation, gunicorn's JSON error pages."""
+derivation, the scheduler's deadlines (queueing, one batch at a time), body reading and draining, error translation,
+gunicorn's JSON error pages."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -11,8 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from maskrcnn_serving import guards
-from maskrcnn_serving.gunicorn_worker import write_json_error
+from maskrcnn_serving.backends.base import PredictOptions, PreparedImage
+from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
+from maskrcnn_serving.errors import DeadlineExceeded
+from maskrcnn_serving.scheduler import Scheduler
+from maskrcnn_serving.server import guards
+from maskrcnn_serving.server.gunicorn_worker import write_json_error
+from maskrcnn_serving.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -27,12 +34,12 @@ from maskrcnn_serving.gunicorn_worker import write_json_error
     ],
 )
 def test_deadline_is_below_the_invocation_timeout(environ, expected):
-    assert guards.deadline_seconds(environ) == expected
+    assert Settings.from_env(environ).deadline_seconds == expected
 
 
 def test_malformed_deadline_setting_is_refused():
     with pytest.raises(ValueError, match="MODEL_SERVER_REQUEST_DEADLINE"):
-        guards.deadline_seconds({"MODEL_SERVER_REQUEST_DEADLINE": "soon"})
+        Settings.from_env({"MODEL_SERVER_REQUEST_DEADLINE": "soon"})
 
 
 class SlowModel:
@@ -45,7 +52,7 @@ class SlowModel:
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def predict(self, images, options):
+    def __call__(self, images, options):
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -56,15 +63,19 @@ class SlowModel:
         return [f"result {i}" for i in range(len(images))]
 
 
-def _in_request(deadline: float | None, function):
-    """Run ``function`` on a fresh thread, as a request with ``deadline`` seconds would."""
+def _images(count: int) -> list[PreparedImage]:
+    return [PreparedImage(np.zeros((1, 1, 3), np.uint8), 1.0, (1, 1)) for _ in range(count)]
+
+
+def _in_request(scheduler: Scheduler, count: int, deadline_seconds: float | None):
+    """Run ``count`` images through ``scheduler`` on a fresh thread, as a request with that deadline would."""
     outcome: dict = {}
 
     def run() -> None:
-        guards.start_request(deadline)
         start = time.monotonic()
         try:
-            outcome["result"] = function()
+            results = scheduler.run(_images(count), [PredictOptions()] * count, Deadline.after(deadline_seconds))
+            outcome["result"] = [r.detections for r in results]
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
         outcome["seconds"] = time.monotonic() - start
@@ -75,45 +86,50 @@ def _in_request(deadline: float | None, function):
 
 
 def test_request_within_its_deadline_gets_every_result():
-    model = SlowModel(0.01)
-    predictor = guards.DeadlinePredictor(model, chunk_size=2)
-    thread, outcome = _in_request(5.0, lambda: predictor.predict([np.zeros(1)] * 5, None))
-    thread.join()
+    with Scheduler(SlowModel(0.01), max_batch_size=2) as scheduler:
+        thread, outcome = _in_request(scheduler, 5, 5.0)
+        thread.join()
     assert outcome["result"] == ["result 0", "result 1", "result 0", "result 1", "result 0"]
 
 
 def test_overrunning_request_fails_at_its_deadline_and_frees_the_model():
     model = SlowModel(0.2)
-    predictor = guards.DeadlinePredictor(model, chunk_size=1)
-    thread, outcome = _in_request(0.5, lambda: predictor.predict([np.zeros(1)] * 20, None))
-    thread.join()
-    assert isinstance(outcome["error"], guards.DeadlineExceeded) and outcome["error"].status == 504
-    assert 0.45 <= outcome["seconds"] < 0.8
-    time.sleep(0.3)  # the chunk running at the deadline finishes; no further chunk starts
-    assert model.images <= 4
-    follow_up, result = _in_request(1.0, lambda: predictor.predict([np.zeros(1)], None))
-    follow_up.join()
+    with Scheduler(model, max_batch_size=1) as scheduler:
+        thread, outcome = _in_request(scheduler, 20, 0.5)
+        thread.join()
+        assert isinstance(outcome["error"], DeadlineExceeded) and outcome["error"].status == 504
+        assert 0.45 <= outcome["seconds"] < 0.8
+        assert "the model was still running" in outcome["error"].message
+        time.sleep(0.3)  # the batch running at the deadline finishes; no further batch starts
+        assert model.images <= 4
+        follow_up, result = _in_request(scheduler, 1, 1.0)
+        follow_up.join()
     assert result["result"] == ["result 0"]
 
 
 def test_queued_request_whose_deadline_passes_never_runs():
     model = SlowModel(0.6)
-    predictor = guards.DeadlinePredictor(model, concurrency=1)
-    first, first_outcome = _in_request(5.0, lambda: predictor.predict([np.zeros(1)], None))
-    time.sleep(0.1)
-    second, second_outcome = _in_request(0.2, lambda: predictor.predict([np.zeros(1)], None))
-    first.join()
-    second.join()
+    with Scheduler(model, max_batch_size=1) as scheduler:
+        first, first_outcome = _in_request(scheduler, 1, 5.0)
+        time.sleep(0.1)
+        second, second_outcome = _in_request(scheduler, 1, 0.2)
+        first.join()
+        second.join()
     assert first_outcome["result"] == ["result 0"]
-    assert isinstance(second_outcome["error"], guards.DeadlineExceeded)
+    assert isinstance(second_outcome["error"], DeadlineExceeded)
     assert "waiting for the model" in second_outcome["error"].message
     assert model.images == 1 and model.max_active == 1
 
 
-def test_without_a_deadline_the_call_is_direct():
-    model = SlowModel(0.0)
-    guards.start_request(None)
-    assert guards.DeadlinePredictor(model).predict([np.zeros(1)], None) == ["result 0"]
+def test_without_a_deadline_the_call_waits_for_the_model():
+    with Scheduler(SlowModel(0.0)) as scheduler:
+        assert [r.detections for r in scheduler.run(_images(1), [PredictOptions()], NO_DEADLINE)] == ["result 0"]
+
+
+def test_deadline_checks_name_the_stage():
+    Deadline.after(None).check("decoding")
+    with pytest.raises(DeadlineExceeded, match="decoding"):
+        Deadline.after(-1.0).check("decoding")
 
 
 def test_resource_errors_become_422_and_others_stay_500():
@@ -129,6 +145,20 @@ def test_body_read_errors():
     assert malformed.status == 400 and malformed.code == "malformed_body"
 
 
+def test_bodies_over_the_limit_are_drained_before_the_413():
+    assert guards.read_body(io.BytesIO(b"x" * 10), 10, 10, 1.0) == b"x" * 10
+    for declared in (None, 30):  # chunked (no length), or a declared length over the limit
+        stream = io.BytesIO(b"x" * 30)
+        with pytest.raises(guards.RequestTooLarge) as info:
+            guards.read_body(stream, declared, 10, 1.0)
+        assert info.value.status == 413 and info.value.code == "request_too_large"
+        assert stream.read() == b""  # everything was read, so the client can read the answer
+    huge = io.BytesIO(b"x" * (guards.DRAIN_MAX_BYTES + 100))
+    with pytest.raises(guards.RequestTooLarge):
+        guards.read_body(huge, None, 10, 5.0)
+    assert len(huge.read()) == 100 - 11  # the limit + 1 bytes read, then drained up to the bound, no further
+
+
 @pytest.mark.parametrize(("status", "reason", "expected"), [(400, "Bad Request", 400), (501, "Not Implemented", 400),
                                                             (431, "Request Header Fields Too Large", 431)])
 def test_gunicorn_error_pages_are_json(status, reason, expected):
@@ -141,3 +171,4 @@ def test_gunicorn_error_pages_are_json(status, reason, expected):
     assert head.startswith(f"HTTP/1.1 {expected} ".encode())
     assert b"Content-Type: application/json" in head and b"Connection: close" in head
     assert json.loads(body)["error"]["message"] == "details <b>"
+    assert json.loads(body)["error"]["code"] == {400: "bad_http_request", 431: "headers_too_large"}[expected]

@@ -9,6 +9,7 @@ for a reference encoding of the pixels the server should have decoded, so "200" 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import re
@@ -24,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from maskrcnn_serving.wire import Limits
+from maskrcnn_serving.settings import Limits
 
 LIMITS = Limits()
 JSON = {"Content-Type": "application/json"}
@@ -352,6 +353,27 @@ def test_malformed_http_gets_a_json_4xx(name, payload, status, code, live_server
     assert head.startswith(b"HTTP/1.1 %d" % status), (name, answer[:300])
     assert b"application/json" in head
     assert json.loads(body)["error"]["code"] == code
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_over_the_limit_sent_in_one_write_gets_a_readable_413(live_server, chunked):
+    """Python's http.client (like curl and most SDKs) sends the whole body before reading the answer: the server
+    must read (drain) an oversized body before answering 413, or the client sees a reset connection instead."""
+    parsed = urlparse(live_server.url)
+    body = b"\xff" * (LIMITS.max_request_bytes + (1 << 20))
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        if chunked:
+            pieces = (body[i : i + (1 << 18)] for i in range(0, len(body), 1 << 18))
+            connection.request("POST", "/invocations", body=pieces, headers={"Content-Type": "image/jpeg"},
+                               encode_chunked=True)
+        else:
+            connection.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        connection.close()
+    assert response.status == 413 and answer["error"]["code"] == "request_too_large"
 
 
 def test_slow_client_is_served_and_does_not_block_others(live_server, scene, session):

@@ -13,8 +13,9 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "maskrcnn_serving"
 # The modules that handle a request's bytes between the socket and the backend.
-REQUEST_PATH = ("server.py", "wire.py", "http_errors.py", "guards.py", "gunicorn_worker.py", "timing.py", "metrics.py",
-                "encoding.py", "structures.py", "batching.py")
+REQUEST_PATH = ("server/app.py", "server/runtime.py", "server/guards.py", "server/gunicorn_worker.py",
+                "server/metrics.py", "server/logs.py", "pipeline.py", "scheduler.py", "deadline.py", "wire.py",
+                "imaging.py", "errors.py", "encoding.py", "structures.py", "settings.py")
 
 
 def _modules() -> list[Path]:
@@ -72,8 +73,7 @@ def test_request_path_never_opens_files():
     problems = []
     for name in REQUEST_PATH:
         path = PACKAGE / name
-        if not path.is_file():
-            continue
+        assert path.is_file(), name  # the list follows the package
         for call in _calls(path):
             if _call_name(call) not in opening:
                 continue
@@ -112,11 +112,12 @@ def test_lock_file_is_current_and_used_by_the_images():
 
 def test_error_bodies_carry_no_internal_details():
     """Error messages are capped in size, and no module formats a traceback for a response (the one 500 path
-    answers with a request id; test_server.py checks it on a real fault)."""
-    from maskrcnn_serving.http_errors import MAX_MESSAGE_CHARS, error_body
+    answers with a request id; tests/server/test_app.py checks it on a real fault)."""
+    from maskrcnn_serving.errors import MAX_MESSAGE_CHARS, error_body
 
     assert len(error_body("invalid_request", "x" * (10 * MAX_MESSAGE_CHARS))) < MAX_MESSAGE_CHARS + 200
     for name in REQUEST_PATH:
         path = PACKAGE / name
+        assert path.is_file(), name  # the list follows the package
         if path.is_file():
             assert "format_exc" not in path.read_text() and "print_exc" not in path.read_text(), name

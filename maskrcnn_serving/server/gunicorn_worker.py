@@ -4,7 +4,7 @@
   headers or body slowly (or stops) holds a request thread forever, and a handful of them starve the worker.
   Here every connection gets a socket timeout of ``MODEL_SERVER_CLIENT_TIMEOUT`` seconds (default 20): the time
   allowed between two reads, like nginx's ``client_body_timeout``. A stalled body gets a 408 JSON answer
-  (:class:`maskrcnn_serving.guards.ClientTimeout`); stalled headers close the connection. After any error answer
+  (:class:`maskrcnn_serving.errors.ClientTimeout`); stalled headers close the connection. After any error answer
   to a request with a body the connection is closed (the rest of the body may be unread).
 * **JSON everywhere.** Requests gunicorn refuses before the app sees them (a request line or headers over its
   limits, malformed HTTP) are answered with the server's JSON error body instead of gunicorn's HTML page, with the
@@ -13,31 +13,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-DEFAULT_CLIENT_TIMEOUT = 20.0
-
-_CODES = {400: "bad_http_request", 403: "forbidden", 431: "headers_too_large", 500: "internal_error"}
-
-
-def client_timeout_seconds() -> float:
-    value = os.environ.get("MODEL_SERVER_CLIENT_TIMEOUT")
-    return float(value) if value not in (None, "") else DEFAULT_CLIENT_TIMEOUT
+from maskrcnn_serving.errors import error_body, error_for_status
+from maskrcnn_serving.settings import Settings
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """Drop-in for ``gunicorn.util.write_error``: the same status line, a JSON body."""
     if status_int == 501:
         status_int, reason = 400, "Bad Request"
-    code = _CODES.get(status_int, "bad_http_request")
-    message = mesg or reason
-    if status_int >= 500:
-        message = "Internal server error."
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    message = "Internal server error." if status_int >= 500 else (mesg or reason)
+    body = error_body(error_for_status(status_int).code, message)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -69,7 +59,7 @@ class GuardedThreadWorker(ThreadWorker):
     """``gthread`` with a per-connection read timeout and JSON error pages (see the module docstring)."""
 
     def init_process(self) -> None:
-        self.client_timeout = client_timeout_seconds()
+        self.client_timeout = Settings.from_env(os.environ).client_timeout
         util.write_error = write_json_error  # the one function gunicorn's handle_error writes its pages with
         super().init_process()
 

@@ -1,17 +1,16 @@
-"""The tensorpack backend end to end: demo model, random R101 weights, fc6 row orders, options, eval, CLI."""
+"""The tensorpack backend end to end: demo model, random R101 weights, fc6 row orders, options, eval."""
 
-import json
 
 import cv2
 import numpy as np
 import pytest
-from checkpoint_factory import R101_BLOCKS, random_weights, small_architecture, write_npz, write_tf_checkpoint
+from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs, random_weights, small_architecture, write_npz
 
-from maskrcnn_serving import cli
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
 from maskrcnn_serving.backends.tensorpack_backend import TensorpackBackend
 from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
+from maskrcnn_serving.pipeline import Pipeline
 
 
 def read(path):
@@ -45,6 +44,17 @@ def test_options_force_a_fixed_number_of_detections(tensorpack_backend, example_
     np.testing.assert_allclose(default.scores[: len(strict)], strict.scores)
 
 
+def test_forward_takes_one_image_and_closes(tensorpack_backend, demo_model_dir):
+    image = tensorpack_backend.preprocess(np.zeros((40, 50, 3), np.uint8))
+    assert tensorpack_backend.max_batch_size == 1 and image.resized.shape == (320, 400, 3)
+    with pytest.raises(ValueError, match="one image per call"):
+        tensorpack_backend.forward([image, image], PredictOptions())
+    other = load_backend("tensorpack", demo_model_dir, environ={})
+    other.close()
+    with pytest.raises(RuntimeError):  # the session is gone
+        other.forward([image], PredictOptions())
+
+
 def test_tiny_and_extreme_images(tensorpack_backend):
     for shape in ((1, 1, 3), (8, 900, 3), (700, 5, 3)):
         dets = tensorpack_backend.predict([np.full(shape, 127, np.uint8)])[0]
@@ -55,18 +65,8 @@ def test_tiny_and_extreme_images(tensorpack_backend):
 @pytest.fixture(scope="module")
 def random_model_dirs(tmp_path_factory):
     """The same random small model stored with channel-first fc6 rows (npz) and channel-last rows (TF ckpt)."""
-    arch = small_architecture(classes=3)
-    weights = random_weights(arch, seed=3)
-    # Make the RPN and box head confident so the random model produces detections.
-    weights["fastrcnn/outputs/class/b"] = np.array([-3.0, 2.0, 1.0, 0.5], np.float32)
-    first = tmp_path_factory.mktemp("fc6_first")
-    write_npz(first / "model.npz", weights)
-    last = tmp_path_factory.mktemp("fc6_last")
-    fc6 = weights["fastrcnn/fc6/W"]
-    channel_last = fc6.reshape(16, 7, 7, -1).transpose(1, 2, 0, 3).reshape(fc6.shape)
-    write_tf_checkpoint(last, {**weights, "fastrcnn/fc6/W": channel_last}, step=10)
-    (last / "config.json").write_text(json.dumps({"SERVING.FC6_ROW_ORDER": "channel_last"}))
-    return first, last
+    return fc6_row_order_model_dirs(tmp_path_factory.mktemp("fc6_first"), tmp_path_factory.mktemp("fc6_last"), seed=3,
+                                    step=10)
 
 
 def test_fc6_row_orders_give_the_same_model(random_model_dirs):
@@ -93,54 +93,7 @@ def test_r101_checkpoint_builds_and_runs(tmp_path):
 def test_eval_on_demo_fixture_reaches_the_reference(tensorpack_backend, fixtures_dir):
     """Acceptance: within 0.005 AP of tensorpack's own example (0.868 bbox / 0.888 segm) on val_public."""
     val = fixtures_dir / "val_public"
-    report = evaluate(tensorpack_backend, val / "annotations.json", val / "images", progress=False)
+    report = evaluate(Pipeline(tensorpack_backend), val / "annotations.json", val / "images", progress=False)
     assert report["images"] == 200
     assert report["bbox"]["AP"] >= 0.863, report
     assert report["segm"]["AP"] >= 0.883, report
-
-
-@pytest.fixture
-def cli_uses_session_backend(monkeypatch, tensorpack_backend):
-    """The CLI commands load their model through load_backend; hand them the session's instead of a second copy."""
-    import maskrcnn_serving.backends.base as base
-
-    monkeypatch.setattr(base, "load_backend", lambda name, model_dir=None, **kw: tensorpack_backend)
-
-
-def test_cli_predict_writes_coco_results(cli_uses_session_backend, demo_model_dir, example_images, tmp_path):
-    output = tmp_path / "results.json"
-    assert cli.main(["predict", "--model-dir", str(demo_model_dir), str(example_images[0].parent),
-                     "--output", str(output)]) == 0
-    records = json.loads(output.read_text())
-    assert {r["image_id"] for r in records} == {str(p) for p in example_images}
-    from pycocotools import mask as mask_utils
-
-    first = records[0]
-    assert isinstance(first["segmentation"]["counts"], str)
-    assert mask_utils.decode(first["segmentation"]).shape == tuple(first["segmentation"]["size"])
-    assert len(first["bbox"]) == 4 and 0 < first["score"] <= 1
-
-
-def test_cli_eval_prints_json_summary_last(cli_uses_session_backend, demo_model_dir, fixtures_dir, capsys):
-    val = fixtures_dir / "val_public"
-    assert cli.main(["eval", "--model-dir", str(demo_model_dir), "--annotations", str(val / "annotations.json"),
-                     "--images", str(val / "images"), "--limit", "5"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary) == {"bbox", "segm", "images", "seconds"}
-    assert summary["images"] == 5 and set(summary["segm"]) == {"AP", "AP50", "AP75"}
-
-
-def test_cli_reports_load_errors(tmp_path, example_images, capsys):
-    args = ["predict", "--model-dir", str(tmp_path), str(example_images[0]), "--output", str(tmp_path / "o.json")]
-    code = cli.main(args)
-    assert code == 2
-    assert "No checkpoint in" in capsys.readouterr().err
-
-
-def test_cli_inspect_summarizes_the_model_dir(demo_model_dir, capsys):
-    assert cli.main(["inspect", "--model-dir", str(demo_model_dir)]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["resnet_num_blocks"] == [1, 1, 1, 1]
-    assert summary["class_names"] == ["circle", "rectangle", "triangle", "ring"]
-    assert summary["parameters"] == 9_506_604  # the fixture README's count
-    assert summary["resize"] == {"short_edge": 320, "max_size": 576.0}

@@ -1,58 +1,40 @@
 """The optimized backend: same detections as the tensorpack backend, batch/bucket invariance, fc6 row orders,
-folded FrozenBN, precision settings, the batcher on the real model."""
+Winograd, precision settings."""
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
-from checkpoint_factory import R101_BLOCKS, random_weights, small_architecture, write_npz, write_tf_checkpoint
+from assertions import assert_same_detections, box_iou
+from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs
 
+from maskrcnn_serving.backends import optimized
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
-from maskrcnn_serving.backends.optimized import (
-    OptimizedBackend,
-    OptimizedSettings,
-    resolve_precision,
-    resolve_winograd,
-)
-from maskrcnn_serving.batching import DynamicBatcher
+from maskrcnn_serving.backends.optimized import OptimizedBackend, resolve_precision, resolve_winograd
 from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
-from maskrcnn_serving.modeling.tf2_network import MaskRCNN, fold_frozen_bn
+from maskrcnn_serving.modeling.tf2_network import MaskRCNN
+from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.settings import Settings
 
 ALL = PredictOptions(score_threshold=0.0, max_detections=30)
-DEMO = Path(__file__).resolve().parents[1] / "model" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "model" / "demo"
 
 
 def read(path):
     return cv2.imread(str(path), cv2.IMREAD_COLOR)
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    inter = np.logical_and(a, b).reshape(len(a), -1).sum(1)
-    union = np.logical_or(a, b).reshape(len(a), -1).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def assert_same_detections(a, b, box_atol=0.05, min_mask_iou=0.98):
-    assert len(a) == len(b)
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
-    np.testing.assert_allclose(a.boxes, b.boxes, atol=box_atol)
-    if a.has_masks:
-        np.testing.assert_allclose(a.mask_probs, b.mask_probs, atol=1e-3)
-        assert mask_iou(a.masks(), b.masks()).min() >= min_mask_iou
-
-
-def test_matches_tensorpack_on_the_example_images(optimized_backend, tensorpack_backend, example_images):
+def test_matches_tensorpack_on_the_example_images(optimized_backend, tensorpack_backend, example_images, run_batched):
     images = [read(p) for p in example_images]
     expected = tensorpack_backend.predict(images)
-    actual = optimized_backend.predict(images)  # several images in one call
+    actual, stats = run_batched(optimized_backend, images + images)  # several images per call
+    assert stats.largest_batch > 1
+    actual = actual[len(images) :]
     for a, b in zip(expected, actual, strict=True):
         assert len(a) > 0
         assert_same_detections(a, b)
@@ -69,29 +51,29 @@ def test_forced_detection_count_matches_tensorpack(optimized_backend, tensorpack
 @pytest.fixture(scope="module")
 def coarse_bucket_backend(demo_model_dir):
     """Buckets of 128: images of different sizes share calls, so the network masks the padding."""
-    backend = OptimizedBackend.from_bundle(
-        load_model_dir(demo_model_dir, environ={}), precision="float32", bucket_step=128, max_batch_size=4, environ={}
-    )
+    backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}),
+                                           Settings(bucket_step=128, max_batch_size=4))
     assert backend.network.masked_padding
     return backend
 
 
-def test_results_do_not_depend_on_batch_or_padding(optimized_backend, coarse_bucket_backend, example_images):
+def test_results_do_not_depend_on_batch_or_padding(optimized_backend, coarse_bucket_backend, example_images,
+                                                    run_batched):
     """Images padded into a larger shared bucket give exactly their batch-1 answers (the padding is masked)."""
     assert not optimized_backend.network.masked_padding  # buckets of 32: every image pads as in tensorpack
-    first, second = read(example_images[0]), read(example_images[2])[:200, :300]
+    # 368x320 and 320x352 after the resize: different buckets of 32, one bucket of 128 (384x384).
+    first, second = read(example_images[0]), read(example_images[2])[:300, :330]
     alone = [optimized_backend.predict([img], ALL)[0] for img in (first, second)]
-    for backend in (optimized_backend, coarse_bucket_backend):
-        together = backend.predict([first, second, first], ALL)
+    assert {coarse_bucket_backend.preprocess(image).batch_key for image in (first, second)} == {(384, 384)}
+    for backend, largest in ((optimized_backend, 2), (coarse_bucket_backend, 3)):
+        together, stats = run_batched(backend, [first, second, first], ALL)
+        assert stats.largest_batch == largest  # buckets of 128: both sizes share one call
         for a, b in zip(alone + alone[:1], together, strict=True):
             assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
 
     # Run the raw graph with both images in one bucket much larger than either.
     backend = coarse_bucket_backend
-    cfg = backend.bundle.config
-    from maskrcnn_serving.modeling.preprocess import resize_image
-
-    resized = [resize_image(img, cfg.short_edge_size, cfg.max_size)[0] for img in (first, second)]
+    resized = [backend.preprocess(img).resized for img in (first, second)]
     batch = np.zeros((2, 448, 640, 3), np.uint8)
     for i, r in enumerate(resized):
         batch[i, : r.shape[0], : r.shape[1]] = r
@@ -115,7 +97,7 @@ def winograd_backend(demo_model_dir):
     with >= 128 input channels are, and the demo model's are narrower)."""
     bundle = load_model_dir(demo_model_dir, environ={})
     network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1, masked_padding=False)
-    return OptimizedBackend(bundle, network, OptimizedSettings(max_batch_size=4))
+    return OptimizedBackend(bundle, network, Settings(max_batch_size=4), "float32")
 
 
 def test_winograd_network_matches_the_direct_one(winograd_backend, optimized_backend, example_images):
@@ -136,10 +118,10 @@ def test_winograd_defaults_and_validation():
     assert resolve_winograd("off", "float32") is False
     with pytest.raises(ValueError):
         resolve_winograd("on", "bfloat16")
-    assert OptimizedSettings.from_environ({"MASKRCNN_WINOGRAD": "0"}).winograd == "off"
-    assert OptimizedSettings(winograd=True).winograd == "on"
+    assert Settings.from_env({"MASKRCNN_WINOGRAD": "0"}).winograd == "off"
+    assert Settings.from_env({}, winograd="on").winograd == "on"
     with pytest.raises(ValueError):
-        OptimizedSettings(winograd="sometimes")
+        Settings(winograd="sometimes")
     with pytest.raises(ValueError):
         MaskRCNN(load_model_dir(DEMO, environ={}), tf.bfloat16, winograd=True)
 
@@ -148,8 +130,8 @@ def test_eval_on_demo_fixture_matches_tensorpack(winograd_backend, tensorpack_ba
     """Acceptance: within 0.003 AP of the tensorpack backend on val_public (Winograd in every eligible layer), and
     above the foundation thresholds (tensorpack's own example minus 0.005)."""
     val = fixtures_dir / "val_public"
-    expected = evaluate(tensorpack_backend, val / "annotations.json", val / "images", progress=False)
-    actual = evaluate(winograd_backend, val / "annotations.json", val / "images", progress=False)
+    expected = evaluate(Pipeline(tensorpack_backend), val / "annotations.json", val / "images", progress=False)
+    actual = evaluate(Pipeline(winograd_backend), val / "annotations.json", val / "images", progress=False)
     for kind, threshold in (("bbox", 0.863), ("segm", 0.883)):
         assert actual[kind]["AP"] >= threshold, actual
         assert abs(actual[kind]["AP"] - expected[kind]["AP"]) <= 0.003, (expected, actual)
@@ -163,37 +145,11 @@ def test_tiny_and_extreme_images(optimized_backend):
     assert optimized_backend.predict([]) == []
 
 
-def test_fold_frozen_bn_equals_conv_then_bn():
-    rng = np.random.default_rng(0)
-    weights = {
-        "c/W": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
-        "c/bn/gamma": rng.uniform(0.5, 2, 5).astype(np.float32),
-        "c/bn/beta": rng.normal(size=5).astype(np.float32),
-        "c/bn/mean/EMA": rng.normal(size=5).astype(np.float32),
-        "c/bn/variance/EMA": rng.uniform(0.1, 3, 5).astype(np.float32),
-    }
-    x = tf.constant(rng.normal(size=(1, 6, 7, 4)).astype(np.float32))
-    conv = tf.nn.conv2d(x, weights["c/W"], 1, "SAME")
-    expected = (conv - weights["c/bn/mean/EMA"]) / np.sqrt(weights["c/bn/variance/EMA"] + 1e-5)
-    expected = expected * weights["c/bn/gamma"] + weights["c/bn/beta"]
-    kernel, bias = fold_frozen_bn(weights, "c")
-    np.testing.assert_allclose(tf.nn.conv2d(x, kernel, 1, "SAME") + bias, expected, rtol=1e-4, atol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def random_model_dirs(tmp_path_factory):
     """A random small R101-depth model with channel-first fc6 rows (npz) and channel-last rows (TF ckpt)."""
-    arch = small_architecture(blocks=R101_BLOCKS, classes=3)
-    weights = random_weights(arch, seed=5)
-    weights["fastrcnn/outputs/class/b"] = np.array([-3.0, 2.0, 1.0, 0.5], np.float32)
-    first = tmp_path_factory.mktemp("opt_fc6_first")
-    write_npz(first / "model.npz", weights)
-    last = tmp_path_factory.mktemp("opt_fc6_last")
-    fc6 = weights["fastrcnn/fc6/W"]
-    channel_last = fc6.reshape(16, 7, 7, -1).transpose(1, 2, 0, 3).reshape(fc6.shape)
-    write_tf_checkpoint(last, {**weights, "fastrcnn/fc6/W": channel_last}, step=3)
-    (last / "config.json").write_text(json.dumps({"SERVING.FC6_ROW_ORDER": "channel_last"}))
-    return first, last
+    return fc6_row_order_model_dirs(tmp_path_factory.mktemp("opt_fc6_first"), tmp_path_factory.mktemp("opt_fc6_last"),
+                                    blocks=R101_BLOCKS, seed=5, step=3)
 
 
 def test_r101_both_fc6_row_orders_match_tensorpack(random_model_dirs):
@@ -203,12 +159,12 @@ def test_r101_both_fc6_row_orders_match_tensorpack(random_model_dirs):
     expected = load_backend("tensorpack", first, environ={}).predict([image], options)[0]
     assert len(expected) == 20
     for model_dir in (first, last):
-        backend = load_backend("optimized", model_dir, environ={})
+        backend = load_backend("optimized", model_dir, Settings(), environ={})
         assert_same_detections(expected, backend.predict([image], options)[0], box_atol=1e-2, min_mask_iou=0.97)
 
 
 def test_bfloat16_runs_and_agrees_on_confident_detections(demo_model_dir, optimized_backend, example_images):
-    backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}), precision="bfloat16")
+    backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}), Settings(precision="bfloat16"))
     assert backend.network.compute_dtype == tf.bfloat16
     image = read(example_images[0])
     reference = optimized_backend.predict([image])[0]
@@ -217,60 +173,28 @@ def test_bfloat16_runs_and_agrees_on_confident_detections(demo_model_dir, optimi
     assert len(confident) > 0
     matched = low.select(low.scores > 0.5)
     for box, label in zip(confident.boxes, confident.labels, strict=True):
-        ious = _box_iou(box, matched.boxes)
+        ious = box_iou(box, matched.boxes)
         assert ious.max() > 0.9 and matched.labels[ious.argmax()] == label
 
 
-def _box_iou(box, boxes):
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
-
-
 def test_settings_from_environment_and_validation():
-    settings = OptimizedSettings.from_environ(
+    settings = Settings.from_env(
         {"MASKRCNN_PRECISION": "mixed", "MASKRCNN_XLA": "1", "MASKRCNN_MAX_BATCH_SIZE": "2"}, max_batch_size=3
     )
     assert (settings.precision, settings.xla, settings.max_batch_size, settings.bucket_step) == ("mixed", True, 3, 32)
     assert resolve_precision("float32") == "float32"
-    assert resolve_precision("mixed") in ("bfloat16", "float32", "float16")
     for bad in ({"precision": "int8"}, {"bucket_step": 48}, {"max_batch_size": 0}):
         with pytest.raises(ValueError):
-            OptimizedSettings(**bad)
+            Settings(**bad)
 
 
-def test_batcher_batches_concurrent_requests_on_the_real_model(optimized_backend, example_images):
-    images = [read(p) for p in example_images]
-    expected = optimized_backend.predict(images)
-    results = [None] * len(images)
-    with DynamicBatcher(optimized_backend.predict, max_batch_size=4, max_delay=0.5) as batcher:
-
-        def worker(i):
-            results[i] = batcher.submit(images[i])
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(images))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert batcher.stats.largest_batch > 1
-    for a, b in zip(expected, results, strict=True):
-        assert_same_detections(a, b, box_atol=1e-3, min_mask_iou=0.999)
+@pytest.mark.parametrize(("gpu", "bf16_cpu", "expected"),
+                         [(True, True, "float16"), (False, True, "bfloat16"), (False, False, "float32")])
+def test_mixed_precision_picks_float16_on_gpu_bfloat16_on_capable_cpus_else_float32(monkeypatch, gpu, bf16_cpu,
+                                                                                     expected):
+    monkeypatch.setattr(optimized.tf.config, "list_physical_devices", lambda kind=None: ["gpu"] if gpu else [])
+    monkeypatch.setattr(optimized, "cpu_supports_bfloat16", lambda: bf16_cpu)
+    assert resolve_precision("mixed") == expected
+    assert resolve_precision("bfloat16") == "bfloat16"  # explicit choices are kept
 
 
-def test_server_predictor_batches_for_the_optimized_backend(optimized_backend, example_images):
-    from maskrcnn_serving.server import make_predictor
-
-    predictor = make_predictor(optimized_backend)
-    images = [read(p) for p in example_images[:2]]
-    results = [None, None]
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, predictor.predict([images[i]], ALL)))
-               for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for image, got in zip(images, results, strict=True):
-        assert_same_detections(optimized_backend.predict([image], ALL)[0], got[0], box_atol=1e-3, min_mask_iou=0.999)

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
+from assertions import box_iou
 
 from maskrcnn_serving import cli
 from maskrcnn_serving.modeling.preprocess import resized_shape
@@ -24,19 +25,12 @@ def _valid(outputs, i):
     return {k: v[i, :n].numpy() for k, v in outputs.items() if k != "num_detections"}, n
 
 
-def _box_iou(box, boxes):
-    lt, rb = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return inter / (area + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)
-
-
 def test_image_tensor_signature_matches_the_backend_exactly(exported, optimized_backend, example_images):
     """An image already at the model's input size skips the resize, so graph and backend see the same pixels."""
     _, model = exported
     bgr = cv2.imread(str(example_images[0]))
     bgr = cv2.resize(bgr, (320, 368), interpolation=cv2.INTER_LINEAR)
-    cfg = optimized_backend.bundle.config
+    cfg = optimized_backend.bundle.inference
     assert resized_shape(368, 320, cfg.short_edge_size, cfg.max_size) == (368, 320)
     expected = optimized_backend.predict([bgr])[0]
     outputs = model.signatures["detect_images"](images=tf.constant(np.stack([bgr[..., ::-1]] * 2)))
@@ -64,7 +58,7 @@ def test_encoded_signature_agrees_with_the_backend(exported, optimized_backend, 
         assert confident.any()
         for box, label, probs in zip(dets.boxes[confident], dets.labels[confident], dets.mask_probs[confident],
                                      strict=True):
-            ious = _box_iou(box, got["boxes"])
+            ious = box_iou(box, got["boxes"])
             j = int(ious.argmax())
             assert ious[j] > 0.95 and got["labels"][j] == label
             assert np.abs(got["masks"][j] - probs).mean() < 0.02

@@ -19,7 +19,6 @@ from prometheus_client import (
     multiprocess,
 )
 
-STAGES = ("decode", "preprocess", "model", "postprocess", "encode")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 REQUESTS = Counter("maskrcnn_requests", "HTTP requests by route and status.", ["route", "status"])
@@ -28,9 +27,9 @@ REQUEST_SECONDS = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "maskrcnn_stage_duration_seconds",
-    "Wall time per request spent in each stage: decode (base64 + image decode), preprocess (backend input "
-    "preparation, when the backend reports it), model (backend inference), postprocess (class filter + mask "
-    "pasting), encode (RLE / polygons + JSON).",
+    "Wall time per request spent in each stage of the pipeline: decode (base64 + image decode), preprocess "
+    "(resize), queue (waiting for the model), model (the forward calls that ran the request's images), "
+    "postprocess (class filter + mask pasting), encode (RLE / polygons + JSON).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )

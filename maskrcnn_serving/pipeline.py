@@ -1,0 +1,212 @@
+"""The one inference pipeline: request items in, detections and response bytes out.
+
+Every caller goes through it: the HTTP server (and its warm-up), ``predict``, ``eval``, ``index`` and ``bench``.
+The stages, in order, and where they run:
+
+=============  ==================================================================  ===============
+stage          work                                                                thread
+=============  ==================================================================  ===============
+decode         base64 and image file bytes -> BGR pixels (:mod:`.imaging`)         the caller's
+preprocess     test-time resize (:meth:`Backend.preprocess`)                       the caller's
+queue          waiting for the model (other requests' batches)                     --
+model          the forward calls that ran this request's images                    the scheduler's
+postprocess    class filter, ``max_detections``, mask pasting at box size          the caller's
+encode         RLE / polygons / boxes records and the JSON body (:mod:`.wire`)     the caller's
+=============  ==================================================================  ===============
+
+The caller times each stage directly (:class:`StageTimes`); the model stage is the wall time of the forward calls
+that held the request's images, as measured on the scheduler's thread, and the queue stage the rest of the wait.
+A request's :class:`~maskrcnn_serving.deadline.Deadline` is checked in every stage.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from maskrcnn_serving import imaging, wire
+from maskrcnn_serving.backends.base import Backend, PredictOptions
+from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
+from maskrcnn_serving.scheduler import Scheduler
+from maskrcnn_serving.settings import Limits
+from maskrcnn_serving.structures import Detections
+
+
+class Stage(enum.StrEnum):
+    DECODE = "decode"
+    PREPROCESS = "preprocess"
+    QUEUE = "queue"
+    MODEL = "model"
+    POSTPROCESS = "postprocess"
+    ENCODE = "encode"
+
+
+STAGES: tuple[str, ...] = tuple(stage.value for stage in Stage)
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of one request (summed when a stage runs several times)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: Stage, seconds: float) -> None:
+        self.seconds[stage.value] = self.seconds.get(stage.value, 0.0) + seconds
+
+    @contextmanager
+    def measure(self, stage: Stage) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+
+@dataclass
+class ImageResult:
+    """One image of a request: its id, its decoded pixels (H, W, 3) BGR, its detections (class filter and
+    ``max_detections`` applied) and its annotations in the requested format."""
+
+    img_id: str | None
+    image: np.ndarray
+    detections: Detections
+    annotations: list[dict]
+
+
+@dataclass
+class Response:
+    """What one request produced: the response body, each image's result, and the seconds per stage."""
+
+    body: bytes
+    images: list[ImageResult]
+    stages: dict[str, float]
+
+    @property
+    def detection_count(self) -> int:
+        return sum(len(r.detections) for r in self.images)
+
+
+class Pipeline:
+    """decode -> preprocess -> (queue) -> model -> postprocess -> encode, for one loaded backend.
+
+    ``scheduler``: forms the forward calls (default: a new one over ``backend`` with no batching delay, for
+    in-process use; the server passes one with its delay). ``limits``: what one request may hold and answer.
+    """
+
+    def __init__(self, backend: Backend, scheduler: Scheduler | None = None, limits: Limits | None = None) -> None:
+        self.backend = backend
+        self.scheduler = scheduler if scheduler is not None else Scheduler.for_backend(backend)
+        self.limits = limits or Limits()
+        self.inference = backend.bundle.inference
+
+    def close(self) -> None:
+        """Stop the scheduler's thread (the backend stays loaded)."""
+        self.scheduler.close()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def default_options(self) -> wire.RequestOptions:
+        """The seed tensorpack container's behaviour: score threshold ``TEST.RESULT_SCORE_THRESH_VIS``, mask
+        threshold 0.5, ``TEST.RESULTS_PER_IM`` detections, legacy format (boxes for a model without masks)."""
+        return wire.RequestOptions(
+            score_threshold=self.inference.vis_score_threshold,
+            format="legacy" if self.backend.has_masks else "boxes",
+        )
+
+    def parse(
+        self, body: bytes, content_type: str | None, query, custom_attributes: str | None = None
+    ) -> wire.ParsedRequest:
+        """Validate an ``/invocations`` body and its options against this model (nothing is decoded yet)."""
+        return wire.parse_request(
+            body, content_type, query, self.default_options(), self.backend.class_names, self.limits,
+            custom_attributes, self.backend.has_masks,
+        )
+
+    def handle(
+        self, request: wire.ParsedRequest, deadline: Deadline = NO_DEADLINE, times: StageTimes | None = None
+    ) -> Response:
+        """Run a parsed request through every stage; the body is the HTTP response. ``times`` collects the stage
+        times as they happen (a new one by default)."""
+        times = times if times is not None else StageTimes()
+        results = self.process(request.images, times, deadline)
+        with times.measure(Stage.ENCODE):
+            responses = [wire.image_response(result.img_id, result.annotations) for result in results]
+            body = wire.encode_response(responses, request.is_list, self.limits)
+        return Response(body, results, times.seconds)
+
+    def process(
+        self, items: Sequence[wire.ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
+    ) -> list[ImageResult]:
+        """Every stage but the JSON body: each item's detections and annotations."""
+        images = self.decode(items, times, deadline)
+        detections = self.run_model(images, [item.options for item in items], times, deadline)
+        with times.measure(Stage.POSTPROCESS):
+            detections = [self.select(dets, item.options) for dets, item in zip(detections, items, strict=True)]
+        annotations = self.annotate(items, detections, times, deadline)
+        return [
+            ImageResult(item.img_id, image, dets, records)
+            for item, image, dets, records in zip(items, images, detections, annotations, strict=True)
+        ]
+
+    # ------------------------------------------------------------------------------------------ stages
+    def predict_options(self, options: wire.RequestOptions) -> PredictOptions:
+        """What the graph is asked for. With a class filter it returns at least ``TEST.RESULTS_PER_IM``
+        detections, so that the filter sees the full list; ``max_detections`` is applied after the filter."""
+        graph_max = options.max_detections
+        if options.classes is not None:
+            graph_max = max(options.max_detections or 0, self.inference.results_per_image)
+        return PredictOptions(options.score_threshold, graph_max)
+
+    def decode(
+        self, items: Sequence[wire.ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
+    ) -> list[np.ndarray]:
+        """The items' images as (H, W, 3) BGR uint8, through the decoding gate, within the request's limits."""
+        with times.measure(Stage.DECODE):
+            files = [wire.image_bytes(item) for item in items]
+            return imaging.decode_images(files, self.limits.max_image_pixels, deadline)
+
+    def select(self, detections: Detections, options: wire.RequestOptions) -> Detections:
+        """The class filter, then ``max_detections`` (the graph already applied the score threshold)."""
+        return wire.filter_detections(detections, options, self.inference.results_per_image)
+
+    def run_model(
+        self,
+        images: Sequence[np.ndarray],
+        options: Sequence[wire.RequestOptions],
+        times: StageTimes,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> list[Detections]:
+        """preprocess, queue and model for decoded images (unfiltered detections)."""
+        with times.measure(Stage.PREPROCESS):
+            prepared = []
+            for image in images:
+                deadline.check("it was still preparing its images")
+                prepared.append(self.backend.preprocess(image))
+        started = time.perf_counter()
+        results = self.scheduler.run(prepared, [self.predict_options(o) for o in options], deadline)
+        waited = time.perf_counter() - started
+        model = sum({r.batch_id: r.batch_seconds for r in results}.values())
+        times.add(Stage.MODEL, model)
+        times.add(Stage.QUEUE, max(0.0, waited - model))
+        return [r.detections for r in results]
+
+    def annotate(
+        self,
+        items: Sequence[wire.ImageRequest],
+        detections: Sequence[Detections],
+        times: StageTimes,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> list[list[dict]]:
+        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format."""
+        annotations = []
+        for item, dets in zip(items, detections, strict=True):
+            deadline.check("it was still encoding its answer")
+            with times.measure(Stage.POSTPROCESS):
+                patches = wire.paste_patches(dets, item.options)
+            with times.measure(Stage.ENCODE):
+                annotations.append(wire.encode_annotations(dets, item.options, patches))
+        return annotations

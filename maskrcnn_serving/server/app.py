@@ -1,0 +1,164 @@
+"""The Flask app of one server worker: SageMaker's routes over the inference pipeline.
+
+Routes: ``GET /ping`` (200 only once the model is loaded AND warmed up, else 503), ``POST /invocations``,
+``GET /execution-parameters`` (Batch Transform), ``GET /metrics`` (Prometheus text).
+
+The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), and the worker's
+:class:`~maskrcnn_serving.pipeline.Pipeline` (owned by :class:`~.runtime.ModelRunner`) does the rest. Errors become
+HTTP responses in one handler, from the classes of :mod:`maskrcnn_serving.errors`; every request is measured per
+stage and logged as one JSON line with its request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from maskrcnn_serving.deadline import Deadline
+from maskrcnn_serving.errors import InternalError, NotReady, ServingError, error_body, error_for_status
+from maskrcnn_serving.pipeline import StageTimes
+from maskrcnn_serving.server import metrics
+from maskrcnn_serving.server.guards import read_body, translate_resource_error
+from maskrcnn_serving.server.runtime import ModelRunner
+from maskrcnn_serving.settings import MiB, Settings
+
+log = logging.getLogger("maskrcnn_serving.server")
+access_log = logging.getLogger("maskrcnn_serving.access")
+
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_QUIET_ROUTES = ("/ping", "/metrics")
+
+
+def _request_id() -> str:
+    for header in ("X-Request-Id", "X-Amzn-RequestId"):
+        value = request.headers.get(header, "")
+        if _REQUEST_ID_RE.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _json_response(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, mimetype="application/json")
+
+
+def error_response(error: ServingError) -> Response:
+    """The JSON answer of ``error``; 503s say when to retry."""
+    response = Response(error_body(error.code, error.message), status=error.status, mimetype="application/json")
+    if error.status == 503:
+        response.headers["Retry-After"] = "5"
+    return response
+
+
+def create_app(settings: Settings | None = None, runner: ModelRunner | None = None) -> Flask:
+    """The Flask app of one worker. Without ``runner``, starts loading ``settings.model_dir`` in the background."""
+    settings = settings or Settings.from_env(os.environ)
+    if runner is None:
+        runner = ModelRunner(settings).start(background=True)
+    app = Flask("maskrcnn_serving")
+    app.extensions["maskrcnn_runner"] = runner
+    limits = settings.limits
+    deadline_seconds = settings.deadline_seconds
+
+    @app.before_request
+    def _start() -> None:
+        g.request_id = _request_id()
+        g.start = time.perf_counter()
+        g.stages = {}
+        g.log_fields = {}
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("start", time.perf_counter())
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(elapsed)
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        fields = {
+            "request_id": g.get("request_id"),
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "duration_ms": round(elapsed * 1000, 2),
+            "bytes_in": request.content_length or 0,
+            "bytes_out": response.content_length or 0,
+            **g.get("log_fields", {}),
+        }
+        if g.get("stages"):
+            fields["stages_ms"] = {k: round(v * 1000, 2) for k, v in g.stages.items()}
+        level = logging.DEBUG if route in _QUIET_ROUTES and response.status_code < 500 else logging.INFO
+        access_log.log(level, "request", extra={"fields": fields})
+        return response
+
+    @app.errorhandler(Exception)
+    def _handle_error(exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):  # werkzeug's own: unknown route, wrong method
+            error = error_for_status(exc.code or 500)(exc.description or exc.name or "error")
+            response = error_response(error)
+            for name, value in exc.get_headers():  # e.g. Allow on 405
+                if name.lower() != "content-type":
+                    response.headers[name] = value
+            return response
+        error = exc if isinstance(exc, ServingError) else translate_resource_error(exc)
+        if error is None:
+            request_id = g.get("request_id", "-")
+            log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id}})
+            error = InternalError(
+                f"Internal server error; the server log has the details under request id {request_id}."
+            )
+        elif not isinstance(exc, ServingError):  # out of memory: this request fails, the worker lives
+            log.warning("resource exhausted", exc_info=exc, extra={"fields": {"request_id": g.get("request_id")}})
+        g.log_fields = {**g.get("log_fields", {}), "error_code": error.code}
+        return error_response(error)
+
+    def _require_ready(wait: float) -> None:
+        if not runner.wait_ready(wait):
+            raise NotReady(runner.message)
+
+    @app.get("/ping")
+    def ping() -> Response:
+        _require_ready(0.0)  # health checks get an immediate answer
+        return _json_response({"status": "ready", "worker_pid": os.getpid()})
+
+    @app.get("/execution-parameters")
+    def execution_parameters() -> Response:
+        return _json_response(
+            {
+                "MaxConcurrentTransforms": max(1, settings.workers),
+                "BatchStrategy": "SINGLE_RECORD",
+                "MaxPayloadInMB": max(1, limits.max_request_bytes // MiB),
+            }
+        )
+
+    @app.get("/metrics")
+    def metrics_route() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
+
+    @app.post("/invocations")
+    def invocations() -> Response:
+        deadline = Deadline.after(deadline_seconds)
+        _require_ready(settings.ready_wait)
+        pipeline = runner.pipeline
+        times = StageTimes()
+        g.stages = times.seconds  # logged even when a later stage fails
+        body = read_body(request.stream, request.content_length, limits.max_request_bytes, settings.client_timeout)
+        parsed = pipeline.parse(body, request.content_type, request.args, request.headers.get(CUSTOM_ATTRIBUTES_HEADER))
+        result = pipeline.handle(parsed, deadline, times)
+        for name, seconds in result.stages.items():
+            metrics.STAGE_SECONDS.labels(name).observe(seconds)
+        metrics.IMAGES.inc(len(result.images))
+        metrics.DETECTIONS.inc(result.detection_count)
+        g.log_fields = {"images": len(result.images), "detections": result.detection_count,
+                        "format": parsed.images[0].options.format}
+        return Response(result.body, status=200, mimetype="application/json")
+
+    return app

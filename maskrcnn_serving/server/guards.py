@@ -1,0 +1,129 @@
+"""Per-request guards: what keeps one request's trouble inside that request instead of taking a worker down.
+
+* **Deadline.** Every ``/invocations`` request gets ``Settings.deadline_seconds`` (default 90 % of
+  ``MODEL_SERVER_TIMEOUT``, i.e. 63 s of the default 70) as a :class:`~maskrcnn_serving.deadline.Deadline` that
+  every pipeline stage checks; the model queue (:mod:`maskrcnn_serving.scheduler`) drops images whose deadline
+  passed and the request thread stops waiting at it, answering 504 ``deadline_exceeded`` while the worker, its
+  other threads and its other requests carry on. (gunicorn's ``gthread`` workers are not killed for a slow request
+  -- their main loop keeps the heartbeat -- so without this a stuck request would hang until the client gives up.)
+* **Memory.** ``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB`` (off by default) caps each worker's data segment at its
+  size after the warm-up plus the headroom (``RLIMIT_DATA``), so an allocation that would push the container into the
+  kernel's OOM killer (which kills a whole worker, or the master) fails inside the one request that made it.
+  :func:`translate_resource_error` turns such failures (``MemoryError``, OpenCV's "insufficient memory", TensorFlow's
+  ``ResourceExhaustedError``) into a 422 ``insufficient_memory`` JSON answer. The first line of defence stays the
+  pixel limit (``MODEL_SERVER_MAX_IMAGE_PIXELS``), checked before anything is decoded.
+* **Request bodies.** :func:`read_body` reads at most the body limit; a body declared or found over it is drained
+  (bounded in bytes and time, like nginx's lingering close) before the 413, so that a client that sends its whole
+  body before reading (Python's ``http.client``, curl) gets the JSON error instead of a reset connection. A body
+  that stops arriving for ``MODEL_SERVER_CLIENT_TIMEOUT`` seconds (the socket timeout of
+  :mod:`maskrcnn_serving.server.gunicorn_worker`) is a 408.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import BinaryIO
+
+from maskrcnn_serving.errors import ClientTimeout, InsufficientMemory, MalformedBody, RequestTooLarge, ServingError
+
+log = logging.getLogger("maskrcnn_serving.guards")
+
+# An oversized body is read and thrown away up to this many bytes (then the connection is closed unread).
+DRAIN_MAX_BYTES = 64 << 20
+_DRAIN_CHUNK = 1 << 16
+
+
+def body_read_error(exc: OSError) -> ServingError:
+    """The answer when reading the request body fails: 408 when the client stalled (the socket timeout), 400 when
+    the body is malformed or cut short (gunicorn raises a bad chunk size or an early close as ``IOError``)."""
+    if isinstance(exc, TimeoutError):
+        return ClientTimeout(
+            "The request body stopped arriving before it was complete (MODEL_SERVER_CLIENT_TIMEOUT seconds without "
+            "data)."
+        )
+    return MalformedBody(f"The request body is malformed or incomplete ({type(exc).__name__}).")
+
+
+def drain(stream: BinaryIO, max_bytes: int, max_seconds: float) -> int:
+    """Read and discard what is left of a body, until its end, ``max_bytes`` or ``max_seconds``; the bytes read."""
+    drained, stop_at = 0, time.monotonic() + max_seconds
+    try:
+        while drained < max_bytes and time.monotonic() < stop_at:
+            chunk = stream.read(min(_DRAIN_CHUNK, max_bytes - drained))
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass  # a stalled or broken client: the connection is closed after the answer anyway
+    return drained
+
+
+def read_body(stream: BinaryIO, declared: int | None, limit: int, drain_seconds: float) -> bytes:
+    """The request body, at most ``limit`` bytes; 413 (after draining) when it is declared or found larger."""
+    too_large = RequestTooLarge(
+        f"The request body has {declared if declared is not None else 'more than ' + str(limit)} bytes; the limit "
+        f"is {limit}. Send a smaller image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES."
+    )
+    try:
+        if declared is not None and declared > limit:
+            drain(stream, DRAIN_MAX_BYTES, drain_seconds)
+            raise too_large
+        body = stream.read(limit + 1)
+    except OSError as exc:  # a stalled client (the socket timeout), a malformed chunk, an early close
+        raise body_read_error(exc) from None
+    if len(body) > limit:
+        drain(stream, DRAIN_MAX_BYTES, drain_seconds)
+        raise too_large
+    return body
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+
+
+def translate_resource_error(exc: BaseException) -> ServingError | None:
+    """The JSON error for an exhausted resource (None for anything else, which stays a 500)."""
+    if isinstance(exc, MemoryError) or _is_cv2_out_of_memory(exc) or _is_tf_resource_exhausted(exc):
+        return InsufficientMemory(
+            "Processing this image needs more memory than this worker may use. Send a smaller image (fewer pixels) "
+            "or fewer images per request."
+        )
+    return None
+
+
+def _is_cv2_out_of_memory(exc: BaseException) -> bool:
+    import cv2
+
+    return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
+
+
+def _is_tf_resource_exhausted(exc: BaseException) -> bool:
+    # Checked by name: the server must not import TensorFlow just to classify an error.
+    return any(cls.__name__ == "ResourceExhaustedError" for cls in type(exc).__mro__)
+
+
+def _data_segment_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmData not found in /proc/self/status")
+
+
+def apply_memory_headroom(headroom_mb: float) -> int | None:
+    """Cap this process's data segment (``RLIMIT_DATA``) at its current size plus ``headroom_mb``
+    (``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB``); call it once the model is loaded and warmed up.
+
+    Returns the limit in bytes, or None for a headroom of 0 (no limit). Allocations beyond the limit fail with
+    ``MemoryError`` / OpenCV's insufficient-memory error inside the request that made them.
+    """
+    if headroom_mb <= 0:
+        return None
+    limit = _data_segment_bytes() + int(headroom_mb * 2**20)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    log.info("worker memory limit set", extra={"fields": {"rlimit_data_bytes": limit, "headroom_mb": headroom_mb}})
+    return limit

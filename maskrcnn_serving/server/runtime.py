@@ -1,0 +1,112 @@
+"""The model lifecycle of one server worker: load the backend, build its pipeline, warm up, report readiness.
+
+State: ``loading`` -> ``warming_up`` -> ``ready``, or ``failed`` (the message says why; the worker keeps answering
+503 with it, so the cause is visible in both the logs and the responses). Loading runs on a background thread so
+that ``/ping`` answers 503 at once instead of hanging while it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from maskrcnn_serving import wire
+from maskrcnn_serving.backends.base import Backend, load_backend
+from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.scheduler import Scheduler
+from maskrcnn_serving.server.guards import apply_memory_headroom
+from maskrcnn_serving.settings import Settings
+
+log = logging.getLogger("maskrcnn_serving.server")
+
+
+def warmup_image(short_edge: int) -> np.ndarray:
+    """A deterministic textured BGR image at the model's test size (short edge x 4/3 of it)."""
+    height, width = short_edge, int(short_edge * 4 / 3)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = ((xx * 255) // max(1, width - 1)).astype(np.uint8)
+    image = np.dstack([base, ((yy * 255) // max(1, height - 1)).astype(np.uint8), 255 - base])
+    image[height // 4 : height // 2, width // 4 : width // 2] = (40, 200, 40)
+    return image
+
+
+def warmup_request(pipeline: Pipeline) -> wire.ParsedRequest:
+    """One PNG at the test size through the whole path, score threshold 0 so that the mask head and the encoders
+    run on real detections too."""
+    png = cv2.imencode(".png", warmup_image(pipeline.inference.short_edge_size))[1].tobytes()
+    options = wire.RequestOptions(score_threshold=0.0, format=pipeline.default_options().format)
+    return wire.ParsedRequest([wire.ImageRequest(None, png, options)], is_list=False)
+
+
+class ModelRunner:
+    """Owns the model of one worker; see the module docstring. ``backend``: an already loaded backend (tests)."""
+
+    def __init__(self, settings: Settings | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings or Settings()
+        self.backend = backend
+        self.pipeline: Pipeline | None = None
+        self.state = "loading"
+        self.message = "The model is loading."
+        self.load_seconds: float | None = None
+        self.warmup_seconds: float | None = None
+        self._ready = threading.Event()
+        self._settled = threading.Event()  # ready or failed
+        self._thread: threading.Thread | None = None
+
+    def start(self, background: bool = True) -> ModelRunner:
+        """Load (unless a backend was given) and warm up, on a daemon thread when ``background``."""
+        if background:
+            self._thread = threading.Thread(target=self._settle, name="model-loader", daemon=True)
+            self._thread.start()
+        else:
+            self._settle()
+        return self
+
+    def _settle(self) -> None:
+        try:
+            self._load_and_warm_up()
+        finally:
+            self._settled.set()
+
+    def _load_and_warm_up(self) -> None:
+        settings = self.settings
+        try:
+            start = time.perf_counter()
+            if self.backend is None:
+                self.backend = load_backend(settings.backend, settings.model_dir, settings)
+            self.load_seconds = time.perf_counter() - start
+            self.state, self.message = "warming_up", "The model is loaded and running its warm-up inference."
+            log.info("model loaded", extra={"fields": {"load_seconds": round(self.load_seconds, 3),
+                                                        **self.backend.description}})
+            # A lone request waits for others to share its graph call only where calls can be shared.
+            delay = settings.max_batch_delay_ms / 1000.0 if self.backend.max_batch_size > 1 else 0.0
+            self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits)
+            start = time.perf_counter()
+            self.pipeline.handle(warmup_request(self.pipeline))
+            self.warmup_seconds = time.perf_counter() - start
+            # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
+            apply_memory_headroom(settings.worker_memory_headroom_mb)
+        except Exception as exc:  # noqa: BLE001 - any failure must be reported, the worker stays up to say so
+            # Clients see the kind of failure only: the loader's message names files on the server (in the log).
+            self.state = "failed"
+            self.message = f"The model failed to load ({type(exc).__name__}); the server log has the details."
+            log.exception("model load failed")
+            return
+        self.state, self.message = "ready", "ready"
+        log.info("model ready", extra={"fields": {"warmup_seconds": round(self.warmup_seconds, 3)}})
+        self._ready.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether the model is ready, waiting up to ``timeout`` seconds while it is still loading (not after a
+        failure)."""
+        if timeout > 0 and not self._settled.is_set():
+            self._settled.wait(timeout)
+        return self._ready.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()

@@ -1,0 +1,192 @@
+"""Every runtime setting of the server and the backends, typed, read once.
+
+One :class:`Settings` object holds what the ``SM_*``, ``MODEL_SERVER_*`` and ``MASKRCNN_*`` environment variables
+and the command-line flags say. Each field declares its variable, its parser and its help text, so the environment,
+the flags of ``maskrcnn-serving serve`` and the documentation cannot disagree. ``serve`` resolves the settings in
+the gunicorn master (flags win over the environment) and hands them to the workers as environment variables
+(:meth:`Settings.to_env`), which each worker reads back with :meth:`Settings.from_env`.
+
+The model's own configuration (tensorpack keys, ``config.json``, ``CONFIG__*``) is not here: see
+:mod:`maskrcnn_serving.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
+
+MiB = 1 << 20
+PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
+WINOGRAD_MODES = ("auto", "on", "off")
+DEADLINE_FRACTION = 0.9  # of MODEL_SERVER_TIMEOUT, so that the JSON 504 always beats the invocation timeout
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def parse_winograd(text: str) -> str:
+    """``auto``, or a boolean spelling (``1``/``on``/``true`` ...) mapped to ``on`` / ``off``."""
+    value = text.strip().lower()
+    return value if value == "auto" else ("on" if parse_bool(value) else "off")
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _setting(default: Any, env: str, parse: Callable[[str], Any], help: str, flag: bool = False) -> Any:  # noqa: A002
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits of one request. Bytes are counted on the HTTP body (base64 included)."""
+
+    max_request_bytes: int = 6 * MiB
+    max_response_bytes: int = 6 * MiB
+    max_image_pixels: int = 50_000_000
+    max_images: int = 16
+
+
+_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings of one process; see the module docstring. Field order is the order of ``serve --help``."""
+
+    model_dir: str | None = _setting(
+        None, "SM_MODEL_DIR", _optional_str,
+        "Model directory with the checkpoint and optional config.json (default /opt/ml/model).")
+    backend: str = _setting("tensorpack", "MODEL_SERVER_BACKEND", str, "Inference backend: tensorpack or optimized.")
+    workers: int = _setting(
+        1, "MODEL_SERVER_WORKERS", int, "gunicorn worker processes, each with its own model copy.", flag=True)
+    threads: int = _setting(
+        4, "MODEL_SERVER_THREADS", int,
+        "Request threads per worker; decoding and encoding overlap, the model runs one call at a time.", flag=True)
+    timeout: int = _setting(70, "MODEL_SERVER_TIMEOUT", int, "Worker timeout in seconds (the seed's default).",
+                            flag=True)
+    request_deadline: float | None = _setting(
+        None, "MODEL_SERVER_REQUEST_DEADLINE", float,
+        "Seconds an /invocations request may take before a JSON 504 (default 90%% of the timeout; 0: none).",
+        flag=True)
+    client_timeout: float = _setting(
+        20.0, "MODEL_SERVER_CLIENT_TIMEOUT", float,
+        "Seconds without request bytes before a slow client gets 408 (like nginx's client_body_timeout).", flag=True)
+    ready_wait: float = _setting(
+        10.0, "MODEL_SERVER_READY_WAIT", float,
+        "Seconds an /invocations request waits for a worker still loading before 503; /ping never waits.", flag=True)
+    max_request_bytes: int = _setting(
+        _LIMITS.max_request_bytes, "MODEL_SERVER_MAX_REQUEST_BYTES", int, "Request body limit in bytes.", flag=True)
+    max_response_bytes: int = _setting(
+        _LIMITS.max_response_bytes, "MODEL_SERVER_MAX_RESPONSE_BYTES", int,
+        "Response body limit in bytes (SageMaker's is 6 MB).", flag=True)
+    max_image_pixels: int = _setting(
+        _LIMITS.max_image_pixels, "MODEL_SERVER_MAX_IMAGE_PIXELS", int,
+        "Pixels the images of one request may decode to, together (decompression-bomb guard).", flag=True)
+    max_images: int = _setting(_LIMITS.max_images, "MODEL_SERVER_MAX_IMAGES", int, "Images per request.", flag=True)
+    worker_memory_headroom_mb: float = _setting(
+        0.0, "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB", float,
+        "Cap each worker's data segment at its warm size plus this many MB (0: no cap); over it, a request gets 422.",
+        flag=True)
+    precision: str = _setting(
+        "float32", "MASKRCNN_PRECISION", str,
+        "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "
+        "with AVX512-BF16/AMX).", flag=True)
+    winograd: str = _setting(
+        "auto", "MASKRCNN_WINOGRAD", parse_winograd,
+        "Optimized backend Winograd convolutions: auto (float32 without a GPU), on, off.", flag=True)
+    xla: bool = _setting(False, "MASKRCNN_XLA", parse_bool, "Optimized backend: compile the dense part with XLA.",
+                         flag=True)
+    max_batch_size: int = _setting(
+        8, "MASKRCNN_MAX_BATCH_SIZE", int, "Optimized backend: images per graph call, at most.", flag=True)
+    bucket_step: int = _setting(
+        SIZE_MULTIPLE, "MASKRCNN_BUCKET_STEP", int,
+        "Optimized backend: resized images pad to a multiple of this to share a graph call.", flag=True)
+    max_batch_delay_ms: float = _setting(
+        10.0, "MASKRCNN_MAX_BATCH_DELAY_MS", float,
+        "Milliseconds a lone image waits for others to share its graph call (batching backends).", flag=True)
+
+    def __post_init__(self) -> None:
+        positive = ("workers", "threads", "timeout", "max_request_bytes", "max_response_bytes", "max_image_pixels",
+                    "max_images", "max_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("client_timeout", "ready_wait", "worker_memory_headroom_mb", "max_batch_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.winograd not in WINOGRAD_MODES:
+            raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, not {self.winograd!r}")
+        if self.bucket_step < SIZE_MULTIPLE or self.bucket_step % SIZE_MULTIPLE:
+            raise ValueError(f"bucket_step must be a positive multiple of {SIZE_MULTIPLE}, got {self.bucket_step}")
+
+    # ------------------------------------------------------------------------------------------ reading
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Settings from the variables in ``environ`` (empty ones count as unset); typed ``overrides`` that are
+        not None win. A malformed value is a ValueError naming the variable."""
+        values: dict[str, Any] = {}
+        for spec in dataclasses.fields(cls):
+            text = environ.get(spec.metadata["env"])
+            if text not in (None, ""):
+                values[spec.name] = _parse(spec, text, spec.metadata["env"])
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def with_text(self, values: Mapping[str, str]) -> Settings:
+        """A copy with fields set from text, e.g. ``{"precision": "bfloat16", "xla": "true"}`` (bench specs)."""
+        known = {spec.name: spec for spec in dataclasses.fields(self)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return dataclasses.replace(self, **{name: _parse(known[name], text, name) for name, text in values.items()})
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in another process (unset fields omitted)."""
+        env = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if value is not None:
+                env[spec.metadata["env"]] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_request_bytes, self.max_response_bytes, self.max_image_pixels, self.max_images)
+
+    @property
+    def deadline_seconds(self) -> float | None:
+        """Seconds a request may take: ``request_deadline`` (0 disables it), else 90 % of ``timeout`` and at
+        least 1 s below it, so that the JSON 504 always beats the invocation timeout."""
+        if self.request_deadline is not None:
+            return self.request_deadline if self.request_deadline > 0 else None
+        return max(0.5, min(self.timeout * DEADLINE_FRACTION, self.timeout - 1.0))
+
+
+def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:
+    try:
+        return spec.metadata["parse"](text)
+    except ValueError as exc:
+        raise ValueError(f"{source}={text!r} is not valid for {spec.name}: {exc}") from None
+
+
+def setting_fields(flags_only: bool = False) -> list[dataclasses.Field]:
+    """The declared settings (for building command-line flags and docs)."""
+    return [spec for spec in dataclasses.fields(Settings) if spec.metadata["flag"] or not flags_only]

@@ -1,0 +1,63 @@
+"""Winograd F(4x4, 3x3) convolutions against the direct ones."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+
+# --- Winograd F(4x4, 3x3) -------------------------------------------------------------------------------------------
+def test_winograd_matrices_compute_the_1d_correlation_exactly():
+    from maskrcnn_serving.modeling.winograd import winograd_matrices
+
+    at, g, bt = winograd_matrices()
+    assert np.array_equal(bt, np.round(bt))  # integer input transform: no rounding before the products
+    for k in range(3):
+        for j in range(6):
+            d, kernel = np.eye(6)[j], np.eye(3)[k]
+            expected = [d[i : i + 3] @ kernel for i in range(4)]
+            np.testing.assert_allclose(at @ ((g @ kernel) * (bt @ d)), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 13, 17, 8), (1, 8, 12, 16), (3, 4, 5, 2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_conv3x3_equals_the_direct_convolution(shape, relu):
+    from maskrcnn_serving.modeling import winograd
+
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, shape[3], 5)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    expected = tf.nn.conv2d(x.astype(np.float64), kernel.astype(np.float64), 1, "SAME").numpy() + bias
+    if relu:
+        expected = np.maximum(expected, 0)
+    actual = winograd.conv3x3(tf.constant(x), tf.constant(winograd.transform_kernel(kernel)), tf.constant(bias), relu)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual.numpy(), expected, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("count", [0, 3, 8, 13])
+def test_winograd_relu_stack_equals_direct_convolutions_for_any_count(count):
+    from maskrcnn_serving.modeling import winograd
+
+    rng = np.random.default_rng(count)
+    x = rng.normal(size=(count, 14, 14, 6)).astype(np.float32)
+    kernels = [rng.normal(size=(3, 3, 6, 6)).astype(np.float32) * 0.3 for _ in range(3)]
+    biases = [rng.normal(size=6).astype(np.float32) for _ in range(3)]
+    expected = x.astype(np.float64)
+    for kernel, bias in zip(kernels, biases, strict=True):
+        expected = np.maximum(tf.nn.conv2d(expected, kernel.astype(np.float64), 1, "SAME").numpy() + bias, 0)
+    actual = winograd.conv3x3_relu_stack(
+        tf.constant(x), [tf.constant(winograd.transform_kernel(k)) for k in kernels], [tf.constant(b) for b in biases]
+    )
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual.numpy(), expected, atol=1e-4 * np.abs(expected).max(initial=1.0))
+
+
+def test_winograd_padded_counts_are_few():
+    from maskrcnn_serving.modeling.winograd import padded_count
+
+    counts = np.arange(0, 801)
+    padded = padded_count(tf.constant(counts, tf.int32)).numpy()
+    assert (padded >= counts).all() and (padded >= 8).all()
+    assert (padded - counts)[(counts > 0) & (counts <= 128)].max() == 7 and (padded - counts).max() == 31
+    assert len(np.unique(padded)) == 16 + (800 - 128) // 32

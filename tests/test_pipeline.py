@@ -1,0 +1,91 @@
+"""The one inference pipeline on the session's demo backends: stages timed by the caller, options, class filter,
+deadlines, batching of a multi-image request, and the same answers as the backend called directly."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from maskrcnn_serving import wire
+from maskrcnn_serving.backends.base import PredictOptions
+from maskrcnn_serving.deadline import Deadline
+from maskrcnn_serving.errors import DeadlineExceeded, NotAnImage
+from maskrcnn_serving.pipeline import STAGES, Pipeline, StageTimes
+
+
+@pytest.fixture(scope="module")
+def pipeline(tensorpack_backend):
+    pipeline = Pipeline(tensorpack_backend)
+    yield pipeline
+    pipeline.close()
+
+
+def request(pipeline, files, **options):
+    defaults = pipeline.default_options()
+    items = [wire.ImageRequest(str(i), data, wire.parse_options(options, defaults, pipeline.backend.class_names, False))
+             for i, data in enumerate(files)]
+    return wire.ParsedRequest(items, is_list=len(items) > 1)
+
+
+def test_every_stage_is_timed_and_they_add_up(pipeline, example_images):
+    files = [p.read_bytes() for p in example_images[:2]]
+    start = time.perf_counter()
+    response = pipeline.handle(request(pipeline, files))
+    wall = time.perf_counter() - start
+    assert set(response.stages) == set(STAGES)
+    assert all(seconds >= 0 for seconds in response.stages.values())
+    assert response.stages["model"] > 0 and abs(sum(response.stages.values()) - wall) < 0.05 * wall + 0.005
+    answers = json.loads(response.body)
+    assert [a["img_id"] for a in answers] == ["0", "1"] and response.detection_count == sum(
+        len(a["annotations"]) for a in answers)
+
+
+def test_answers_equal_the_backend_called_directly(pipeline, tensorpack_backend, example_images):
+    data = example_images[0].read_bytes()
+    result = pipeline.process(request(pipeline, [data], format="coco").images, StageTimes())[0]
+    image = cv2.imread(str(example_images[0]), cv2.IMREAD_COLOR)
+    assert np.array_equal(result.image, image)  # the decoding gate gives cv2.imread's pixels
+    direct = tensorpack_backend.predict([image], PredictOptions(pipeline.inference.vis_score_threshold))[0]
+    np.testing.assert_array_equal(result.detections.boxes, direct.boxes)
+    np.testing.assert_array_equal(result.detections.scores, direct.scores)
+    assert [a["category_id"] for a in result.annotations] == direct.labels.tolist()
+
+
+def test_class_filter_asks_the_graph_for_the_full_list(pipeline, example_images):
+    limit = pipeline.inference.results_per_image
+    assert pipeline.predict_options(wire.RequestOptions(0.3, max_detections=5)) == PredictOptions(0.3, 5)
+    filtered = wire.RequestOptions(0.3, max_detections=5, classes=frozenset({1}))
+    assert pipeline.predict_options(filtered) == PredictOptions(0.3, limit)
+    many = wire.RequestOptions(0.3, max_detections=limit + 50, classes=frozenset({1}))
+    assert pipeline.predict_options(many) == PredictOptions(0.3, limit + 50)
+    data = example_images[0].read_bytes()
+    everything = pipeline.handle(request(pipeline, [data], score_threshold=0.0, format="boxes")).images[0]
+    wanted = int(everything.detections.labels[-1])  # a class whose best detection is not in the top 3
+    top = pipeline.handle(request(pipeline, [data], score_threshold=0.0, format="boxes", classes=[wanted],
+                                  max_detections=3)).images[0]
+    assert set(top.detections.labels.tolist()) == {wanted} and len(top.detections) == 3
+    expected = everything.detections.scores[everything.detections.labels == wanted][:3]
+    np.testing.assert_array_equal(top.detections.scores, expected)
+
+
+def test_deadline_and_bad_bytes_end_the_request(pipeline, example_images):
+    with pytest.raises(DeadlineExceeded, match="decoding"):
+        pipeline.handle(request(pipeline, [example_images[0].read_bytes()]), Deadline.after(-1.0))
+    with pytest.raises(NotAnImage):
+        pipeline.handle(request(pipeline, [b"not an image"]))
+
+
+def test_a_request_of_several_images_shares_forward_calls(optimized_backend, example_images):
+    """The optimized backend batches: the four images of one request (one size bucket) run in one call."""
+    files = [cv2.imencode(".png", cv2.resize(cv2.imread(str(p)), (320, 240)))[1].tobytes() for p in example_images]
+    pipeline = Pipeline(optimized_backend)
+    try:
+        response = pipeline.handle(request(pipeline, files, score_threshold=0.0, max_detections=5))
+        assert pipeline.scheduler.stats.batches == 1 and pipeline.scheduler.stats.largest_batch == 4
+    finally:
+        pipeline.close()
+    assert [len(r.detections) for r in response.images] == [5, 5, 5, 5]
