@@ -22,7 +22,7 @@ import maskrcnn_serving
 from maskrcnn_serving.errors import ModelLoadError
 
 # Modules under maskrcnn_serving.commands; each defines register(subparsers) -> None.
-COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench", "export")
+COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench", "export", "index")
 # How much of the captured native output a failed command shows.
 NATIVE_LOG_TAIL_BYTES = 16384
 

@@ -60,6 +60,10 @@ class NotAnImage(BadRequest, code="not_an_image"):
     """400: the bytes are not an image in an accepted format, or the image is truncated or corrupt."""
 
 
+class SearchUnavailable(BadRequest, code="search_unavailable"):
+    """400: the request asks for neighbours, and the server has no instance index."""
+
+
 class MalformedBody(BadRequest, code="malformed_body"):
     """400: the HTTP body is malformed or cut short (bad chunk framing, an early close)."""
 

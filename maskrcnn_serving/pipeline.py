@@ -11,6 +11,7 @@ preprocess     test-time resize (:meth:`Backend.preprocess`)                    
 queue          waiting for the model (other requests' batches)                     --
 model          the forward calls that ran this request's images                    the scheduler's
 postprocess    class filter, ``max_detections``, mask pasting at box size          the caller's
+search         nearest indexed instances (``neighbours``; :mod:`.search.index`)    the caller's
 encode         RLE / polygons / boxes records and the JSON body (:mod:`.wire`)     the caller's
 =============  ==================================================================  ===============
 
@@ -26,15 +27,20 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from maskrcnn_serving import imaging, wire
 from maskrcnn_serving.backends.base import Backend, PredictOptions
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
+from maskrcnn_serving.errors import SearchUnavailable
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
+
+if TYPE_CHECKING:  # the index (and its database client) is only needed where a server or command opens one
+    from maskrcnn_serving.search.index import InstanceIndex
 
 
 class Stage(enum.StrEnum):
@@ -43,6 +49,7 @@ class Stage(enum.StrEnum):
     QUEUE = "queue"
     MODEL = "model"
     POSTPROCESS = "postprocess"
+    SEARCH = "search"
     ENCODE = "encode"
 
 
@@ -98,10 +105,17 @@ class Pipeline:
     in-process use; the server passes one with its delay). ``limits``: what one request may hold and answer.
     """
 
-    def __init__(self, backend: Backend, scheduler: Scheduler | None = None, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        scheduler: Scheduler | None = None,
+        limits: Limits | None = None,
+        index: InstanceIndex | None = None,
+    ) -> None:
         self.backend = backend
         self.scheduler = scheduler if scheduler is not None else Scheduler.for_backend(backend)
         self.limits = limits or Limits()
+        self.index = index
         self.inference = backend.bundle.inference
 
     def close(self) -> None:
@@ -120,11 +134,16 @@ class Pipeline:
     def parse(
         self, body: bytes, content_type: str | None, query, custom_attributes: str | None = None
     ) -> wire.ParsedRequest:
-        """Validate an ``/invocations`` body and its options against this model (nothing is decoded yet)."""
-        return wire.parse_request(
+        """Validate an ``/invocations`` body and its options against this model and server (nothing is decoded
+        yet)."""
+        request = wire.parse_request(
             body, content_type, query, self.default_options(), self.backend.class_names, self.limits,
             custom_attributes, self.backend.has_masks,
         )
+        if self.index is None and any(item.options.neighbours for item in request.images):
+            raise SearchUnavailable("neighbours needs an instance index, and this server has none (start it with "
+                                    "`serve --index DB`).")
+        return request
 
     def handle(
         self, request: wire.ParsedRequest, deadline: Deadline = NO_DEADLINE, times: StageTimes | None = None
@@ -134,7 +153,11 @@ class Pipeline:
         times = times if times is not None else StageTimes()
         results = self.process(request.images, times, deadline)
         with times.measure(Stage.ENCODE):
-            responses = [wire.image_response(result.img_id, result.annotations) for result in results]
+            responses = [
+                wire.image_response(result.img_id, result.annotations,
+                                    result.detections.image_embedding if item.options.embeddings else None)
+                for result, item in zip(results, request.images, strict=True)
+            ]
             body = wire.encode_response(responses, request.is_list, self.limits)
         return Response(body, results, times.seconds)
 
@@ -147,6 +170,7 @@ class Pipeline:
         with times.measure(Stage.POSTPROCESS):
             detections = [self.select(dets, item.options) for dets, item in zip(detections, items, strict=True)]
         annotations = self.annotate(items, detections, times, deadline)
+        self.add_search_fields(items, detections, annotations, times, deadline)
         return [
             ImageResult(item.img_id, image, dets, records)
             for item, image, dets, records in zip(items, images, detections, annotations, strict=True)
@@ -159,7 +183,7 @@ class Pipeline:
         graph_max = options.max_detections
         if options.classes is not None:
             graph_max = max(options.max_detections or 0, self.inference.results_per_image)
-        return PredictOptions(options.score_threshold, graph_max)
+        return PredictOptions(options.score_threshold, graph_max, options.embeddings or bool(options.neighbours))
 
     def decode(
         self, items: Sequence[wire.ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
@@ -210,3 +234,23 @@ class Pipeline:
             with times.measure(Stage.ENCODE):
                 annotations.append(wire.encode_annotations(dets, item.options, patches))
         return annotations
+
+    def add_search_fields(
+        self,
+        items: Sequence[wire.ImageRequest],
+        detections: Sequence[Detections],
+        annotations: Sequence[list[dict]],
+        times: StageTimes,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> None:
+        """search: each instance's nearest indexed instances where asked (``neighbours``, ``same_class``), and the
+        instances' embeddings where asked."""
+        for item, dets, records in zip(items, detections, annotations, strict=True):
+            options = item.options
+            neighbours = None
+            if options.neighbours:
+                deadline.check("it was still searching the index")
+                with times.measure(Stage.SEARCH):
+                    categories = dets.labels if options.same_class else None
+                    neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
+            wire.add_search_fields(records, dets, options, neighbours)

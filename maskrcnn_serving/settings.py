@@ -102,6 +102,12 @@ class Settings:
         0.0, "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB", float,
         "Cap each worker's data segment at its warm size plus this many MB (0: no cap); over it, a request gets 422.",
         flag=True)
+    index: str | None = _setting(
+        None, "MODEL_SERVER_INDEX", _optional_str,
+        "Instance index for the neighbours option: a Milvus Lite folder (served by one process shared by the workers) "
+        "or a Milvus URL; see docs/instance-search.md.", flag=True)
+    index_collection: str = _setting(
+        "instances", "MODEL_SERVER_INDEX_COLLECTION", str, "Index name in the --index database.", flag=True)
     precision: str = _setting(
         "float32", "MASKRCNN_PRECISION", str,
         "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "

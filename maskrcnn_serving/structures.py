@@ -24,6 +24,8 @@ class Detections:
         mask_probs: (N, M, M) float32 sigmoid mask probabilities in the frame of each box (M = 28), or None for a
             model without a mask head.
         accurate_paste: which paste method ``masks()`` uses (``MRCNN.ACCURATE_PASTE``; see modeling/paste.py).
+        embeddings: (N, E) float32 L2-normalised search vectors of the instances, when they were asked for
+            (see modeling/embeddings.py); ``image_embedding`` (F,) the image's.
     """
 
     boxes: np.ndarray
@@ -33,6 +35,8 @@ class Detections:
     image_hw: tuple[int, int]
     mask_probs: np.ndarray | None = None
     accurate_paste: bool = True
+    embeddings: np.ndarray | None = None
+    image_embedding: np.ndarray | None = None
     _mask_cache: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -75,5 +79,7 @@ class Detections:
             class_names=self.class_names,
             image_hw=self.image_hw,
             mask_probs=None if self.mask_probs is None else self.mask_probs[keep],
+            embeddings=None if self.embeddings is None else self.embeddings[keep],
+            image_embedding=self.image_embedding,
             accurate_paste=self.accurate_paste,
         )

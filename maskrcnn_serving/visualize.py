@@ -288,3 +288,91 @@ def plot_annotations(
     if title is not None:
         ax.set_title(title)
     return ax
+
+
+# ------------------------------------------------------------------------------------------------ instance search
+
+
+def instance_crop(image: np.ndarray, bbox_xywh: Sequence[float], mask: np.ndarray | None = None,
+                  class_id: int = 0, size: int = 128) -> np.ndarray:
+    """The box of one instance (10 % margin), its mask blended in its class colour, scaled to fit ``size`` x
+    ``size`` and centred on a grey square. ``mask`` is the full-image (H, W) mask or None."""
+    height, width = image.shape[:2]
+    x, y, w, h = (float(v) for v in bbox_xywh)
+    margin = 0.1 * max(w, h, 1.0)
+    x0, y0 = max(0, int(x - margin)), max(0, int(y - margin))
+    x1, y1 = min(width, int(np.ceil(x + w + margin))), min(height, int(np.ceil(y + h + margin)))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    crop = image[y0:y1, x0:x1].copy()
+    if mask is not None:
+        _blend_mask(crop, (0, 0, np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.uint8)), class_color(class_id), 0.45)
+    scale = size / max(crop.shape[:2])
+    crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))),
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    tile = np.full((size, size, 3), 64, np.uint8)
+    top, left = (size - crop.shape[0]) // 2, (size - crop.shape[1]) // 2
+    tile[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+    return tile
+
+
+def neighbour_strip(query: np.ndarray, neighbours: Sequence[np.ndarray], captions: Sequence[str],
+                    query_caption: str = "query") -> np.ndarray:
+    """One row of equal square tiles: the query instance, a gap, then its neighbours, each with a caption."""
+    size = query.shape[0]
+    caption_height = 18
+    tiles = [query, np.full((size, size // 4, 3), 255, np.uint8), *neighbours]
+    texts = [query_caption, "", *captions]
+    columns = []
+    for tile, text in zip(tiles, texts, strict=True):
+        column = np.full((size + caption_height, tile.shape[1], 3), 255, np.uint8)
+        column[:size] = tile
+        if text:
+            cv2.putText(column, text[: max(1, tile.shape[1] // 7)], (2, size + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+        columns.append(column)
+    return np.hstack(columns)
+
+
+def project_2d(vectors: np.ndarray) -> np.ndarray:
+    """(N, 2) coordinates of (N, D) vectors on their first two principal components (PCA by SVD, centred)."""
+    vectors = np.asarray(vectors, np.float64)
+    if len(vectors) < 2:
+        return np.zeros((len(vectors), 2))
+    centred = vectors - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:2].T
+    return projected if projected.shape[1] == 2 else np.pad(projected, ((0, 0), (0, 2 - projected.shape[1])))
+
+
+def draw_embedding_map(
+    vectors: np.ndarray,
+    thumbnails: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    size: int = 1000,
+    thumbnail_size: int = 40,
+) -> np.ndarray:
+    """A 2-D PCA map of instance embeddings: each instance's thumbnail (BGR) at its projected position, framed in
+    its class colour (the colours of :func:`class_color`), with a legend. Returns a (size, size, 3) BGR image."""
+    canvas = np.full((size, size, 3), 255, np.uint8)
+    points = project_2d(vectors)
+    if len(points) == 0:
+        return canvas
+    border = thumbnail_size // 2 + 4
+    low, high = points.min(axis=0), points.max(axis=0)
+    span = np.where(high - low > 0, high - low, 1.0)
+    positions = border + (points - low) / span * (size - 2 * border)
+    half = thumbnail_size // 2
+    for (x, y), thumbnail, class_id in zip(positions.astype(int), thumbnails, class_ids, strict=True):
+        scale = thumbnail_size / max(thumbnail.shape[:2])
+        new_wh = (max(1, round(thumbnail.shape[1] * scale)), max(1, round(thumbnail.shape[0] * scale)))
+        small = cv2.resize(thumbnail, new_wh, interpolation=cv2.INTER_AREA)
+        top, left = y - small.shape[0] // 2, x - small.shape[1] // 2
+        canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
+        cv2.rectangle(canvas, (x - half - 1, y - half - 1), (x + half, y + half), class_color(class_id), 2)
+    if class_names is not None:
+        for row, class_id in enumerate(sorted(set(int(k) for k in class_ids))):
+            cv2.rectangle(canvas, (8, 8 + 18 * row), (20, 20 + 18 * row), class_color(class_id), cv2.FILLED)
+            cv2.putText(canvas, str(class_names[class_id]), (26, 19 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas

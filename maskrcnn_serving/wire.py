@@ -47,8 +47,10 @@ from maskrcnn_serving.structures import Detections
 
 FORMATS = ("legacy", "coco", "polygon", "boxes")
 MASK_FORMATS = ("legacy", "coco", "polygon")
-OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "classes", "format")
+OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "classes", "format", "embeddings",
+                "neighbours", "same_class")
 MAX_DETECTIONS_LIMIT = 1000
+MAX_NEIGHBOURS = 100
 RAW_IMAGE_TYPES = frozenset(
     {
         "image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp",
@@ -65,6 +67,9 @@ class RequestOptions:
     max_detections: at most this many detections (None: the model's ``TEST.RESULTS_PER_IM``).
     classes: keep only these contiguous class ids (None: all).
     format: one of :data:`FORMATS`.
+    embeddings: add each instance's search vector (``embedding``) and the image's (``image_embedding``).
+    neighbours: add each instance's this many nearest indexed instances (needs the server's index).
+    same_class: search the neighbours among instances of the instance's own class only.
     """
 
     score_threshold: float
@@ -72,6 +77,9 @@ class RequestOptions:
     max_detections: int | None = None
     classes: frozenset[int] | None = None
     format: str = "legacy"
+    embeddings: bool = False
+    neighbours: int | None = None
+    same_class: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,23 @@ def parse_options(
         if value.lower() in MASK_FORMATS and not has_masks:
             raise BadRequest(f"This model has no mask head; format={value} needs masks. Use format=boxes.")
         updates["format"] = value.lower()
+    for name in ("embeddings", "same_class"):
+        if name in raw:
+            updates[name] = _flag(name, raw[name], from_text)
+    if "neighbours" in raw:
+        value = _number("neighbours", raw["neighbours"], from_text, int)
+        if not 1 <= value <= MAX_NEIGHBOURS:
+            raise BadRequest(f"neighbours must be an integer in [1, {MAX_NEIGHBOURS}], got {value}.")
+        updates["neighbours"] = value
     return replace(base, **updates) if updates else base
+
+
+def _flag(name: str, value: Any, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise BadRequest(f"{name} must be true or false, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -333,11 +357,25 @@ def encode_annotations(
     return annotations
 
 
-def image_response(img_id: str | None, annotations: list[dict]) -> dict:
+def add_search_fields(
+    annotations: list[dict], dets: Detections, options: RequestOptions, neighbours: Sequence[Sequence] | None
+) -> None:
+    """Add ``embedding`` (float32 values, L2-normalised) and ``neighbours`` (each a ``search.index.Neighbour``) to
+    each annotation, where the options ask for them."""
+    for index, record in enumerate(annotations):
+        if options.embeddings:
+            record["embedding"] = dets.embeddings[index]
+        if neighbours is not None:
+            record["neighbours"] = [neighbour.to_json() for neighbour in neighbours[index]]
+
+
+def image_response(img_id: str | None, annotations: list[dict], image_embedding: np.ndarray | None = None) -> dict:
     """One image's response object: ``{"img_id": str, "annotations": [...]}`` (``img_id`` omitted when the request
-    had none, i.e. a raw body without an ``img_id`` query parameter)."""
+    had none, i.e. a raw body without an ``img_id`` query parameter), and ``image_embedding`` when given."""
     response: dict[str, Any] = {} if img_id is None else {"img_id": img_id}
     response["annotations"] = annotations
+    if image_embedding is not None:
+        response["image_embedding"] = image_embedding
     return response
 
 

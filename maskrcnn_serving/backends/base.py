@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from maskrcnn_serving.model_dir import ModelBundle, load_model_dir
+from maskrcnn_serving.modeling.constants import embedding_dim
 from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
 from maskrcnn_serving.settings import Settings
 from maskrcnn_serving.structures import Detections
@@ -34,10 +35,12 @@ class PredictOptions:
     score_threshold: keep detections with score strictly above it (``TEST.RESULT_SCORE_THRESH``, 0.05 by
         default). Applied inside the graph before per-class NMS, so 0 can be used to force a fixed detection count.
     max_detections: at most this many detections per image (``TEST.RESULTS_PER_IM``, 100 by default).
+    embeddings: also compute the instances' and the image's search vectors (modeling/embeddings.py).
     """
 
     score_threshold: float | None = None
     max_detections: int | None = None
+    embeddings: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +87,12 @@ class Backend(ABC):
         return bool(self.bundle.architecture.is_mask_rcnn)
 
     @property
+    def embedding_dim(self) -> int:
+        """Length of an instance's search vector (``embeddings=True``): FPN channels + classes + 1."""
+        architecture = self.bundle.architecture
+        return embedding_dim(architecture.fpn_channels, architecture.num_categories)
+
+    @property
     def description(self) -> dict:
         """What the backend computes with, for logs and metadata (e.g. the optimized backend's precision)."""
         return {"backend": self.name, "precision": "float32"}
@@ -122,6 +131,8 @@ class Backend(ABC):
         scores: np.ndarray,
         labels: np.ndarray,
         mask_probs: np.ndarray | None,
+        embeddings: np.ndarray | None = None,
+        image_embedding: np.ndarray | None = None,
     ) -> Detections:
         """The :class:`Detections` of one image from network outputs in resized-image pixels."""
         return Detections(
@@ -132,6 +143,8 @@ class Backend(ABC):
             image_hw=image.original_hw,
             mask_probs=mask_probs,
             accurate_paste=self.bundle.inference.accurate_paste,
+            embeddings=embeddings,
+            image_embedding=image_embedding,
         )
 
 

@@ -89,7 +89,7 @@ class OptimizedBackend(Backend):
         self.settings = settings
         self.dtype_name = dtype_name
         self.max_batch_size = settings.max_batch_size
-        self._functions: dict[int, tf.types.experimental.ConcreteFunction] = {}
+        self._functions: dict[tuple[int, bool], tf.types.experimental.ConcreteFunction] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,18 +110,21 @@ class OptimizedBackend(Backend):
         return {"backend": self.name, "precision": self.dtype_name, "winograd": self.network.winograd,
                 "xla": self.settings.xla, "max_batch_size": self.max_batch_size}
 
-    def detect_function(self, batch_size: int) -> tf.types.experimental.ConcreteFunction:
-        """The traced graph for ``batch_size`` images of any (H, W) (traced on first use, then cached)."""
+    def detect_function(self, batch_size: int, with_embeddings: bool = False) -> tf.types.experimental.ConcreteFunction:
+        """The traced graph for ``batch_size`` images of any (H, W) (traced on first use, then cached), with or
+        without the search vectors."""
+        key = (batch_size, with_embeddings)
         with self._lock:
-            if batch_size not in self._functions:
+            if key not in self._functions:
                 signature = [
                     tf.TensorSpec([batch_size, None, None, 3], tf.uint8, name="images"),
                     tf.TensorSpec([batch_size, 2], tf.int32, name="image_hw"),
                     tf.TensorSpec([], tf.float32, name="score_threshold"),
                     tf.TensorSpec([], tf.int32, name="max_detections"),
                 ]
-                self._functions[batch_size] = tf.function(self.network.detect).get_concrete_function(*signature)
-            return self._functions[batch_size]
+                function = tf.function(self.network.detect)
+                self._functions[key] = function.get_concrete_function(*signature, with_embeddings=with_embeddings)
+            return self._functions[key]
 
     def batch_key(self, resized: np.ndarray) -> tuple[int, int]:
         """The padded (H, W) a resized image runs at: each side rounded up to a multiple of ``bucket_step``."""
@@ -140,7 +143,7 @@ class OptimizedBackend(Backend):
                 raise ValueError("a forward call takes images of one size bucket")
             images[row, : image.resized.shape[0], : image.resized.shape[1]] = image.resized
             image_hw[row] = image.resized.shape[:2]
-        outputs = self.detect_function(len(batch))(
+        outputs = self.detect_function(len(batch), options.embeddings)(
             tf.constant(images), tf.constant(image_hw), tf.constant(threshold, tf.float32), tf.constant(limit, tf.int32)
         )
         outputs = {k: v.numpy() for k, v in outputs.items()}
@@ -148,7 +151,9 @@ class OptimizedBackend(Backend):
         results = []
         for row, image in enumerate(batch):
             rows = slice(ends[row] - outputs["counts"][row], ends[row])
-            masks = outputs["masks"][rows] if "masks" in outputs else None
+            per_detection = {k: outputs[k][rows] if k in outputs else None for k in ("masks", "embeddings")}
+            image_embedding = outputs["image_embeddings"][row] if "image_embeddings" in outputs else None
             results.append(self.detections(image, outputs["boxes"][rows], outputs["scores"][rows],
-                                           outputs["labels"][rows], masks))
+                                           outputs["labels"][rows], per_detection["masks"],
+                                           per_detection["embeddings"], image_embedding))
         return results

@@ -42,9 +42,12 @@ class TensorpackBackend(Backend):
             feed[self.tensors.score_threshold] = options.score_threshold
         if options.max_detections is not None:
             feed[self.tensors.max_detections] = options.max_detections
-        outputs = self._session.run(self.tensors.outputs, feed)
-        masks = outputs[3] if len(outputs) > 3 else None
-        return [self.detections(image, outputs[0], outputs[1], outputs[2], masks)]
+        fetches = {"detections": self.tensors.outputs}
+        if options.embeddings:
+            fetches["search"] = [self.tensors.embeddings, self.tensors.image_embedding]
+        outputs = self._session.run(fetches, feed)
+        boxes, scores, labels, *masks = outputs["detections"]
+        return [self.detections(image, boxes, scores, labels, masks[0] if masks else None, *outputs.get("search", ()))]
 
     def close(self) -> None:
         self._session.close()

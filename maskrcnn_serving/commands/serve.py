@@ -60,11 +60,12 @@ def worker_environment(settings: Settings, environ: Mapping[str, str]) -> dict[s
     return env
 
 
-def check_model_dir(backend: str, model_dir: str | None) -> str | None:
-    """Load and validate the model directory in a child process (TensorFlow must not be imported in the gunicorn
-    master before it forks). Returns the loader's error message, or None when the directory is servable."""
+def check_model_dir() -> str | None:
+    """Validate the model directory (and the instance index, if any) of the settings in this process's environment,
+    in a child process (neither TensorFlow nor gRPC may be imported in the gunicorn master before it forks).
+    Returns the error message, or None when the directory is servable."""
     result = subprocess.run(
-        [sys.executable, "-m", "maskrcnn_serving.commands.serve", "--check-model-dir", backend, model_dir or ""],
+        [sys.executable, "-m", "maskrcnn_serving.commands.serve", "--check-model-dir"],
         capture_output=True,
         text=True,
         check=False,
@@ -98,7 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update(worker_environment(settings, os.environ))
     configure_logging(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
 
-    error = check_model_dir(settings.backend, settings.model_dir)
+    if settings.index:
+        error = _start_index_database(settings.index)
+        if error is not None:
+            print(f"error: cannot open the index: {error}", file=sys.stderr)
+            return 2
+    error = check_model_dir()
     if error is not None:
         print(f"error: cannot load the model: {error}", file=sys.stderr)
         return 2
@@ -145,21 +151,44 @@ class _GunicornServer(BaseApplication):
         return create_app()
 
 
-def _check_main(backend: str, model_dir: str) -> int:
+def _start_index_database(db: str) -> str | None:
+    """For a local Milvus Lite index, start its one database process here, in the master, so that every worker
+    connects to it (the master owns it and stops it on exit); nothing to do for a Milvus URL."""
+    from maskrcnn_serving.search import database
+
+    if database.is_remote(db):
+        return None
+    try:
+        database.local_uri(database.check_local_path(db))
+    except database.DatabaseError as exc:
+        return str(exc)
+    return None
+
+
+def _check_main() -> int:
     from maskrcnn_serving.backends.base import get_backend_class
     from maskrcnn_serving.errors import ModelLoadError
     from maskrcnn_serving.model_dir import load_model_dir
+    from maskrcnn_serving.modeling.constants import embedding_dim
+    from maskrcnn_serving.search.database import DatabaseError
 
+    settings = Settings.from_env(os.environ)
     try:
-        get_backend_class(backend)
-        load_model_dir(model_dir or None)
-    except (ModelLoadError, ValueError) as exc:
+        get_backend_class(settings.backend)
+        bundle = load_model_dir(settings.model_dir)
+        if settings.index:
+            from maskrcnn_serving.search.index import InstanceIndex
+
+            architecture = bundle.architecture
+            dim = embedding_dim(architecture.fpn_channels, architecture.num_categories)
+            InstanceIndex.open(settings.index, settings.index_collection, dim=dim).close()
+    except (ModelLoadError, DatabaseError, ValueError) as exc:
         print(str(exc).replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--check-model-dir":
-        sys.exit(_check_main(sys.argv[2], sys.argv[3]))
-    sys.exit("usage: python -m maskrcnn_serving.commands.serve --check-model-dir BACKEND MODEL_DIR")
+    if sys.argv[1:] == ["--check-model-dir"]:
+        sys.exit(_check_main())
+    sys.exit("usage: python -m maskrcnn_serving.commands.serve --check-model-dir (settings from the environment)")

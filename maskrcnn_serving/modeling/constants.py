@@ -7,3 +7,9 @@ BOX_RESOLUTION = 7  # RoIAlign output of the box head
 MASK_RESOLUTION = 14  # RoIAlign output of the mask head; its masks are twice that
 MASK_SIZE = 2 * MASK_RESOLUTION
 BN_EPSILON = 1e-5  # FrozenBN
+
+
+def embedding_dim(fpn_channels: int, num_categories: int) -> int:
+    """Length of an instance's search vector (modeling/embeddings.py): the FPN channels, then the class
+    distribution, background included."""
+    return fpn_channels + num_categories + 1

@@ -22,7 +22,7 @@ from tensorpack.tfutils.tower import TowerContext
 
 from maskrcnn_serving.errors import ModelLoadError
 from maskrcnn_serving.model_dir import ModelBundle
-from maskrcnn_serving.modeling import tf_ops
+from maskrcnn_serving.modeling import embeddings, tf_ops
 from maskrcnn_serving.modeling.anchors import fpn_anchors
 from maskrcnn_serving.modeling.constants import BOX_RESOLUTION, MASK_RESOLUTION, RESNET_GROUP_WIDTHS, SIZE_MULTIPLE
 
@@ -107,7 +107,8 @@ class TensorpackGraph:
 
     Inputs: ``image`` [h, w, 3] uint8 BGR, already resized; ``score_threshold`` and ``max_detections`` (scalars
     defaulting to the model's). Outputs (:attr:`outputs`): boxes (D, 4) in resized-image pixels, scores (D,),
-    labels (D,) int in 1..K, and for a mask model masks (D, 28, 28) probabilities of each detection's class.
+    labels (D,) int in 1..K, and for a mask model masks (D, 28, 28) probabilities of each detection's class; and,
+    on request, ``embeddings`` (D, C + K + 1) and ``image_embedding`` (C,) (:mod:`.embeddings`).
     """
 
     def __init__(self, bundle: ModelBundle) -> None:
@@ -155,10 +156,15 @@ class TensorpackGraph:
             boxes = tf_ops.decode_fastrcnn_boxes(
                 box_deltas, proposals, cfg.bbox_reg_weights, cfg.box_clip, image_hw
             )
-            self.boxes, self.scores, self.labels = tf_ops.fastrcnn_predictions(
-                boxes, tf.nn.softmax(class_logits), self.score_threshold, self.max_detections,
-                cfg.frcnn_nms_threshold,
+            class_probs = tf.nn.softmax(class_logits)
+            self.boxes, self.scores, self.labels, sources = tf_ops.fastrcnn_predictions(
+                boxes, class_probs, self.score_threshold, self.max_detections, cfg.frcnn_nms_threshold,
             )
+            # Search vectors (fetched only when asked for): the whole P5 map is the image padded to 32.
+            self.embeddings = embeddings.instance_embeddings(
+                pooled_features, self.boxes, strides, tf.gather(class_probs, sources)
+            )
+            self.image_embedding = embeddings.image_embeddings(features[3], tf.shape(features[3])[1:3][None])[0]
 
             self.masks = None
             if arch.is_mask_rcnn:

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from maskrcnn_serving.model_dir import ModelBundle
-from maskrcnn_serving.modeling import tf_ops, winograd
+from maskrcnn_serving.modeling import embeddings, tf_ops, winograd
 from maskrcnn_serving.modeling.anchors import fpn_anchors
 from maskrcnn_serving.modeling.constants import (
     BN_EPSILON,
@@ -265,7 +265,12 @@ class MaskRCNN(tf.Module):
 
     # ------------------------------------------------------------------------------------------ inference
     def detect(
-        self, images: tf.Tensor, image_hw: tf.Tensor, score_threshold: tf.Tensor, max_detections: tf.Tensor
+        self,
+        images: tf.Tensor,
+        image_hw: tf.Tensor,
+        score_threshold: tf.Tensor,
+        max_detections: tf.Tensor,
+        with_embeddings: bool = False,
     ) -> dict[str, tf.Tensor]:
         """Detect objects in a batch. The batch size must be static (it unrolls the per-image NMS).
 
@@ -273,7 +278,9 @@ class MaskRCNN(tf.Module):
         image_hw: [B, 2] int32 resized (unpadded) size of each image.
         Returns ``boxes`` (D, 4) float32 in resized-image pixels, ``scores`` (D,), ``labels`` (D,) int32 in 1..K,
         ``masks`` (D, 28, 28) float32 probabilities (absent without a mask head) and ``counts`` (B,) int32: the
-        detections of image b are rows ``sum(counts[:b]) ..`` of each output, in descending score order.
+        detections of image b are rows ``sum(counts[:b]) ..`` of each output, in descending score order. With
+        ``with_embeddings`` (a Python bool: traced separately) also ``embeddings`` (D, C + K + 1) and
+        ``image_embeddings`` (B, C) (:mod:`.embeddings`).
         """
         batch = images.shape[0]
         features, rpn_logits, rpn_deltas = self._dense(images, image_hw)
@@ -311,18 +318,19 @@ class MaskRCNN(tf.Module):
         )
 
         counts = tf.stack([tf.shape(p)[0] for p in proposals])
-        det_boxes, det_scores, det_labels = [], [], []
+        det_boxes, det_scores, det_labels, det_probs = [], [], [], []
         for b, (probs, deltas, props) in enumerate(
             zip(tf.split(class_probs, counts, num=batch), tf.split(box_deltas, counts, num=batch), proposals,
                 strict=True)
         ):
             decoded = tf_ops.decode_fastrcnn_boxes(deltas, props, self.reg_weights, self.box_clip, image_hw[b])
-            boxes, scores, labels = tf_ops.fastrcnn_predictions(
+            boxes, scores, labels, sources = tf_ops.fastrcnn_predictions(
                 decoded, probs, score_threshold, max_detections, self.frcnn_nms
             )
             det_boxes.append(boxes)
             det_scores.append(scores)
             det_labels.append(labels)
+            det_probs.append(tf.gather(probs, sources))
 
         boxes, box_images = self._concat_with_indices(det_boxes)
         labels = tf.concat(det_labels, axis=0)
@@ -334,6 +342,13 @@ class MaskRCNN(tf.Module):
         }
         if self.has_masks:
             outputs["masks"] = self._mask_head(roi_features, boxes, box_images, labels)
+        if with_embeddings:
+            outputs["embeddings"] = embeddings.instance_embeddings(
+                roi_features, boxes, self.strides, tf.concat(det_probs, axis=0), box_images
+            )
+            outputs["image_embeddings"] = embeddings.image_embeddings(
+                features[3], valid_feature_hw(image_hw, self.strides[3])
+            )
         return outputs
 
     @staticmethod

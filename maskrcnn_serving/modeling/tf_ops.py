@@ -156,13 +156,14 @@ def fastrcnn_predictions(
     score_threshold: tf.Tensor | float,
     max_detections: tf.Tensor | int,
     nms_threshold: float,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per-class NMS in one call (spec-facts C.11).
 
     boxes (N, C+1, 4), scores (N, C+1) softmax with background at 0. Keeps (class, proposal) pairs with score
     strictly above the threshold, offsets each class's boxes by ``class * (max_coord + 1)`` so classes never
     overlap, and runs one NMS with at most ``max_detections`` outputs. Returns boxes (K, 4), scores (K,) in
-    descending order, and int32 labels (K,) in 1..C.
+    descending order, int32 labels (K,) in 1..C, and int32 the index (K,) of the proposal each detection came from
+    (its row of ``scores`` is the detection's class distribution).
     """
     boxes = tf.transpose(boxes[:, 1:, :], [1, 0, 2])  # (C, N, 4)
     scores = tf.transpose(scores[:, 1:], [1, 0])  # (C, N)
@@ -175,5 +176,7 @@ def fastrcnn_predictions(
     selection = tf.image.non_max_suppression(
         kept_boxes + offsets, kept_scores, max_output_size=max_detections, iou_threshold=nms_threshold
     )
-    return tf.gather(kept_boxes, selection), tf.gather(kept_scores, selection), tf.gather(classes, selection) + 1
+    proposals = tf.cast(tf.gather(kept[:, 1], selection), tf.int32)
+    return (tf.gather(kept_boxes, selection), tf.gather(kept_scores, selection), tf.gather(classes, selection) + 1,
+            proposals)
 

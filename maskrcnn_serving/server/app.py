@@ -23,7 +23,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from maskrcnn_serving.deadline import Deadline
-from maskrcnn_serving.errors import InternalError, NotReady, ServingError, error_body, error_for_status
+from maskrcnn_serving.errors import InternalError, NotFound, NotReady, ServingError, error_body, error_for_status
 from maskrcnn_serving.pipeline import StageTimes
 from maskrcnn_serving.server import metrics
 from maskrcnn_serving.server.guards import read_body, translate_resource_error
@@ -137,6 +137,18 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
                 "MaxPayloadInMB": max(1, limits.max_request_bytes // MiB),
             }
         )
+
+    @app.get("/index/thumbnail/<int:instance_id>")
+    def index_thumbnail(instance_id: int) -> Response:
+        """The stored JPEG thumbnail of an indexed instance, by its id only (never a path from the request)."""
+        _require_ready(0.0)
+        index = runner.pipeline.index
+        thumbnail = None if index is None else index.thumbnail(instance_id)
+        if thumbnail is None:
+            raise NotFound(f"No indexed instance {instance_id}." if index is not None else "This server has no index.")
+        response = Response(thumbnail, mimetype="image/jpeg")
+        response.headers["Cache-Control"] = "max-age=3600"
+        return response
 
     @app.get("/metrics")
     def metrics_route() -> Response:

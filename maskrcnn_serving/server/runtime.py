@@ -84,7 +84,14 @@ class ModelRunner:
                                                         **self.backend.description}})
             # A lone request waits for others to share its graph call only where calls can be shared.
             delay = settings.max_batch_delay_ms / 1000.0 if self.backend.max_batch_size > 1 else 0.0
-            self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits)
+            index = None
+            if settings.index:
+                from maskrcnn_serving.search.index import InstanceIndex
+
+                index = InstanceIndex.open(settings.index, settings.index_collection, dim=self.backend.embedding_dim)
+                log.info("instance index open", extra={"fields": {"collection": settings.index_collection,
+                                                                   "instances": index.count()}})
+            self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits, index)
             start = time.perf_counter()
             self.pipeline.handle(warmup_request(self.pipeline))
             self.warmup_seconds = time.perf_counter() - start
