@@ -1,0 +1,111 @@
+"""The instance index on a real Milvus Lite database: storing, resuming, searching (with the class filter inside the
+database), thumbnails, exports, the dimension check, bad database values, and the shared database process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maskrcnn_serving.search import database
+from maskrcnn_serving.search.database import DatabaseError
+from maskrcnn_serving.search.index import DimensionMismatch, InstanceIndex
+
+DIM, IMAGE_DIM = 6, 3
+
+
+def unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def annotation(category_id: int, name: str, x: float) -> dict:
+    return {"bbox": [x, 2.0, 10.0, 8.0], "category_id": category_id, "category_name": name, "score": 0.9,
+            "segmentation": {"size": [40, 60], "counts": "PP0"}}
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = InstanceIndex.open(str(tmp_path / "inst.db"), "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+    yield index
+    index.close()
+    database.stop_local_servers()
+
+
+def add(index, name: str, vectors, labels) -> int:
+    image = np.random.default_rng(len(name)).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    annotations = [annotation(label, ["BG", "cat", "dog"][label], 5.0 * i) for i, label in enumerate(labels)]
+    return index.add_image(name, image, annotations, unit(vectors), unit([[1, 0, 0]])[0])
+
+
+def test_store_search_filter_and_read_back(index, tmp_path):
+    assert add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], [1, 2]) == 2
+    assert add(index, "/data/b.jpg", [[1, 0.2, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], [2, 1]) == 2
+    assert index.count() == 4 and index.image_count() == 2 and index.dim == DIM
+    assert index.has_image("/data/a.jpg") and not index.has_image("/data/c.jpg")
+    nearest = index.search(unit([[1, 0, 0, 0, 0, 0]]), k=2)[0]
+    assert [n.image for n in nearest] == ["/data/a.jpg", "/data/b.jpg"]
+    assert nearest[0].distance == pytest.approx(0.0, abs=1e-6) and 0 < nearest[1].distance < 0.05
+    assert nearest[0].bbox == [0.0, 2.0, 10.0, 8.0] and nearest[0].category_name == "cat"
+    same_class = index.search(unit([[1, 0, 0, 0, 0, 0]]), k=3, category_ids=[2])[0]
+    assert {n.category_name for n in same_class} == {"dog"} and len(same_class) == 2  # filtered in the database
+    thumbnail = index.thumbnail(nearest[0].id)
+    assert thumbnail[:2] == b"\xff\xd8" and index.thumbnail(10**9) is None
+    exported = tmp_path / "out.jsonl"
+    assert index.export_jsonl(exported) == 4
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert {line["image"] for line in lines} == {"/data/a.jpg", "/data/b.jpg"}
+    assert all(len(line["vector"]) == DIM and line["segmentation"]["size"] == [40, 60] for line in lines)
+
+
+def test_an_interrupted_image_is_indexed_again_without_duplicates(index):
+    add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    # a build that stopped after writing an image's instances, before its image row
+    stale = {"vector": unit([[0, 0, 0, 1, 0, 0]])[0].tolist(), "image": "/data/half.jpg", "bbox": [0.0, 0.0, 1.0, 1.0],
+             "category": "cat", "category_id": 1, "score": 0.5, "height": 40, "width": 60, "mask": "", "thumbnail": ""}
+    index._client.insert(index.collection, [stale, stale])
+    assert index.count() == 3 and not index.has_image("/data/half.jpg")
+    add(index, "/data/half.jpg", [[0, 1, 0, 0, 0, 0]], [2])
+    assert index.count() == 2 and index.has_image("/data/half.jpg")
+    assert {n.image for n in index.search(unit([[0, 1, 0, 0, 0, 0]]), k=5)[0]} == {"/data/a.jpg", "/data/half.jpg"}
+
+
+def test_a_model_of_another_dimension_is_refused(index):
+    with pytest.raises(DimensionMismatch, match="6 values; this model's have 9"):
+        InstanceIndex.open(index.db, "things", dim=9)
+    with pytest.raises(DatabaseError, match="no index 'others'"):
+        InstanceIndex.open(index.db, "others", dim=DIM)
+
+
+@pytest.mark.parametrize("kind", ["a file", "a foreign folder", "a missing parent", "an unknown scheme", "empty"])
+def test_bad_database_values_are_clear_errors_and_write_nothing(tmp_path, kind):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    value = {"a file": str(tmp_path / "notes.txt"), "a foreign folder": str(tmp_path / "photos"),
+             "a missing parent": str(tmp_path / "nowhere" / "inst.db"), "an unknown scheme": "ftp://host/inst",
+             "empty": ""}[kind]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(DatabaseError):
+        InstanceIndex.open(value, "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    with pytest.raises(DatabaseError, match="cannot reach"):
+        InstanceIndex.open("http://127.0.0.1:9", "things", dim=DIM)
+
+
+def test_processes_share_one_database_process(index, tmp_path):
+    """A second process uses the folder while this one holds it open (Milvus Lite itself would refuse it)."""
+    add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    code = (f"from maskrcnn_serving.search.index import InstanceIndex\n"
+            f"index = InstanceIndex.open({index.db!r}, 'things', dim={DIM})\n"
+            f"print(index.count(), index.has_image('/data/a.jpg'))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split() == ["1", "True"]
+    assert index.count() == 1  # still connected after the other process left
