@@ -223,3 +223,24 @@ def test_response_size_limit_suggests_smaller_formats():
     assert "format=coco" in info.value.message and "max_detections" in info.value.message
     body = wire.encode_response(responses, True, Limits(max_response_bytes=10_000))
     assert json.loads(body)[0]["img_id"] == "1"
+
+
+def test_search_options_from_json_query_and_custom_attributes():
+    body = {"img_id": 1, "img_data": "aGk=", "embeddings": True, "neighbours": 5, "same_class": False}
+    options = parse(body).images[0].options
+    assert (options.embeddings, options.neighbours, options.same_class) == (True, 5, False)
+    options = parse(body | {"embeddings": False}, query={"neighbours": "2", "same_class": "yes"}).images[0].options
+    assert (options.embeddings, options.neighbours, options.same_class) == (False, 5, False)  # JSON wins
+    options = parse(b"\xff\xd8", "image/jpeg", custom="embeddings=1&neighbours=100").images[0].options
+    assert options.embeddings is True and options.neighbours == 100
+    assert parse({"img_id": 1, "img_data": "aGk="}).images[0].options.neighbours is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"embeddings": "maybe"}, {"embeddings": 1}, {"neighbours": 0}, {"neighbours": 101}, {"neighbours": 2.5},
+     {"neighbours": "many"}, {"same_class": None}],
+)
+def test_bad_search_options_are_400(bad):
+    with pytest.raises(BadRequest):
+        parse({"img_id": 1, "img_data": "aGk=", **bad})

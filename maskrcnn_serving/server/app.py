@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         """The stored JPEG thumbnail of an indexed instance, by its id only (never a path from the request)."""
         _require_ready(0.0)
         index = runner.pipeline.index
-        thumbnail = None if index is None else index.thumbnail(instance_id)
+        thumbnail = None if index is None or instance_id >= 2**63 else index.thumbnail(instance_id)
         if thumbnail is None:
             raise NotFound(f"No indexed instance {instance_id}." if index is not None else "This server has no index.")
         response = Response(thumbnail, mimetype="image/jpeg")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -262,7 +263,7 @@ def _validator(openapi: dict, schema_name: str):
 def test_openapi_routes_match_the_app(openapi, client):
     documented = {(path, method.upper()) for path, ops in openapi["paths"].items() for method in ops}
     served = {
-        (rule.rule, method)
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's <int:x> is OpenAPI's {x}
         for rule in client.application.url_map.iter_rules()
         if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}

@@ -1,0 +1,86 @@
+"""Instance search in the real server: ``serve --index`` with 2 workers sharing one Milvus Lite database while
+``index build`` writes to it beside them; the ``neighbours`` / ``same_class`` / ``embeddings`` options, thumbnails
+by id, and a clear 400 on a server without an index."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from maskrcnn_serving import cli
+from maskrcnn_serving.bench.server import ServerProcess
+from maskrcnn_serving.search import database
+
+
+@pytest.fixture(scope="module")
+def indexed_server(tmp_path_factory, demo_model_dir, example_images):
+    root = tmp_path_factory.mktemp("search_server")
+    db = str(root / "instances.db")
+    first = root / "first"
+    first.mkdir()
+    for path in example_images[:2]:
+        shutil.copy(path, first / path.name)
+    assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(first)]) == 0
+    database.stop_local_servers()  # the server's master takes the database over
+    server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=["--index", db]).start()
+    try:
+        server.wait_ready(timeout=240)
+        yield server, db, root
+    finally:
+        server.stop()
+
+
+def post(url: str, data: bytes, **options) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=data, params=options, timeout=60,
+                         headers={"Content-Type": "image/jpeg", "Connection": "close"})
+
+
+def test_both_workers_answer_neighbours_and_build_runs_beside_them(indexed_server, demo_model_dir, example_images):
+    server, db, root = indexed_server
+    indexed = example_images[0].read_bytes()
+    for _ in range(6):  # new connections: both workers answer
+        answer = post(server.url, indexed, format="boxes", neighbours=3)
+        assert answer.status_code == 200, answer.text
+        for annotation in answer.json()["annotations"]:
+            best = annotation["neighbours"][0]
+            assert len(annotation["neighbours"]) == 3 and best["distance"] < 1e-4
+            assert best["bbox"] == pytest.approx(annotation["bbox"], abs=1e-3)
+    assert server.log().count("instance index open") == 2
+
+    second = root / "second"
+    second.mkdir()
+    shutil.copy(example_images[2], second / example_images[2].name)
+    build = subprocess.run([sys.executable, "-m", "maskrcnn_serving.cli", "index", "build", "--model-dir",
+                            str(demo_model_dir), "--db", db, str(second)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    new_image = str((second / example_images[2].name).resolve())
+    answer = post(server.url, example_images[2].read_bytes(), format="boxes", neighbours=1).json()
+    assert {a["neighbours"][0]["image"] for a in answer["annotations"]} == {new_image}  # the server sees them
+
+
+def test_same_class_embeddings_and_thumbnails(indexed_server, example_images):
+    server, _, _ = indexed_server
+    answer = post(server.url, example_images[1].read_bytes(), format="coco", neighbours=4, same_class="true",
+                  embeddings="true").json()
+    assert len(answer["image_embedding"]) == 64
+    for annotation in answer["annotations"]:
+        assert {n["category_name"] for n in annotation["neighbours"]} == {annotation["category_name"]}
+        assert len(annotation["embedding"]) == 69
+    first = answer["annotations"][0]["neighbours"][0]["id"]
+    thumbnail = requests.get(f"{server.url}/index/thumbnail/{first}", timeout=10)
+    assert thumbnail.status_code == 200 and thumbnail.headers["Content-Type"] == "image/jpeg"
+    assert thumbnail.content[:2] == b"\xff\xd8"
+    for bad in ("123456789012", "99999999999999999999999", "abc", "../etc/passwd", "-1"):
+        missing = requests.get(f"{server.url}/index/thumbnail/{bad}", timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", bad
+
+
+def test_neighbours_without_an_index_is_a_clear_400(live_server, example_images):
+    answer = post(live_server.url, example_images[0].read_bytes(), neighbours=3)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "search_unavailable"
+    thumbnail = requests.get(f"{live_server.url}/index/thumbnail/1", timeout=10)
+    assert thumbnail.status_code == 404 and thumbnail.json()["error"]["code"] == "not_found"
