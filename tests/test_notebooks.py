@@ -17,10 +17,11 @@ nbformat = pytest.importorskip("nbformat", reason="the dev extras install nbform
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 LOCAL = NOTEBOOKS / "local-inference.ipynb"
 SAGEMAKER = NOTEBOOKS / "mask-rcnn-inference.ipynb"
+SEARCH = NOTEBOOKS / "instance-search.ipynb"
 CELL_TIMEOUT = 300  # seconds per cell; the notebook bounds its own wait for /ping to 300 s as well
 
 
-@pytest.mark.parametrize("path", [LOCAL, SAGEMAKER], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LOCAL, SAGEMAKER, SEARCH], ids=lambda p: p.name)
 def test_notebook_is_valid_and_its_code_parses(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
@@ -75,3 +76,20 @@ def test_local_inference_notebook_runs():
     assert "legacy and coco masks are identical" in text
     assert "server exit code 0" in text
     print(f"local-inference.ipynb executed in {seconds:.1f} s")
+
+
+def test_instance_search_notebook_runs():
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(SEARCH, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 2, "expected the neighbours figure and the embedding map"
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "(0 images already indexed" in text and "0 instances from 0 images added" in text  # built, then resumed
+    assert "at distance" in text and "instances on the map" in text and "instances written to" in text

@@ -197,6 +197,11 @@ class InstanceIndex:
         self._call(lambda c: c.insert(self.images_collection, [record]))
         return len(rows)
 
+    def insert_rows(self, rows: Sequence[dict]) -> None:
+        """Insert instance rows as they are (every field of the instance schema but ``id``): for tests and
+        benchmarks that fill an index without images. Use :meth:`add_image` to index images."""
+        self._call(lambda c: c.insert(self.collection, list(rows)))
+
     # ------------------------------------------------------------------------------------------- reading
     def search(self, vectors: np.ndarray, k: int, category_ids: Sequence[int] | None = None) -> list[list[Neighbour]]:
         """The ``k`` nearest indexed instances of each vector (N, E). With ``category_ids`` (one per vector), only

@@ -343,6 +343,10 @@ MALFORMED_HTTP = [
      b"\r\nContent-Length: 99999999999\r\n\r\n", 413, "request_too_large"),  # refused before reading
     ("unknown route", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
      "not_found"),
+    ("thumbnail by a path", b"GET /index/thumbnail/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: x\r\nConnection: close"
+     b"\r\n\r\n", 404, "not_found"),
+    ("thumbnail id over int64", b"GET /index/thumbnail/99999999999999999999999 HTTP/1.1\r\nHost: x\r\n"
+     b"Connection: close\r\n\r\n", 404, "not_found"),
 ]
 
 

@@ -66,7 +66,7 @@ def test_an_interrupted_image_is_indexed_again_without_duplicates(index):
     # a build that stopped after writing an image's instances, before its image row
     stale = {"vector": unit([[0, 0, 0, 1, 0, 0]])[0].tolist(), "image": "/data/half.jpg", "bbox": [0.0, 0.0, 1.0, 1.0],
              "category": "cat", "category_id": 1, "score": 0.5, "height": 40, "width": 60, "mask": "", "thumbnail": ""}
-    index._client.insert(index.collection, [stale, stale])
+    index.insert_rows([stale, stale])
     assert index.count() == 3 and not index.has_image("/data/half.jpg")
     add(index, "/data/half.jpg", [[0, 1, 0, 0, 0, 0]], [2])
     assert index.count() == 2 and index.has_image("/data/half.jpg")
