@@ -123,6 +123,7 @@ def run_build(args: argparse.Namespace) -> int:
         result = _process(pipeline, path, options)
         added += index.add_image(key, result.image, result.annotations, result.detections.embeddings,
                                  result.detections.image_embedding)
+    index.flush()
     print(f"{added} instances from {len(files) - skipped} images added to {args.collection!r} in {args.db} "
           f"({skipped} images already indexed; {index.count()} instances in all)")
     return 0

@@ -32,6 +32,9 @@ T = TypeVar("T")
 
 DEFAULT_COLLECTION = "instances"
 THUMBNAIL_SIZE = 96  # longest side in pixels
+# HNSW: a graph index that both Milvus Lite (faiss) and Milvus servers build; search explores HNSW_EF candidates.
+HNSW_BUILD = {"M": 16, "efConstruction": 64}
+HNSW_EF = 64
 MAX_TEXT = 65535  # Milvus VARCHAR limit
 MAX_PATH = 4096
 _INSTANCE_FIELDS = ["image", "bbox", "category", "category_id", "score"]
@@ -143,7 +146,7 @@ class InstanceIndex:
         images.add_field("instances", DataType.INT64)
         for name, schema in ((self.images_collection, images), (self.collection, instances)):
             params = self._client.prepare_index_params()
-            params.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
+            params.add_index(field_name="vector", index_type="HNSW", metric_type="COSINE", params=HNSW_BUILD)
             self._client.create_collection(name, schema=schema, index_params=params)
 
     def close(self) -> None:
@@ -197,6 +200,18 @@ class InstanceIndex:
         self._call(lambda c: c.insert(self.images_collection, [record]))
         return len(rows)
 
+    def flush(self) -> None:
+        """Seal what was written (so that the database indexes it); ``index build`` calls it at the end."""
+        for name in (self.collection, self.images_collection):
+            self._call(lambda c, name=name: c.flush(name))
+
+    def reload(self) -> None:
+        """Release and load the collections again, as a newly started server finds them (the database builds its
+        vector index of sealed data on load)."""
+        for name in (self.collection, self.images_collection):
+            self._call(lambda c, name=name: c.release_collection(name))
+            self._call(lambda c, name=name: c.load_collection(name))
+
     def insert_rows(self, rows: Sequence[dict]) -> None:
         """Insert instance rows as they are (every field of the instance schema but ``id``): for tests and
         benchmarks that fill an index without images. Use :meth:`add_image` to index images."""
@@ -217,7 +232,7 @@ class InstanceIndex:
             filter_expression = "" if category is None else f"category_id == {category}"
             hits = self._call(lambda c, rows=rows, f=filter_expression: c.search(
                 self.collection, data=vectors[rows].tolist(), limit=k, filter=f, output_fields=_INSTANCE_FIELDS,
-                search_params={"metric_type": "COSINE"}))
+                search_params={"metric_type": "COSINE", "params": {"ef": max(HNSW_EF, k)}}))
             for row, row_hits in zip(rows, hits, strict=True):
                 results[row] = [self._neighbour(hit) for hit in row_hits]
         return results
