@@ -239,12 +239,18 @@ async function handleFile(file) {
     if (!response.ok) throw new Error(await serverErrorMessage(response));
     const text = await response.text();
     const answered = performance.now();
+    let answer;
+    try {
+      answer = JSON.parse(text);
+    } catch {
+      throw new Error(`The server's answer is not JSON (HTTP ${response.status}, ${formatBytes(text.length)}).`);
+    }
     if (sequence !== state.uploadSequence) {
       bitmap.close();
       return;
     }
     showResult({
-      file, bitmap, upload, text, answer: JSON.parse(text),
+      file, bitmap, upload, text, answer,
       prepareMs: prepared - started, roundTripMs: answered - prepared, totalMs: performance.now() - started,
     });
   } catch (error) {
@@ -528,7 +534,7 @@ function toggleSelected(instance) {
 function renderDetails() {
   const instance = state.hovered ?? state.selected;
   elements.details.hidden = !instance;
-  elements.details.dataset.instance = instance ? String(instance.index) : "";
+  elements.details.dataset.forInstance = instance ? String(instance.index) : "";
   if (!instance) return;
   const { scaleX, scaleY } = state.result;
   const { x, y, width, height } = instance.box;
@@ -585,7 +591,7 @@ function draw() {
   context.imageSmoothingEnabled = true; // soft edges where a mask is scaled up to the photo
   for (const instance of visible) {
     if (!instance.mask) continue;
-    context.globalAlpha = focus === null ? 0.45 : instance === focus ? 0.65 : 0.15;
+    context.globalAlpha = focus === null ? 0.45 : instance === focus ? 0.65 : 0.3;
     const { x0, y0, width, height } = instance.mask;
     context.drawImage(instance.maskCanvas, x0 * result.scaleX * k, y0 * result.scaleY * k,
       width * result.scaleX * k, height * result.scaleY * k);
@@ -596,7 +602,7 @@ function draw() {
   context.font = `${fontSize}px system-ui, sans-serif`;
   context.textBaseline = "top";
   for (const instance of visible) {
-    if (focus !== null && instance !== focus) context.globalAlpha = 0.4;
+    if (focus !== null && instance !== focus) context.globalAlpha = 0.5;
     const { x, y, width, height } = instance.box;
     context.strokeStyle = instance.color;
     context.lineWidth = instance === focus ? lineWidth * 3 : lineWidth;
