@@ -6,9 +6,9 @@ HTML, CSS and JavaScript, no build step, nothing loaded from outside the server.
 
 The files are read once, when the app is built, and served from memory: ``GET /`` is ``index.html`` and
 ``GET /static/<name>`` one of :data:`PAGE_FILES` by exact name, so no part of a request ever becomes a file path.
-Every page response carries a strict Content-Security-Policy (scripts, styles and connections to this server only;
-images also from ``blob:`` and ``data:`` URLs, which the page makes itself from the dropped photo) and
-``X-Content-Type-Options: nosniff``.
+Every page response carries a strict Content-Security-Policy (scripts, styles, images and connections from this server
+only; images may also be ``blob:`` and ``data:`` URLs, which only the page itself can make: its icon is an empty
+``data:`` URL) and ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
