@@ -15,6 +15,7 @@ and breaks no rule of its Content-Security-Policy.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -287,6 +288,30 @@ def test_a_4000x3000_photo_is_sent_downscaled(page, live_server, example_images,
     assert bytes_in * 20 < len(photo), (bytes_in, len(photo))
     assert str(bytes_in) == page.stats()["bytesSent"]
     assert_page_lists_the_api_answer(page, live_server.url, photo)
+
+
+def test_a_photo_can_be_dropped_or_pasted(page, live_server, example_images):
+    """Drag and drop anywhere on the page, and paste, give the page a photo as the file picker does (the events are
+    made in the page with the photo's bytes, as the browser makes them for a person)."""
+    page.open(live_server.url)
+    photo = example_images[2]
+    expected = [(a["category_name"], a["score"]) for a in
+                api_annotations(live_server.url, photo.read_bytes(), page.threshold())]  # sent as it is: 305 x 347
+    make_file = ("const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+                 "const transfer = new DataTransfer();"
+                 "transfer.items.add(new File([bytes], arguments[1], {type: 'image/jpeg'}));")
+    events = {
+        "drop": "document.getElementById('canvas-frame').dispatchEvent("
+                "new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));",
+        "paste": "document.body.dispatchEvent("
+                 "new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true}));",
+    }
+    for how, event in events.items():
+        number = page.status()[2] + 1
+        page.driver.execute_script(make_file + event, base64.b64encode(photo.read_bytes()).decode(), photo.name)
+        page.wait(lambda: page.status()[2] == number and page.status()[0] in ("done", "error"), how)  # noqa: B023
+        assert page.status()[0] == "done", (how, page.status())
+        assert [(item.category, item.score) for item in page.listed()] == expected, how
 
 
 def test_the_slider_and_class_checkboxes_filter_without_a_new_request(page, live_server, example_images):
