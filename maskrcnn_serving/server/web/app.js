@@ -346,7 +346,12 @@ function maskCanvas(mask, color) {
   const pixels = context.createImageData(mask.width, mask.height);
   const [red, green, blue] = hexToRgb(color);
   for (let i = 0; i < mask.data.length; i += 1) {
-    if (mask.data[i]) pixels.data.set([red, green, blue, 255], i * 4);
+    if (mask.data[i]) {
+      pixels.data[4 * i] = red;
+      pixels.data[4 * i + 1] = green;
+      pixels.data[4 * i + 2] = blue;
+      pixels.data[4 * i + 3] = 255;
+    }
   }
   context.putImageData(pixels, 0, 0);
   return canvas;
