@@ -343,8 +343,21 @@ MALFORMED_HTTP = [
      b"\r\nContent-Length: 99999999999\r\n\r\n", 413, "request_too_large"),  # refused before reading
     ("unknown route", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
      "not_found"),
-    ("thumbnail by a path", b"GET /index/thumbnail/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: x\r\nConnection: close"
+    # The web page's routes serve fixed names only; no part of a path reaches the file system.
+    ("page file path traversal", b"GET /static/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+     404, "not_found"),
+    ("page file encoded traversal", b"GET /static/..%2f..%2fserver%2fapp.py HTTP/1.1\r\nHost: x\r\n"
+     b"Connection: close\r\n\r\n", 404, "not_found"),
+    ("page file not in the page", b"GET /static/web.py HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
+     "not_found"),
+    ("page file NUL byte", b"GET /static/app.js%00.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
+     "not_found"),
+    ("thumbnail id not a number", b"GET /index/thumbnail/notanumber HTTP/1.1\r\nHost: x\r\nConnection: close"
      b"\r\n\r\n", 404, "not_found"),
+    ("thumbnail by path", b"GET /index/thumbnail/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\nConnection: close"
+     b"\r\n\r\n", 404, "not_found"),
+    ("POST to the model metadata", b"POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close"
+     b"\r\n\r\n", 405, "method_not_allowed"),
     ("thumbnail id over int64", b"GET /index/thumbnail/99999999999999999999999 HTTP/1.1\r\nHost: x\r\n"
      b"Connection: close\r\n\r\n", 404, "not_found"),
 ]
@@ -425,5 +438,6 @@ def test_server_survived_the_catalogue(live_server, worker_pids, session):
     assert server_errors == []
     # Metric labels come from the matched route, never the raw path: random paths cannot grow the series.
     routes = set(re.findall(r'^maskrcnn_requests_total\{route="([^"]*)"', metrics, re.MULTILINE))
-    assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "unmatched"}, routes
+    assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "/model", "/", "/static/<name>",
+                      "unmatched"}, routes
     assert session.get(f"{live_server.url}/ping", timeout=10).status_code == 200
