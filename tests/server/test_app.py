@@ -319,20 +319,33 @@ def test_model_metadata_says_what_a_client_needs(openapi, client, tensorpack_bac
     assert metadata["resize"] == {"short_edge": 320, "max_size": 576}  # model/demo/config.json
     assert (metadata["backend"], metadata["precision"]) == ("tensorpack", "float32")
     assert metadata["default_score_threshold"] == tensorpack_backend.bundle.inference.vis_score_threshold
-    assert metadata["has_masks"] is True and metadata["embedding_dim"] is None
+    assert metadata["has_masks"] is True and metadata["embedding_dim"] == 64 + 4 + 1 == tensorpack_backend.embedding_dim
     assert metadata["search"] == {"available": False, "indexed": None}
     assert metadata["max_request_bytes"] == Settings().max_request_bytes
 
 
-def test_model_metadata_is_503_while_loading_and_reports_an_index(runner):
+def test_model_metadata_is_503_while_loading_and_reports_an_index(runner, tmp_path):
+    from maskrcnn_serving.search import database
+    from maskrcnn_serving.search.index import InstanceIndex
+
     loading = create_app(Settings(ready_wait=30.0), ModelRunner()).test_client()
     start = time.perf_counter()
     response = loading.get("/model")
     assert response.status_code == 503 and response.json["error"]["code"] == "not_ready"
     assert time.perf_counter() - start < 5  # answered at once: the page retries
-    app = create_app(Settings(), runner)
-    app.extensions["maskrcnn_index"] = [object()] * 3  # anything with a length stands for the instance index
-    assert app.test_client().get("/model").json["search"] == {"available": True, "indexed": 3}
+    dim = runner.backend.embedding_dim
+    index = InstanceIndex.open(str(tmp_path / "instances.db"), dim=dim, image_dim=64, create=True)
+    row = {"vector": [1.0] + [0.0] * (dim - 1), "image": "a.jpg", "bbox": [0.0, 0.0, 1.0, 1.0], "category": "ring",
+           "category_id": 4, "score": 0.9, "height": 1, "width": 1, "mask": "", "thumbnail": ""}
+    index.insert_rows([row] * 3)
+    runner.pipeline.index = index
+    try:
+        assert create_app(Settings(), runner).test_client().get("/model").json["search"] == {"available": True,
+                                                                                              "indexed": 3}
+    finally:
+        runner.pipeline.index = None
+        index.close()
+        database.stop_local_servers()
 
 
 def test_page_files_are_served_by_name_only_with_a_strict_policy(client):

@@ -11,28 +11,6 @@ import sys
 import pytest
 import requests
 
-from maskrcnn_serving import cli
-from maskrcnn_serving.bench.server import ServerProcess
-from maskrcnn_serving.search import database
-
-
-@pytest.fixture(scope="module")
-def indexed_server(tmp_path_factory, demo_model_dir, example_images):
-    root = tmp_path_factory.mktemp("search_server")
-    db = str(root / "instances.db")
-    first = root / "first"
-    first.mkdir()
-    for path in example_images[:2]:
-        shutil.copy(path, first / path.name)
-    assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(first)]) == 0
-    database.stop_local_servers()  # the server's master takes the database over
-    server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=["--index", db]).start()
-    try:
-        server.wait_ready(timeout=240)
-        yield server, db, root
-    finally:
-        server.stop()
-
 
 def post(url: str, data: bytes, **options) -> requests.Response:
     return requests.post(f"{url}/invocations", data=data, params=options, timeout=60,

@@ -536,3 +536,24 @@ def test_the_page_asks_nothing_of_other_hosts_and_breaks_no_policy(page, live_se
                   if "Content Security Policy" in line or "Uncaught" in line or "Refused" in line
                   or ("status of" in line and not ("status of 503" in line or "status of 413" in line))]
     assert unexpected == []
+
+
+def test_clicking_an_instance_lists_its_nearest_indexed_instances(page, indexed_server, example_images):
+    """On a server with an index, each instance of a photo comes with its neighbours; clicking it lists them with
+    their thumbnails, fetched by id. The photo was indexed, so each instance finds itself first."""
+    server, _, _ = indexed_server
+    page.open(server.url)
+    assert page.upload(example_images[0]) == "done"
+    instances = page.elements("[data-instance]")
+    assert instances
+    instances[0].click()
+    page.wait(lambda: len(page.elements("#neighbours [data-neighbour]")) > 0, "the neighbour list")
+    items = page.elements("#neighbours [data-neighbour]")
+    assert float(items[0].get_attribute("data-distance")) < 1e-3
+    page.wait(lambda: page.driver.execute_script(
+        "return Array.from(document.querySelectorAll('#neighbours img')).every(i => i.complete && i.naturalWidth > 0)"),
+        "the thumbnails")
+    sources = page.driver.execute_script(
+        "return Array.from(document.querySelectorAll('#neighbours [data-neighbour]')).map("
+        "item => [item.dataset.neighbour, item.querySelector('img').getAttribute('src')])")
+    assert sources and all(src == f"/index/thumbnail/{neighbour}" for neighbour, src in sources)

@@ -1,0 +1,33 @@
+"""Fixtures of the server tests: a second real server with an instance index (tests of search and of the page)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from maskrcnn_serving import cli
+from maskrcnn_serving.bench.server import ServerProcess
+from maskrcnn_serving.search import database
+
+
+@pytest.fixture(scope="session")
+def indexed_server(tmp_path_factory, demo_model_dir, example_images):
+    """``serve --index`` (2 workers, the demo model) on an index of the first two example images; yields the
+    server, the database folder and a scratch folder."""
+    root = tmp_path_factory.mktemp("search_server")
+    db = str(root / "instances.db")
+    first = root / "first"
+    first.mkdir()
+    for path in example_images[:2]:
+        shutil.copy(path, first / path.name)
+    assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(first)]) == 0
+    database.stop_local_servers()  # the server's master takes the database over
+    server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=["--index", db]).start()
+    try:
+        server.wait_ready(timeout=240)
+        yield server, db, root
+    finally:
+        server.stop()
+
+
