@@ -59,13 +59,18 @@ def cpu_supports_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
-    """The concrete compute dtype name for a precision setting (``mixed`` depends on the device)."""
+def _has_gpu(for_gpu: bool | None) -> bool:
+    return bool(tf.config.list_physical_devices("GPU")) if for_gpu is None else for_gpu
+
+
+def resolve_precision(precision: str, for_gpu: bool | None = None) -> str:
+    """The concrete compute dtype name for a precision setting (``mixed`` depends on the device; ``for_gpu``
+    overrides the detection, e.g. to audit the GPU configuration on a machine without one)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "mixed":
         return precision
-    if tf.config.list_physical_devices("GPU"):
+    if _has_gpu(for_gpu):
         return "float16"
     if cpu_supports_bfloat16():
         return "bfloat16"
@@ -90,10 +95,10 @@ def _winograd_mode(value: str | bool) -> str:
     raise ValueError(f"winograd must be auto, on or off, not {value!r}")
 
 
-def resolve_winograd(mode: str, dtype_name: str) -> bool:
+def resolve_winograd(mode: str, dtype_name: str, for_gpu: bool | None = None) -> bool:
     """Whether the network uses Winograd convolutions: ``auto`` means float32 on a machine without a GPU."""
     if mode == "auto":
-        return dtype_name == "float32" and not tf.config.list_physical_devices("GPU")
+        return dtype_name == "float32" and not _has_gpu(for_gpu)
     if mode == "on" and dtype_name != "float32":
         raise ValueError(f"winograd=on needs precision float32, not {dtype_name}")
     return mode == "on"
@@ -156,13 +161,15 @@ class OptimizedBackend(Backend):
         max_batch_size: int | None = None,
         bucket_step: int | None = None,
         environ: Mapping[str, str] | None = None,
+        for_gpu: bool | None = None,
     ) -> OptimizedBackend:
+        """``for_gpu``: configure as for a machine with (True) or without (False) a GPU; None detects it."""
         settings = OptimizedSettings.from_environ(
             environ, precision=precision, winograd=winograd, xla=xla, max_batch_size=max_batch_size,
             bucket_step=bucket_step,
         )
-        dtype_name = resolve_precision(settings.precision)
-        use_winograd = resolve_winograd(settings.winograd, dtype_name)
+        dtype_name = resolve_precision(settings.precision, for_gpu)
+        use_winograd = resolve_winograd(settings.winograd, dtype_name, for_gpu)
         log.info("optimized backend: compute %s, Winograd %s, XLA %s, %s", dtype_name, use_winograd, settings.xla,
                  settings)
         network = MaskRCNN(

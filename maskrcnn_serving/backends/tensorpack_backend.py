@@ -195,6 +195,11 @@ class TensorpackBackend(Backend):
         self._tensors = tensors
         self._accurate_paste = bool(bundle.config["MRCNN.ACCURATE_PASTE"])
 
+    @property
+    def inference_graph(self) -> tuple[tf.Graph, list[tf.Tensor]]:
+        """The session graph and the tensors one image's ``predict`` fetches (for modeling/kernel_audit.py)."""
+        return self._graph, self._tensors.outputs
+
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, intra_op_threads: int = 0) -> TensorpackBackend:
         graph = tf.Graph()
