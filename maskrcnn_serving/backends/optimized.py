@@ -170,6 +170,10 @@ class OptimizedBackend(Backend):
         )
         dtype_name = resolve_precision(settings.precision, for_gpu)
         use_winograd = resolve_winograd(settings.winograd, dtype_name, for_gpu)
+        if dtype_name == "float16" and not _has_gpu(for_gpu):
+            # Measured: TF 2.21's fused float16 MatMul+BiasAdd CPU kernel takes seconds where float32 takes ms.
+            log.warning("precision float16 without a GPU is very slow (TensorFlow's fused float16 MatMul on CPU); "
+                        "use bfloat16 or mixed on CPUs")
         log.info("optimized backend: compute %s, Winograd %s, XLA %s, %s", dtype_name, use_winograd, settings.xla,
                  settings)
         network = MaskRCNN(
