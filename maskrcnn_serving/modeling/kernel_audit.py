@@ -73,7 +73,8 @@ class OpSite:
 
 @dataclass(frozen=True)
 class AuditFinding:
-    """Ops of one type and dtypes that lack a kernel, with the places they come from."""
+    """Ops of one type and dtypes caught by one check (no kernel, or a device-to-host read), and where they come
+    from (at most five places, the most frequent first)."""
 
     op: str
     dtypes: tuple[str, ...]
