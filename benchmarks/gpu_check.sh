@@ -62,9 +62,6 @@ else
 fi
 PRECISIONS=(float32 float16 bfloat16 mixed)
 BENCH_MODEL="${MODELS[${#MODELS[@]}-1]}"  # the largest model: R50-FPN on a GPU
-mkdir -p "$OUT/eval" "$OUT/compare" "$OUT/memory" "$OUT/logs"
-STEPS="$OUT/steps.tsv"  # kind, name, exit status, seconds, result file
-: > "$STEPS"
 
 # ----------------------------------------------------------------------------------------------------- the GPU
 if [[ "$DRY_RUN" == 0 ]] && { ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; }; then
@@ -80,6 +77,12 @@ if [[ "$DRY_RUN" == 0 ]]; then
             "empty): check the CUDA libraries that the tensorflow wheel needs and the driver version." >&2
         exit 3
     fi
+fi
+# Nothing is written before the checks above: a refused run leaves no report behind.
+mkdir -p "$OUT/eval" "$OUT/compare" "$OUT/memory" "$OUT/logs"
+STEPS="$OUT/steps.tsv"  # kind, name, exit status, seconds, result file
+: > "$STEPS"
+if [[ "$DRY_RUN" == 0 ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 else
     echo "cpu-dry-run: no GPU needed; GPU memory is replaced by the workers' resident memory" > "$OUT/gpu.txt"

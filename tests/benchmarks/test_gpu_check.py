@@ -36,20 +36,33 @@ def test_script_is_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-def test_refuses_clearly_without_a_gpu(tmp_path, fixtures_dir):
-    """An nvidia-smi that finds no device (as on a CPU instance with the driver tools installed) stops the script
-    before any step, with a message and a non-zero status."""
+@pytest.mark.parametrize(
+    ("nvidia_smi", "message"),
+    [
+        # a CPU instance with the driver tools installed: nvidia-smi finds no device
+        ("echo 'No devices were found' >&2\nexit 6", "error: no GPU here"),
+        # nvidia-smi sees a GPU, but TensorFlow (on this machine: none) does not
+        ("echo 'GPU 0: Tesla T4 (UUID: GPU-0)'", "TensorFlow does not"),
+    ],
+    ids=["no-device", "tensorflow-sees-none"],
+)
+def test_refuses_clearly_without_a_gpu(tmp_path, fixtures_dir, nvidia_smi, message):
+    """Without a GPU that TensorFlow can use the script stops before any step, with a message and status 3."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU: the script would not refuse")
     stand_in = tmp_path / "bin"
     stand_in.mkdir()
-    (stand_in / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    (stand_in / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
     (stand_in / "nvidia-smi").chmod(0o755)
     result = subprocess.run(
         ["bash", str(SCRIPT), "--out", str(tmp_path / "out"), "--fixtures", str(fixtures_dir)],
         capture_output=True, text=True, env=_environment(stand_in), timeout=120,
     )
-    assert result.returncode == 3
-    assert "error: no GPU here" in result.stderr and "--cpu-dry-run" in result.stderr
-    assert not (tmp_path / "out" / "steps.tsv").exists()
+    assert result.returncode == 3, result.stderr
+    assert message in result.stderr and "error:" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written: no half report to mistake for a result
 
 
 def test_rejects_unknown_arguments():
