@@ -29,10 +29,14 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, kernel_def_pb2, op_def_pb2
 from tensorflow.python.framework import kernels, op_def_registry
+
+if TYPE_CHECKING:
+    from maskrcnn_serving.backends.base import Backend
 
 GPU_DEVICE_TYPES = ("GPU", "DEFAULT")
 XLA_GPU_DEVICE_TYPE = "XLA_GPU_JIT"
@@ -68,7 +72,6 @@ class OpSite:
     where: str  # "path/file.py:line function" of the innermost project frame, else the enclosing function
     xla: bool  # inside an XLA-compiled function
     attrs: Mapping[str, attr_value_pb2.AttrValue] = field(compare=False, hash=False, repr=False)
-    name: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def _reachable(outputs: Iterable[tf.Operation]) -> list[tf.Operation]:
     return list(seen.values())
 
 
-def _edges_and_sites(
+def _ops_and_sites(
     graph: tf.Graph, outputs: Sequence[tf.Operation], xla: bool, function_name: str
 ) -> Iterator[tuple[tf.Operation, OpSite]]:
     arguments = {t.op.name for t in getattr(graph, "inputs", [])}  # a function's arguments are not ops
@@ -293,19 +296,19 @@ def _edges_and_sites(
             continue
         attrs = op.node_def.attr
         called = _called_functions(op)
-        site = OpSite(op.type, _dtypes(attrs), _where(op, function_name), xla, attrs, op.name)
+        site = OpSite(op.type, _dtypes(attrs), _where(op, function_name), xla, attrs)
         yield op, site
         for name in called:
             inner, must_compile = _function_graph(graph, name)
             inner_outputs = [t.op for t in inner.outputs] + list(getattr(inner, "control_outputs", []))
-            yield from _edges_and_sites(inner, inner_outputs, xla or must_compile, name)
+            yield from _ops_and_sites(inner, inner_outputs, xla or must_compile, name)
 
 
 def collect_op_sites(graph: tf.Graph, outputs: Sequence[tf.Tensor | tf.Operation]) -> list[tuple[tf.Operation, OpSite]]:
     """Every op that evaluating ``outputs`` of ``graph`` runs, through called (and XLA-compiled) functions, each with
     its :class:`OpSite`. ``graph`` may be a ``tf.Graph`` (TF1 session graph) or a concrete function's graph."""
     ops = [o.op if isinstance(o, tf.Tensor) else o for o in outputs]
-    return list(_edges_and_sites(graph, ops, False, getattr(graph, "name", "") or ""))
+    return list(_ops_and_sites(graph, ops, False, getattr(graph, "name", "") or ""))
 
 
 def _constant_expressions(ops: Iterable[tf.Operation]) -> set[tf.Operation]:
@@ -437,7 +440,7 @@ def load_backend_for_gpu(
     precision: str | None = None,
     xla: bool | None = None,
     environ: Mapping[str, str] | None = None,
-):
+) -> Backend:
     """The backend configured as it would be on a GPU machine, whatever this machine has: for ``optimized``,
     ``mixed`` precision means float16 and ``MASKRCNN_WINOGRAD=auto`` means no Winograd (cuDNN picks its own
     algorithms); settings not given come from ``environ`` (default ``os.environ``: ``MASKRCNN_XLA`` etc.)."""
@@ -454,7 +457,7 @@ def load_backend_for_gpu(
     return get_backend_class(backend_name).from_bundle(bundle)
 
 
-def audit_backend(backend, batch_size: int = 1) -> GpuAuditReport:
+def audit_backend(backend: Backend, batch_size: int = 1) -> GpuAuditReport:
     """Audit the graph one ``predict`` call of ``backend`` runs: for ``optimized``, the traced concrete function of
     ``detect_function(batch_size)`` (with its nested and XLA-compiled functions); for ``tensorpack``, its session
     graph from the fetched outputs back."""
