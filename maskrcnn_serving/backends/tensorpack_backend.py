@@ -33,8 +33,8 @@ class TensorpackBackend(Backend):
 
     @property
     def inference_graph(self) -> tuple[tf.Graph, list[tf.Tensor]]:
-        """The session graph and the tensors one image's forward call fetches (for modeling/kernel_audit.py)."""
-        return self._session.graph, self.tensors.outputs
+        """The session graph and every tensor a forward call may fetch (for modeling/kernel_audit.py)."""
+        return self._session.graph, [*self.tensors.outputs, self.tensors.embeddings, self.tensors.image_embedding]
 
     def forward(self, batch: Sequence[PreparedImage], options: PredictOptions) -> list[Detections]:
         if len(batch) != 1:
