@@ -244,13 +244,13 @@ class Pipeline:
         deadline: Deadline = NO_DEADLINE,
     ) -> None:
         """search: each instance's nearest indexed instances where asked (``neighbours``, ``same_class``), and the
-        instances' embeddings where asked."""
-        for item, dets, records in zip(items, detections, annotations, strict=True):
-            options = item.options
-            neighbours = None
-            if options.neighbours:
-                deadline.check("it was still searching the index")
-                with times.measure(Stage.SEARCH):
+        instances' embeddings where asked (timed as one stage, zero for requests that ask for neither)."""
+        with times.measure(Stage.SEARCH):
+            for item, dets, records in zip(items, detections, annotations, strict=True):
+                options = item.options
+                neighbours = None
+                if options.neighbours:
+                    deadline.check("it was still searching the index")
                     categories = dets.labels if options.same_class else None
                     neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
-            wire.add_search_fields(records, dets, options, neighbours)
+                wire.add_search_fields(records, dets, options, neighbours)

@@ -24,7 +24,8 @@ def test_bench_model_command_writes_json_table_and_png(tensorpack_backend, tmp_p
     for key in ("img_per_s", "latency_s", "stages_s_per_image", "total_s_per_image", "results", "machine", "model"):
         assert key in report
     assert set(report["latency_s"]) >= {"p50", "p90", "p99"}
-    assert set(report["stages_s_per_image"]) == {"decode", "preprocess", "queue", "model", "postprocess", "encode"}
+    assert set(report["stages_s_per_image"]) == {"decode", "preprocess", "queue", "model", "postprocess", "search",
+                                                 "encode"}
     assert report["detections"] == 5 and len(report["results"]) == 2
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

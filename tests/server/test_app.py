@@ -240,7 +240,7 @@ def test_metrics_count_requests_and_stages(client, example_images):
     text = client.get("/metrics").get_data(as_text=True)
     assert 'maskrcnn_requests_total{route="/invocations",status="200"}' in text
     assert 'maskrcnn_requests_total{route="/invocations",status="415"}' in text
-    for name in ("decode", "preprocess", "queue", "model", "postprocess", "encode"):
+    for name in ("decode", "preprocess", "queue", "model", "postprocess", "search", "encode"):
         assert f'maskrcnn_stage_duration_seconds_count{{stage="{name}"}}' in text
 
 
