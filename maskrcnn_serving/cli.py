@@ -62,6 +62,7 @@ def native_stderr_captured() -> Iterator[Callable[[], str]]:
         yield tail
     finally:
         sys.stderr.flush()
+        sys.stderr = python_stderr
         os.dup2(terminal, 2)
         capture.close()
 
