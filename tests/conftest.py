@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# pymilvus configures logging when first imported (logging.config.dictConfig, which closes every existing handler):
+# imported here, before pytest's capture and log handlers exist, not in the middle of a test.
+import pymilvus  # noqa: E402, F401
+
 # Bound before any test replaces it (cli_uses_session_backends): the session's backends are always really loaded.
 from maskrcnn_serving.backends.base import load_backend as real_load_backend  # noqa: E402
 
