@@ -71,10 +71,13 @@ def test_fastrcnn_predictions_per_class_nms_and_strict_threshold():
     # Two overlapping proposals; class 1 scores them 0.9 / 0.8, class 2 scores the second 0.7 (threshold 0.7: dropped).
     boxes = tf.constant(np.tile(np.array([[0, 0, 10, 10], [1, 1, 10, 10]], np.float32)[:, None, :], [1, 3, 1]))
     scores = tf.constant([[0.1, 0.9, 0.0], [0.0, 0.8, 0.7]])
-    b, s, labels = tf_ops.fastrcnn_predictions(boxes, scores, 0.7, 100, 0.5)
+    b, s, labels, sources = tf_ops.fastrcnn_predictions(boxes, scores, 0.7, 100, 0.5)
     np.testing.assert_allclose(s.numpy(), [0.9])
     np.testing.assert_array_equal(labels.numpy(), [1])
-    b, s, labels = tf_ops.fastrcnn_predictions(boxes, scores, 0.5, 100, 0.5)  # class 2 kept: NMS is per class
+    b, s, labels, sources = tf_ops.fastrcnn_predictions(boxes, scores, 0.5, 100, 0.5)  # class 2 kept: per class NMS
     np.testing.assert_allclose(s.numpy(), [0.9, 0.7])
     np.testing.assert_array_equal(labels.numpy(), [1, 2])
     np.testing.assert_allclose(b.numpy()[1], [1, 1, 10, 10])
+    # each detection's proposal: its row of the scores gives the detection's score at its label
+    np.testing.assert_array_equal(sources.numpy(), [0, 1])
+    np.testing.assert_allclose(scores.numpy()[sources.numpy(), labels.numpy()], s.numpy())

@@ -439,5 +439,5 @@ def test_server_survived_the_catalogue(live_server, worker_pids, session):
     # Metric labels come from the matched route, never the raw path: random paths cannot grow the series.
     routes = set(re.findall(r'^maskrcnn_requests_total\{route="([^"]*)"', metrics, re.MULTILINE))
     assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "/model", "/", "/static/<name>",
-                      "unmatched"}, routes
+                      "/index/thumbnail/<int:instance_id>", "unmatched"}, routes
     assert session.get(f"{live_server.url}/ping", timeout=10).status_code == 200
