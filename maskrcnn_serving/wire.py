@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -117,10 +118,15 @@ def _number(name: str, value: Any, from_text: bool, kind: type) -> float | int:
     return kind(value)
 
 
+# A class id in text options: ASCII digits only (str.isdigit() also accepts "²", which int() refuses), short enough
+# for int() (longer strings are names, and unknown).
+_CLASS_ID = re.compile(r"-?[0-9]{1,18}")
+
+
 def _classes(value: Any, from_text: bool, class_names: Sequence[str]) -> frozenset[int]:
     if from_text or isinstance(value, str):
         items: list[Any] = [v.strip() for v in str(value).split(",") if v.strip()]
-        items = [int(v) if v.lstrip("-").isdigit() else v for v in items]
+        items = [int(v) if _CLASS_ID.fullmatch(v) else v for v in items]
     elif isinstance(value, list):
         items = value
     else:
@@ -204,7 +210,8 @@ def parse_request(
     if mimetype in RAW_IMAGE_TYPES or mimetype.startswith("image/"):
         if not body:
             raise NotAnImage("The request body is empty; send the image file bytes.")
-        return ParsedRequest([ImageRequest(query.get("img_id"), body, base)], is_list=False)
+        img_id = query.get("img_id")
+        return ParsedRequest([ImageRequest(None if img_id is None else _img_id(img_id, ""), body, base)], is_list=False)
     raise UnsupportedMediaType(
         f"Content-Type {content_type or '(none)'!r} is not supported. Send application/json "
         '({"img_id": ..., "img_data": "<base64 image>"}) or a raw image body (image/jpeg, image/png, '
@@ -248,8 +255,21 @@ def _parse_json(
             options = parse_options(item, base, class_names, False, has_masks)
         except BadRequest as exc:
             raise type(exc)(where + exc.message) from None
-        images.append(ImageRequest(str(item["img_id"]), item["img_data"], options))
+        images.append(ImageRequest(_img_id(item["img_id"], where), item["img_data"], options))
     return ParsedRequest(images, is_list)
+
+
+def _img_id(value: Any, where: str) -> str:
+    """``str(img_id)``, which is echoed in the JSON answer: it must be encodable (JSON can carry a lone surrogate,
+    "\\ud800", that no UTF-8 encoder writes back)."""
+    try:
+        text = str(value)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidField(f"{where}img_id is not valid Unicode text (it has a lone surrogate).") from None
+    except RecursionError:  # a nested img_id that json.loads accepted but str() cannot walk from deeper in the stack
+        raise InvalidField(f"{where}img_id is nested too deeply.") from None
+    return text
 
 
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
