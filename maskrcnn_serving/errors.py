@@ -104,8 +104,17 @@ class UnsupportedMediaType(ServingError, status=415, code="unsupported_media_typ
     """415: a Content-Type (or an image format) the server does not accept."""
 
 
+class UnsupportedImageFormat(UnsupportedMediaType, code="unsupported_image_format"):
+    """415: an image format (TIFF) or variant (animated WebP; arithmetic-coded, lossless or 12-bit JPEG) that the
+    decoding gate recognizes and refuses on purpose (docs/security.md says why)."""
+
+
 class TooManyPixels(ServingError, status=422, code="too_many_pixels"):
     """422: the image (or the request's images together) would decode to more pixels than allowed."""
+
+
+class ImageTooComplex(ServingError, status=422, code="image_too_complex"):
+    """422: the images would cost more CPU to decode than a request may use (a JPEG with an absurd number of scans)."""
 
 
 class InsufficientMemory(ServingError, status=422, code="insufficient_memory"):

@@ -167,7 +167,7 @@ class Pipeline:
         """The items' images as (H, W, 3) BGR uint8, through the decoding gate, within the request's limits."""
         with times.measure(Stage.DECODE):
             files = [wire.image_bytes(item) for item in items]
-            return imaging.decode_images(files, self.limits.max_image_pixels, deadline)
+            return imaging.decode_images(files, self.limits.max_image_pixels, deadline, self.limits.tiff)
 
     def select(self, detections: Detections, options: wire.RequestOptions) -> Detections:
         """The class filter, then ``max_detections`` (the graph already applied the score threshold)."""

@@ -53,12 +53,14 @@ def _setting(default: Any, env: str, parse: Callable[[str], Any], help: str, fla
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits of one request. Bytes are counted on the HTTP body (base64 included)."""
+    """Size limits of one request. Bytes are counted on the HTTP body (base64 included). ``tiff``: whether the
+    decoding gate also decodes TIFF, which it refuses from clients (trusted local files only)."""
 
     max_request_bytes: int = 6 * MiB
     max_response_bytes: int = 6 * MiB
     max_image_pixels: int = 50_000_000
     max_images: int = 16
+    tiff: bool = False
 
 
 _LIMITS = Limits()
