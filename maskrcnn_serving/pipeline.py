@@ -133,6 +133,7 @@ class Pipeline:
         times as they happen (a new one by default)."""
         times = times if times is not None else StageTimes()
         results = self.process(request.images, times, deadline)
+        deadline.check("it was still encoding its answer")
         with times.measure(Stage.ENCODE):
             responses = [wire.image_response(result.img_id, result.annotations) for result in results]
             body = wire.encode_response(responses, request.is_list, self.limits)
@@ -201,12 +202,29 @@ class Pipeline:
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
     ) -> list[list[dict]]:
-        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format."""
+        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format.
+
+        One detection at a time, so that memory holds one pasted mask, not all of them (1000 detections of a large
+        photo are gigabytes of masks). The response's size is counted as the records are made: its lower bound
+        (every record with the smallest mask its format can have) is checked before any mask is pasted, and the
+        running total after each record, so a 413 comes before the work it would throw away. Small boxes first:
+        a mask's encoding grows with its box's side and its pasting with its area, so an answer over the limit is
+        found with the least pasting; the records keep the detections' order. The deadline is checked per
+        detection."""
+        size = wire.ResponseSize(self.limits)
+        with times.measure(Stage.ENCODE):
+            floors = [size.add_floor(dets, item.options) for item, dets in zip(items, detections, strict=True)]
         annotations = []
-        for item, dets in zip(items, detections, strict=True):
-            deadline.check("it was still encoding its answer")
-            with times.measure(Stage.POSTPROCESS):
-                patches = wire.paste_patches(dets, item.options)
-            with times.measure(Stage.ENCODE):
-                annotations.append(wire.encode_annotations(dets, item.options, patches))
+        for item, dets, floor in zip(items, detections, floors, strict=True):
+            records: list[dict] = [{}] * len(dets)
+            sides = dets.boxes[:, 2:] - dets.boxes[:, :2]
+            for index in np.argsort(sides[:, 0] * sides[:, 1], kind="stable"):
+                deadline.check("it was still encoding its answer")
+                one = dets.select([index])
+                with times.measure(Stage.POSTPROCESS):
+                    patches = wire.paste_patches(one, item.options)
+                with times.measure(Stage.ENCODE):
+                    (records[index],) = wire.encode_annotations(one, item.options, patches)
+                    size.add_record(records[index], floor[index])
+            annotations.append(records)
         return annotations

@@ -366,10 +366,55 @@ def encode_response(responses: list[dict], is_list: bool, limits: Limits) -> byt
     # orjson: compact like separators=(",", ":"), the same shortest round-trip floats, numpy scalars accepted.
     body = orjson.dumps(responses if is_list else responses[0], option=orjson.OPT_SERIALIZE_NUMPY)
     if len(body) > limits.max_response_bytes:
-        raise ResponseTooLarge(
-            f"The response would be {len(body)} bytes, over the limit of {limits.max_response_bytes} "
-            "(SageMaker real-time endpoints allow 6 MB). Ask for "
-            "format=coco (compressed RLE, about 2.5x smaller than legacy on typical masks) or format=boxes (no "
-            "masks), a lower max_detections or a higher score_threshold."
-        )
+        raise _response_too_large(f"{len(body)} bytes", limits)
     return body
+
+
+def _response_too_large(size: str, limits: Limits) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"The response would be {size}, over the limit of {limits.max_response_bytes} "
+        "(SageMaker real-time endpoints allow 6 MB). Ask for "
+        "format=coco (compressed RLE, about 2.5x smaller than legacy on typical masks) or format=boxes (no "
+        "masks), a lower max_detections or a higher score_threshold."
+    )
+
+
+def _record_bytes(record: dict) -> int:
+    return len(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+class ResponseSize:
+    """A running lower bound of the response body's size, so that an answer over ``limits.max_response_bytes`` is
+    refused (413) before the work that would make it: :meth:`add_floor` counts every record of an image with the
+    smallest segmentation its format can have (before any mask is pasted), :meth:`add_record` replaces a record's
+    floor by its real size as it is made. Never over the final size (separators and ``img_id`` are not counted),
+    so it only refuses answers :func:`encode_response` would refuse too."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+
+    def add_floor(self, dets: Detections, options: RequestOptions) -> list[int]:
+        """Count the smallest records ``dets`` can have in ``options.format``; returns each record's floor."""
+        height, width = (int(v) for v in dets.image_hw)
+        smallest: Any = None
+        if options.format in MASK_FORMATS and dets.has_masks:
+            smallest = {"legacy": {"counts": [0], "size": [height, width]},
+                        "coco": {"size": [height, width], "counts": ""}}.get(options.format, [])
+        floors = []
+        for record in encode_annotations(dets, options, None):
+            if smallest is not None:
+                record["segmentation"] = smallest
+            floors.append(_record_bytes(record))
+        self.total += sum(floors)
+        self._check("at least")
+        return floors
+
+    def add_record(self, record: dict, floor: int) -> None:
+        """Replace a record's ``floor`` by its real size."""
+        self.total += _record_bytes(record) - floor
+        self._check("more than")
+
+    def _check(self, qualifier: str) -> None:
+        if self.total > self.limits.max_response_bytes:
+            raise _response_too_large(f"{qualifier} {self.total} bytes", self.limits)
