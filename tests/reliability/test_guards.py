@@ -172,3 +172,56 @@ def test_gunicorn_error_pages_are_json(status, reason, expected):
     assert b"Content-Type: application/json" in head and b"Connection: close" in head
     assert json.loads(body)["error"]["message"] == "details <b>"
     assert json.loads(body)["error"]["code"] == {400: "bad_http_request", 431: "headers_too_large"}[expected]
+
+
+# ------------------------------------------------------------------------------------------ chunked framing
+
+
+def _chunked_body(framing: bytes, pieces: int = 1, monkeypatch=None):
+    """A real gunicorn request parsed from ``framing`` (a chunked body) arriving in ``pieces`` reads, with the
+    worker's bounded reader; returns (body bytes, trailers) or the exception the body read raised."""
+    from gunicorn.config import Config
+    from gunicorn.http import message
+    from gunicorn.http.parser import RequestParser
+
+    from maskrcnn_serving.server.gunicorn_worker import BoundedChunkedReader
+
+    monkeypatch.setattr(message, "ChunkedReader", BoundedChunkedReader)
+    raw = b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + framing
+    step = max(1, len(raw) // pieces)
+    request = next(RequestParser(Config(), iter([raw[i : i + step] for i in range(0, len(raw), step)]), ("h", 1)))
+    try:
+        return request.body.read(1 << 20), request.trailers
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+@pytest.mark.parametrize("framing", [
+    b"1\r\nX\r\n0\r\nX T: a\r\n\r\n",  # invalid field name
+    b"1\r\nX\r\n0\r\nX-T: " + b"a" * 9000 + b"\r\n\r\n",  # a 9,000-byte trailer
+    b"1\r\nX\r\n0\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n",  # 200 trailer fields
+    b"1\r\nX\r\n0\r\nX-T: a\x00b\r\n\r\n",  # NUL
+    b"1\r\nX\r\n0\r\nX-T: a\r\n  b\r\n\r\n",  # obs-fold
+    b"1\r\nX\r\n0\r\nX-T: a\r\n" + b"b" * 20000,  # a trailer section that never ends
+    b"1;" + b"e" * 24_000_000 + b"\r\nX\r\n0\r\n\r\n",  # a chunk size followed by a 24 MB extension
+    b"1;e\r\nX\r\n" * 300_000 + b"0\r\n\r\n",  # 1.5 MB of chunk-size lines for 300 kB of data
+    b"zz\r\nabc\r\n0\r\n\r\n",  # not a chunk size
+], ids=["bad-name", "9000-byte", "200-fields", "nul", "obs-fold", "unterminated", "24MB-extension", "framing",
+        "bad-size"])
+def test_malformed_chunked_framing_is_a_400_in_linear_time(framing, monkeypatch):
+    """Defects 6 and 7: gunicorn's trailer parse errors escaped the body reader (500), and chunk-size lines were
+    read in quadratic time with no limit (a 24 MB extension: 33 s of CPU). The bounded reader raises an OSError
+    for all of them, which read_body answers 400 malformed_body, at once."""
+    start = time.process_time()
+    outcome = _chunked_body(framing, pieces=max(1, len(framing) // 8192), monkeypatch=monkeypatch)
+    assert isinstance(outcome, OSError), outcome
+    error = guards.body_read_error(outcome)
+    assert error.status == 400 and error.code == "malformed_body"
+    assert time.process_time() - start < 2.0
+
+
+def test_valid_chunked_bodies_and_trailers_still_read(monkeypatch):
+    body, trailers = _chunked_body(b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Checksum: 1\r\n\r\n", pieces=17,
+                                   monkeypatch=monkeypatch)
+    assert body == b"abcde" and trailers == [("X-CHECKSUM", "1")]
+    assert _chunked_body(b"5\r\nhello\r\n0\r\n\r\n", monkeypatch=monkeypatch) == (b"hello", [])
