@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Bound before any test replaces it (cli_uses_session_backends): the session's backends are always really loaded.
+from maskrcnn_serving.backends.base import load_backend as real_load_backend  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = REPO / "model" / "demo"
 EXAMPLE_IMAGES = REPO / "examples" / "images"
@@ -30,18 +33,15 @@ def example_images() -> list[Path]:
 @pytest.fixture(scope="session")
 def tensorpack_backend():
     """The demo model on the tensorpack backend, built once per test session."""
-    from maskrcnn_serving.backends.base import load_backend
-
-    return load_backend("tensorpack", DEMO_MODEL_DIR, environ={})
+    return real_load_backend("tensorpack", DEMO_MODEL_DIR, environ={})
 
 
 @pytest.fixture(scope="session")
 def optimized_backend():
     """The demo model on the optimized backend (float32, no XLA), built once per test session."""
-    from maskrcnn_serving.backends.base import load_backend
     from maskrcnn_serving.settings import Settings
 
-    return load_backend("optimized", DEMO_MODEL_DIR, Settings(precision="float32", max_batch_size=4), environ={})
+    return real_load_backend("optimized", DEMO_MODEL_DIR, Settings(precision="float32", max_batch_size=4), environ={})
 
 
 @pytest.fixture(scope="session")

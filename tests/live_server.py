@@ -60,16 +60,15 @@ def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes) -> Li
     request = {"img_id": "probe", "img_data": base64.b64encode(probe_image).decode()}
     close = {"Connection": "close"}
 
-    def record(elapsed: float) -> None:
-        ping = requests.get(f"{server.url}/ping", timeout=10, headers=close)
-        probe.responses.append((elapsed, "/ping", ping.status_code, ping.json()))
-        if ping.status_code != 200:
+    def record(elapsed: float, status: int, body: dict | None) -> None:
+        probe.responses.append((elapsed, "/ping", status, body))
+        if status != 200:
             invocation = requests.post(f"{server.url}/invocations", json=request, timeout=30, headers=close)
             probe.responses.append((elapsed, "/invocations", invocation.status_code, invocation.json()))
 
     start = time.monotonic()
     try:
-        server.wait_ready(timeout=240.0, while_waiting=record)
+        server.wait_ready(timeout=240.0, on_ping=record)
     except BaseException:
         server.stop()
         raise

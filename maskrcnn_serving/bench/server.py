@@ -82,10 +82,10 @@ class ServerProcess:
         workers: int | None = None,
         exclude: set[int] = frozenset(),
         timeout: float = 300.0,
-        while_waiting: Callable[[float], None] | None = None,
+        on_ping: Callable[[float, int, dict | None], None] | None = None,
     ) -> set[int]:
         """Wait until ``workers`` distinct worker pids (default all, none in ``exclude``) answered ``/ping`` 200;
-        returns them. ``while_waiting(seconds since start)`` runs after each ping that was not a new ready worker.
+        returns them. ``on_ping(seconds since start, status, JSON body)`` sees every answered ping.
         Raises RuntimeError (with the log's tail) if the server exits or is not ready in time."""
         wanted = self.workers if workers is None else workers
         ready: set[int] = set()
@@ -100,8 +100,8 @@ class ServerProcess:
                 status, body = None, None
             if status == 200 and body["worker_pid"] not in exclude:
                 ready.add(body["worker_pid"])
-            elif while_waiting is not None and status is not None:
-                while_waiting(elapsed)
+            if on_ping is not None and status is not None:
+                on_ping(elapsed, status, body)
             time.sleep(0.05)
         return ready
 

@@ -88,7 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported once PROMETHEUS_MULTIPROC_DIR is set (prometheus_client picks its storage at import; the workers
+    # inherit this module), and not inside gunicorn's child-exit signal handler, where an import can re-enter.
+    from prometheus_client import multiprocess
+
     from maskrcnn_serving.server.logs import configure_logging
+
+    def _mark_worker_dead(server, worker) -> None:
+        """Tell the multiprocess metrics that a worker is gone."""
+        multiprocess.mark_process_dead(worker.pid)
 
     try:
         settings = resolve_settings(args, os.environ)
@@ -115,16 +123,12 @@ def _serve(args: argparse.Namespace) -> int:
             "graceful_timeout": 25,
             "keepalive": 75,  # above the 60 s idle timeout of SageMaker's front end / typical load balancers
             "accesslog": None,  # the app logs one structured line per request
-            "child_exit": _child_exit,
+            "child_exit": _mark_worker_dead,
         }
     ).run()
     return 0
 
 
-def _child_exit(server, worker) -> None:
-    from maskrcnn_serving.server.metrics import mark_worker_dead
-
-    mark_worker_dead(worker.pid)
 
 
 class _GunicornServer(BaseApplication):

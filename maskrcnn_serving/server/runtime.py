@@ -16,7 +16,7 @@ import numpy as np
 
 from maskrcnn_serving import wire
 from maskrcnn_serving.backends.base import Backend, load_backend
-from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.pipeline import Pipeline, StageTimes
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.server.guards import apply_memory_headroom
 from maskrcnn_serving.settings import Settings
@@ -34,12 +34,12 @@ def warmup_image(short_edge: int) -> np.ndarray:
     return image
 
 
-def warmup_request(pipeline: Pipeline) -> wire.ParsedRequest:
-    """One PNG at the test size through the whole path, score threshold 0 so that the mask head and the encoders
-    run on real detections too."""
+def warmup_items(pipeline: Pipeline) -> list[wire.ImageRequest]:
+    """One PNG at the test size, score threshold 0 so that the mask head and the encoders run on real detections
+    too (its answer is not sent anywhere, so it is not held to the response size limit)."""
     png = cv2.imencode(".png", warmup_image(pipeline.inference.short_edge_size))[1].tobytes()
     options = wire.RequestOptions(score_threshold=0.0, format=pipeline.default_options().format)
-    return wire.ParsedRequest([wire.ImageRequest(None, png, options)], is_list=False)
+    return [wire.ImageRequest(None, png, options)]
 
 
 class ModelRunner:
@@ -86,7 +86,7 @@ class ModelRunner:
             delay = settings.max_batch_delay_ms / 1000.0 if self.backend.max_batch_size > 1 else 0.0
             self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits)
             start = time.perf_counter()
-            self.pipeline.handle(warmup_request(self.pipeline))
+            self.pipeline.process(warmup_items(self.pipeline), StageTimes())
             self.warmup_seconds = time.perf_counter() - start
             # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
             apply_memory_headroom(settings.worker_memory_headroom_mb)
