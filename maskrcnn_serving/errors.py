@@ -129,6 +129,10 @@ class InternalError(ServingError):
     """500: a server fault; the message names the request id under which the log has the details."""
 
 
+class BadGateway(ServingError, status=502, code="bad_gateway"):
+    """502: the HTTP front (nginx) could not get an answer from a server worker (it died or was restarting)."""
+
+
 class NotReady(ServingError, status=503, code="not_ready"):
     """503: the model is still loading or warming up (or failed to load; the message says which)."""
 
@@ -143,7 +147,8 @@ MAX_MESSAGE_CHARS = 2000  # messages quote client values; a 1 MB bogus option mu
 # is a BadHttpRequest, anything else that is a 5xx an InternalError.
 _BY_STATUS: dict[int, type[ServingError]] = {
     400: BadHttpRequest, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 408: ClientTimeout, 413: PayloadTooLarge,
-    415: UnsupportedMediaType, 431: HeadersTooLarge, 500: InternalError, 503: NotReady,
+    415: UnsupportedMediaType, 431: HeadersTooLarge, 500: InternalError, 502: BadGateway, 503: NotReady,
+    504: DeadlineExceeded,
 }
 
 

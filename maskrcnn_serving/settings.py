@@ -22,6 +22,7 @@ from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 MiB = 1 << 20
 PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
 WINOGRAD_MODES = ("auto", "on", "off")
+FRONTS = ("auto", "nginx", "none")  # MODEL_SERVER_FRONT: see maskrcnn_serving/server/front.py
 DEADLINE_FRACTION = 0.9  # of MODEL_SERVER_TIMEOUT, so that the JSON 504 always beats the invocation timeout
 
 _TRUE = ("1", "true", "yes", "on")
@@ -79,6 +80,10 @@ class Settings:
     threads: int = _setting(
         4, "MODEL_SERVER_THREADS", int,
         "Request threads per worker; decoding and encoding overlap, the model runs one call at a time.", flag=True)
+    front: str = _setting(
+        "auto", "MODEL_SERVER_FRONT", str,
+        "HTTP front: nginx (buffers requests and answers, owns slow clients), none (gunicorn alone), or auto "
+        "(nginx when it is installed).", flag=True)
     timeout: int = _setting(70, "MODEL_SERVER_TIMEOUT", int, "Worker timeout in seconds (the seed's default).",
                             flag=True)
     request_deadline: float | None = _setting(
@@ -133,6 +138,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.front not in FRONTS:
+            raise ValueError(f"front must be one of {', '.join(FRONTS)}, not {self.front!r}")
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, not {self.winograd!r}")
         if self.bucket_step < SIZE_MULTIPLE or self.bucket_step % SIZE_MULTIPLE:
