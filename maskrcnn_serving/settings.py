@@ -105,6 +105,10 @@ class Settings:
         _LIMITS.max_image_pixels, "MODEL_SERVER_MAX_IMAGE_PIXELS", int,
         "Pixels the images of one request may decode to, together (decompression-bomb guard).", flag=True)
     max_images: int = _setting(_LIMITS.max_images, "MODEL_SERVER_MAX_IMAGES", int, "Images per request.", flag=True)
+    memory_return_mb: float = _setting(
+        256.0, "MODEL_SERVER_MEMORY_RETURN_MB", float,
+        "After a request, a worker holding more than its warm size plus this many MB gives its free memory back to "
+        "the kernel (malloc_trim; 0: never).", flag=True)
     worker_memory_headroom_mb: float = _setting(
         0.0, "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB", float,
         "Cap each worker's data segment at its warm size plus this many MB (0: no cap); over it, a request gets 422.",
@@ -133,7 +137,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("client_timeout", "ready_wait", "worker_memory_headroom_mb", "max_batch_delay_ms"):
+        for name in ("client_timeout", "ready_wait", "memory_return_mb", "worker_memory_headroom_mb",
+                     "max_batch_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

@@ -99,11 +99,17 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
 
 
-def process_environment(settings: Settings) -> dict[str, str]:
+# glibc malloc arenas per process (glibc's default is 8 per core): fewer arenas keep less freed memory
+# (docs/reliability.md has the measurements); an explicit MALLOC_ARENA_MAX from the user wins.
+MALLOC_ARENA_MAX = "2"
+
+
+def process_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
     """What the gunicorn master must find in its environment when it starts, because libraries read it once when
     they load: OpenCV's own pixel limit (``OPENCV_IO_MAX_IMAGE_PIXELS``; its decoders then refuse a larger image
-    from the header they parse themselves, before they allocate)."""
-    return {"OPENCV_IO_MAX_IMAGE_PIXELS": str(settings.max_image_pixels)}
+    from the header they parse themselves, before they allocate) and glibc's arena count (``MALLOC_ARENA_MAX``)."""
+    return {"OPENCV_IO_MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
+            "MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX") or MALLOC_ARENA_MAX}
 
 
 def gunicorn_options(settings: Settings, bind: str, child_exit=None) -> dict:
@@ -179,7 +185,7 @@ class _Supervisor:
             gunicorn = subprocess.Popen(
                 [sys.executable, "-m", "maskrcnn_serving.commands.serve", "--run-gunicorn", bind, self.log_level,
                  "quiet" if quiet else "verbose"],
-                env={**os.environ, **process_environment(self.settings)}, stdin=subprocess.DEVNULL,
+                env={**os.environ, **process_environment(self.settings, os.environ)}, stdin=subprocess.DEVNULL,
                 stderr=sys.stderr,
             )
             try:

@@ -29,6 +29,7 @@ from gunicorn.http.errors import InvalidChunkSize, NoMoreData, ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
 from maskrcnn_serving.errors import error_body, error_for_status
+from maskrcnn_serving.server import guards
 from maskrcnn_serving.settings import Settings
 
 
@@ -152,3 +153,9 @@ class GuardedThreadWorker(ThreadWorker):
     def handle(self, conn):
         conn.sock.settimeout(self.client_timeout)
         return super().handle(conn)
+
+    def handle_request(self, req, conn):
+        try:
+            return super().handle_request(req, conn)
+        finally:  # the answer is sent: give memory back if a large request left the worker over its margin
+            guards.memory_return.after_request()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -225,3 +228,45 @@ def test_valid_chunked_bodies_and_trailers_still_read(monkeypatch):
                                    monkeypatch=monkeypatch)
     assert body == b"abcde" and trailers == [("X-CHECKSUM", "1")]
     assert _chunked_body(b"5\r\nhello\r\n0\r\n\r\n", monkeypatch=monkeypatch) == (b"hello", [])
+
+
+# ------------------------------------------------------------------------------------------ memory given back
+
+
+def test_memory_is_given_back_after_a_request_that_left_the_worker_over_its_margin(tmp_path):
+    """A real heap in a fresh process: 256 MB of 64 kB blocks freed under a live block stay resident (glibc keeps
+    them in its heap); after a request, MemoryReturn (margin 64 MB) gives them back to the kernel."""
+    script = (
+        "import ctypes\n"
+        "from maskrcnn_serving.server import guards\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+        "returner = guards.configure_memory_return(64)\n"
+        "blocks = [libc.malloc(65536) for _ in range(4096)]\n"
+        "for block in blocks: libc.memset(block, 1, 65536)\n"
+        "pin = libc.malloc(64)  # above the blocks: the heap cannot shrink from its top\n"
+        "for block in blocks: libc.free(block)\n"
+        "held = guards.resident_bytes()\n"
+        "returner.after_request()\n"
+        "print((held - guards.resident_bytes()) >> 20, returner.trims)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+    returned_mb, trims = map(int, result.stdout.split())
+    assert trims == 1 and returned_mb > 200, result.stderr[-2000:]
+
+
+def test_memory_return_follows_growth_not_every_request(monkeypatch):
+    rss = iter([1000, 1100, 1400, 1300, 1320, 1600, 1350])  # MB, one reading per call
+    trims = []
+    monkeypatch.setattr(guards, "resident_bytes", lambda: next(rss) << 20)
+    monkeypatch.setattr(guards, "_malloc_trim", lambda: lambda pad: trims.append(pad))
+    returner = guards.configure_memory_return(256)  # warm 1000 MB: the first trigger is 1256
+    returner.after_request()  # 1100: under it
+    returner.after_request()  # 1400: trim (1400 -> 1300); what stays sets the next trigger at 1556
+    returner.after_request()  # 1320: under it, no trim although over warm + 256
+    returner.after_request()  # 1600: trim again
+    assert trims == [0, 0] and returner.trims == 2
+    assert guards.MemoryReturn(0)._trim is None  # 0: never

@@ -67,9 +67,12 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
     assert front.listen_address("::1", 80) == "[::1]:80"
 
 
-def test_serve_gives_the_decoders_their_limit_at_start():
-    """OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when it loads: ``serve`` starts the gunicorn master with it."""
-    assert serve.process_environment(Settings(max_image_pixels=1234)) == {"OPENCV_IO_MAX_IMAGE_PIXELS": "1234"}
+def test_serve_gives_the_decoders_and_the_allocator_their_settings_at_start():
+    """OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when it loads, and glibc MALLOC_ARENA_MAX when the process
+    starts: ``serve`` starts the gunicorn master with them (the user's MALLOC_ARENA_MAX wins)."""
+    assert serve.process_environment(Settings(max_image_pixels=1234), {}) == {
+        "OPENCV_IO_MAX_IMAGE_PIXELS": "1234", "MALLOC_ARENA_MAX": "2"}
+    assert serve.process_environment(Settings(), {"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -83,8 +86,9 @@ def test_the_session_servers_say_which_front_they_run(live_server, gunicorn_serv
     for server in (live_server, gunicorn_server):
         workers = server.server.worker_pids()
         assert len(workers) == 2
-        for pid in workers:  # the decoder's own pixel limit is in force in every worker
+        for pid in workers:  # the decoder's own pixel limit and the arena count are in force in every worker
             assert _environ(pid)["OPENCV_IO_MAX_IMAGE_PIXELS"] == str(Settings().max_image_pixels)
+            assert _environ(pid)["MALLOC_ARENA_MAX"] == "2"
     nginx = [pid for pid in children(live_server.process.pid) if pid != gunicorn_master_pid(live_server.process.pid)]
     assert len(nginx) == 1 and b"nginx" in Path(f"/proc/{nginx[0]}/cmdline").read_bytes()
     assert children(gunicorn_server.process.pid) == [gunicorn_master_pid(gunicorn_server.process.pid)]
