@@ -77,15 +77,47 @@ def run_round(url: str, cases, raw_cases, front: str, timeout: float) -> list[di
     return records
 
 
+def measure_recycle(server: ServerProcess, worker: int, scene: np.ndarray) -> dict:
+    """SIGTERM the worker (what a graceful recycle does) while requests keep coming: the answers meanwhile, and the
+    seconds until a new worker answers /ping."""
+    import os
+    import signal
+
+    body = cv2.imencode(".png", scene)[1].tobytes()
+    statuses: Counter = Counter()
+    start = time.monotonic()
+    os.kill(worker, signal.SIGTERM)
+    ready_after = None
+    while time.monotonic() - start < 300:
+        try:
+            answer = requests.post(f"{server.url}/invocations", data=body, timeout=60,
+                                   headers={"Content-Type": "image/png"}, params={"format": "boxes"})
+            statuses[str(answer.status_code)] += 1
+        except requests.RequestException as exc:
+            statuses[type(exc).__name__] += 1
+        replacement = worker_pids(server.process.pid) - {worker}
+        if replacement and statuses.get("200", 0) and ready_after is None and answer.status_code == 200:
+            ready_after = round(time.monotonic() - start, 1)
+            break
+        time.sleep(0.2)
+    (new,) = worker_pids(server.process.pid)
+    return {"seconds_until_served_again": ready_after, "answers_meanwhile": dict(statuses),
+            "new_worker_rss_mb": round(status_kb(new, "VmRSS") / 1024, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=REPO / "model" / "demo")
-    parser.add_argument("--front", choices=("nginx", "none"), default="nginx")
+    parser.add_argument("--front", choices=("nginx", "none", "default"), default="nginx",
+                        help="The server's front; default: pass no --front flag (a server from before the front).")
     parser.add_argument("--rounds", type=int, default=1, help="Times the whole catalogue is sent.")
     parser.add_argument("--settle", type=float, default=5.0, help="Idle seconds before the final RSS is read.")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="Environment of the server (e.g. MALLOC_ARENA_MAX=2); repeatable.")
     parser.add_argument("--flag", action="append", default=[], help="Extra `serve` flag (e.g. --flag=--threads=2).")
+    parser.add_argument("--recycle", action="store_true",
+                        help="Afterwards, replace the worker (SIGTERM: gunicorn stops it gracefully and starts a new "
+                             "one) while a client sends /invocations every 0.2 s: what recycling a worker costs.")
     parser.add_argument("--output", type=Path, help="Write the full report as JSON.")
     args = parser.parse_args(argv)
 
@@ -94,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     cases, raw_cases = catalogue(scene, photo), raw_http_cases()
     env = dict(item.split("=", 1) for item in args.env)
     log_path = Path(args.output or "hostile").with_suffix(".server.log")
-    server = ServerProcess(args.model_dir, log_path, workers=1, flags=args.flag, env=env, front=args.front).start()
+    front = None if args.front == "default" else args.front
+    server = ServerProcess(args.model_dir, log_path, workers=1, flags=args.flag, env=env, front=front).start()
     deadline = Settings.from_env(env).deadline_seconds or float("inf")
     try:
         server.wait_ready()
@@ -110,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.settle)
         alive = worker_pids(server.process.pid) == {worker}
         peak, final = status_kb(worker, "VmHWM") / 1024, status_kb(worker, "VmRSS") / 1024
+        recycle = measure_recycle(server, worker, scene) if args.recycle else None
     finally:
         exit_code = server.stop()
     slowest = max(records, key=lambda r: r["seconds"])
@@ -118,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         "cases": len(cases) + len(raw_cases), "requests": len(records),
         "kinds": dict(Counter(r["kind"] for r in records[: len(cases) + len(raw_cases)])),
         "statuses": dict(Counter(str(r["status"]) for r in records)),
-        "server_errors": sum(1 for r in records if r["status"] is None or r["status"] >= 500),
+        "server_errors": sum(1 for r in records if (r["status"] or 0) >= 500 or (r["status"] is None
+                                                                              and not r["documented"])),
         "undocumented": [r for r in records if not r["documented"]],
         "longest_request": slowest, "deadline_seconds": deadline,
         "over_deadline": [r for r in records if r["seconds"] >= deadline],
         "rss_mb": {"warm": round(warm, 1), "peak": round(peak, 1), "final": round(final, 1),
                    "after_each_round": after_round},
         "growth_mb": {"peak": round(peak - warm, 1), "final": round(final - warm, 1)},
-        "worker_replaced": not alive, "exit_code": exit_code,
+        "worker_replaced": not alive, "exit_code": exit_code, "recycle": recycle,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "undocumented"}, indent=1))
     for record in report["undocumented"]:

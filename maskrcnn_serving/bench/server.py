@@ -53,8 +53,12 @@ def gunicorn_master_pid(serve_pid: int) -> int | None:
 
 
 def worker_pids(serve_pid: int) -> set[int]:
-    """The gunicorn workers of the ``serve`` process ``serve_pid``."""
+    """The gunicorn workers of the ``serve`` process ``serve_pid`` (for a ``serve`` from before the front, which
+    was the gunicorn master itself: its children)."""
     master = gunicorn_master_pid(serve_pid)
+    if master is None and children(serve_pid) and not any(
+            b"nginx" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children(serve_pid)):
+        return set(children(serve_pid))
     return set() if master is None else set(children(master))
 
 
