@@ -25,6 +25,7 @@ from maskrcnn_serving.errors import ModelLoadError
 COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench", "export")
 # How much of the captured native output a failed command shows.
 NATIVE_LOG_TAIL_BYTES = 16384
+_terminal_streams: list = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def native_stderr_captured() -> Iterator[Callable[[], str]]:
     capture = tempfile.TemporaryFile()
     python_stderr = sys.stderr
     sys.stderr = open(terminal, "w", buffering=1, encoding=python_stderr.encoding, errors="replace")  # noqa: SIM115
+    _terminal_streams.append(sys.stderr)  # kept open for good: log handlers made inside may still write to it
     os.dup2(capture.fileno(), 2)
 
     def tail() -> str:
@@ -63,6 +65,7 @@ def native_stderr_captured() -> Iterator[Callable[[], str]]:
     finally:
         sys.stderr.flush()
         os.dup2(terminal, 2)
+        sys.stderr = python_stderr
         capture.close()
 
 

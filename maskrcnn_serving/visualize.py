@@ -15,8 +15,8 @@ Mask formats (the server's ``format`` option):
   ``cv2.fillPoly`` (pixels whose centres are inside or on a ring; the exact inverse of the server's polygons).
 * ``boxes``: no ``segmentation``.
 
-Nothing here imports matplotlib at module import time: the server imports this module's decoders only, and
-:func:`plot_annotations` loads matplotlib when it is called.
+Nothing here imports matplotlib at module import time: the server imports :func:`class_color` (``GET /model`` gives
+the web page its colours), and :func:`plot_annotations` loads matplotlib when it is called.
 """
 
 from __future__ import annotations

@@ -45,34 +45,46 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
 
-def cpu_supports_bfloat16() -> bool:
-    """True on x86 CPUs with native bfloat16 dot products (AVX512-BF16 or AMX-BF16), where oneDNN runs bf16 fast."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether bfloat16 is measured faster than float32 on this CPU: Intel CPUs with AMX tiles (amx_bf16), and AMD
+    CPUs with AVX512-BF16. Measured (docs/optimized-backend.md): an AMD EPYC with AVX512-BF16 ran the R50 fixture
+    2.07x faster in bfloat16; an Intel Xeon with AVX512-BF16 but no AMX visible ran it at 0.46x float32's speed.
+    ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(65536)
+        except OSError:
+            return False
+    lines = cpuinfo.splitlines()
+    flags = next((line for line in lines if line.startswith("flags")), "").split()
+    vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
 
 
-def resolve_precision(precision: str) -> str:
-    """The concrete compute dtype name for a precision setting (``mixed`` depends on the device)."""
+def _has_gpu(for_gpu: bool | None) -> bool:
+    return bool(tf.config.list_physical_devices("GPU")) if for_gpu is None else for_gpu
+
+
+def resolve_precision(precision: str, for_gpu: bool | None = None) -> str:
+    """The concrete compute dtype name for a precision setting (``mixed`` depends on the device; ``for_gpu``
+    overrides the detection, e.g. to audit the GPU configuration on a machine without one)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "mixed":
         return precision
-    if tf.config.list_physical_devices("GPU"):
+    if _has_gpu(for_gpu):
         return "float16"
-    if cpu_supports_bfloat16():
+    if cpu_prefers_bfloat16():
         return "bfloat16"
     log.warning("precision=mixed: no GPU and no bfloat16 support in this CPU; computing in float32.")
     return "float32"
 
 
-def resolve_winograd(mode: str, dtype_name: str) -> bool:
+def resolve_winograd(mode: str, dtype_name: str, for_gpu: bool | None = None) -> bool:
     """Whether the network uses Winograd convolutions: ``auto`` means float32 on a machine without a GPU."""
     if mode == "auto":
-        return dtype_name == "float32" and not tf.config.list_physical_devices("GPU")
+        return dtype_name == "float32" and not _has_gpu(for_gpu)
     if mode == "on" and dtype_name != "float32":
         raise ValueError(f"winograd=on needs precision float32, not {dtype_name}")
     return mode == "on"
@@ -93,9 +105,14 @@ class OptimizedBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, settings: Settings) -> OptimizedBackend:
-        dtype_name = resolve_precision(settings.precision)
-        use_winograd = resolve_winograd(settings.winograd, dtype_name)
+    def from_bundle(cls, bundle: ModelBundle, settings: Settings, for_gpu: bool | None = None) -> OptimizedBackend:
+        """``for_gpu``: configure as for a machine with (True) or without (False) a GPU; None detects it."""
+        dtype_name = resolve_precision(settings.precision, for_gpu)
+        use_winograd = resolve_winograd(settings.winograd, dtype_name, for_gpu)
+        if dtype_name == "float16" and not _has_gpu(for_gpu):
+            # Measured: TF 2.21's fused float16 MatMul+BiasAdd CPU kernel takes seconds where float32 takes ms.
+            log.warning("precision float16 without a GPU is very slow (TensorFlow's fused float16 MatMul on CPU); "
+                        "use bfloat16 or mixed on CPUs")
         log.info("optimized backend: compute %s, Winograd %s, XLA %s, batch %d, buckets of %d", dtype_name,
                  use_winograd, settings.xla, settings.max_batch_size, settings.bucket_step)
         network = MaskRCNN(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import tensorflow as tf
+
 from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.modeling.tensorpack_network import TensorpackGraph, build_session
@@ -23,15 +25,16 @@ class TensorpackBackend(Backend):
         self._session = session
         self.tensors = tensors
 
+
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, settings: Settings | None = None) -> TensorpackBackend:
         session, tensors = build_session(bundle)
         return cls(bundle, session, tensors)
 
     @property
-    def graph(self):
-        """The finalized tf.Graph (for audits)."""
-        return self._session.graph
+    def inference_graph(self) -> tuple[tf.Graph, list[tf.Tensor]]:
+        """The session graph and the tensors one image's forward call fetches (for modeling/kernel_audit.py)."""
+        return self._session.graph, self.tensors.outputs
 
     def forward(self, batch: Sequence[PreparedImage], options: PredictOptions) -> list[Detections]:
         if len(batch) != 1:

@@ -587,6 +587,7 @@ class RawCase:
 
 
 _POST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+_GET = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 _CHUNKED = _POST + b"Transfer-Encoding: chunked\r\n\r\n"
 
 
@@ -618,6 +619,17 @@ def raw_http_cases() -> list[RawCase]:
         RawCase("unknown route", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
                 "not_found", (400, "bad_http_request")),
         RawCase("HTTP/2.0 request line", b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n", 400, "bad_http_request"),
+        # The web page's routes serve fixed names only; no part of a path reaches the file system.
+        RawCase("page file path traversal", _GET % b"/static/../../etc/passwd", 404, "not_found",
+                (400, "bad_http_request")),
+        RawCase("page file encoded traversal", _GET % b"/static/..%2f..%2fserver%2fapp.py", 404, "not_found",
+                (400, "bad_http_request")),  # nginx decodes the path and refuses to leave the root
+        RawCase("page file not in the page", _GET % b"/static/web.py", 404, "not_found"),
+        RawCase("page file NUL byte", _GET % b"/static/app.js%00.png", 404, "not_found", (400, "bad_http_request")),
+        RawCase("thumbnail id not a number", _GET % b"/index/thumbnail/notanumber", 404, "not_found"),
+        RawCase("thumbnail by path", _GET % b"/index/thumbnail/..%2f..%2fetc%2fpasswd", 404, "not_found"),
+        RawCase("POST to the model metadata", b"POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n", 405, "method_not_allowed"),
         # ---------------------------------------------------------------- trailers (defect 6) and chunk lines (7)
         RawCase("trailer with an invalid name", _CHUNKED + b"1\r\nX\r\n0\r\nX T: a\r\n\r\n", 400, "malformed_body",
                 (400, "not_an_image"), kind="chunked"),

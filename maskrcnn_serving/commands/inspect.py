@@ -1,9 +1,13 @@
-"""``maskrcnn-serving inspect``: validate a model directory and print what the server would load, without a graph."""
+"""``maskrcnn-serving inspect``: validate a model directory and print what the server would load, without a graph;
+``--gpu-audit``: build the backend's inference graph and list the ops that would not run on a GPU
+(:mod:`maskrcnn_serving.modeling.kernel_audit`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from maskrcnn_serving.commands import add_model_arguments
 
@@ -14,10 +18,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Check a model directory strictly (checkpoint, config, architecture) and print a JSON summary.",
     )
     add_model_arguments(parser)
+    audit = parser.add_argument_group("GPU kernel audit (no GPU needed: TensorFlow's CUDA build lists its kernels)")
+    audit.add_argument(
+        "--gpu-audit", action="store_true",
+        help="Build the backend's inference graph as configured on a GPU and list the ops without a GPU kernel for "
+        "their dtypes (they would run on the CPU), ops XLA could not compile (MASKRCNN_XLA=1), and what stays on the "
+        "host by design. Exit status 1 when an op would leave the GPU.",
+    )
+    audit.add_argument("--precision", default=None, choices=("float32", "bfloat16", "float16", "mixed"),
+                       help="Optimized backend precision (default: $MASKRCNN_PRECISION or float32; mixed = float16).")
+    audit.add_argument("--batch-size", type=int, default=1, help="Images per graph call to trace (default 1).")
+    audit.add_argument("--json", type=Path, default=None, help="Also write the audit as JSON here.")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpu_audit:
+        return run_gpu_audit(args)
+    if args.precision is not None or args.json is not None:
+        raise SystemExit("error: --precision and --json go with --gpu-audit")
     from maskrcnn_serving.checkpoint import describe
     from maskrcnn_serving.model_dir import load_model_dir
 
@@ -39,3 +58,29 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def run_gpu_audit(args: argparse.Namespace) -> int:
+    from maskrcnn_serving.modeling.kernel_audit import audit_backend, load_backend_for_gpu
+
+    try:
+        backend = load_backend_for_gpu(args.backend, args.model_dir, precision=args.precision)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = audit_backend(backend, batch_size=args.batch_size)
+    document = report.to_json()
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    xla = ", XLA" if report.xla else ""
+    print(f"GPU kernel audit: {report.backend} backend, {report.precision}{xla}: {report.ops_total} ops")
+    for title, findings in (("no GPU kernel (would run on the CPU)", report.cpu_only),
+                            ("XLA cannot compile for the GPU", report.xla_uncompilable)):
+        print(f"{title}: {len(findings) or 'none'}")
+        for finding in findings:
+            print(f"  {finding.op} [{', '.join(finding.dtypes)}] x{finding.count}: {'; '.join(finding.where)}")
+    print("on the host by design:")
+    for item in report.host_by_design:
+        print(f"  {item.op}: {item.reason}")
+    return 0 if report.clean else 1

@@ -76,11 +76,18 @@ def pad_edges(featuremap: tf.Tensor) -> tf.Tensor:
     return tf.pad(featuremap, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
 
 
-def fpn_level_indices(boxes: tf.Tensor) -> tf.Tensor:
-    """Index 0..3 (P2..P5) of each (N, 4) box: ``floor(4 + log2(sqrt(area) / 224 + 1e-6))`` clamped to [2, 5]."""
+def fpn_levels(boxes: tf.Tensor) -> tf.Tensor:
+    """Index 0..3 (P2..P5) of each (N, 4) box as float32 whole numbers: ``floor(4 + log2(sqrt(area) / 224 +
+    1e-6))`` clamped to [2, 5], minus 2. Float, not int32, so that on a GPU it stays in device memory: TensorFlow
+    keeps int32 tensors of GPU kernels in host memory, which would copy the levels to the host and stall the GPU."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     level = tf.floor(4.0 + tf.math.log(tf.sqrt(area) * (1.0 / 224) + 1e-6) * (1.0 / math.log(2.0)))
-    return tf.clip_by_value(tf.cast(level, tf.int32), 2, 5) - 2
+    return tf.clip_by_value(level, 2.0, 5.0) - 2.0
+
+
+def fpn_level_indices(boxes: tf.Tensor) -> tf.Tensor:
+    """:func:`fpn_levels` as int32 indices."""
+    return tf.cast(fpn_levels(boxes), tf.int32)
 
 
 def multilevel_roi_align(
@@ -95,16 +102,19 @@ def multilevel_roi_align(
 
     ``box_indices`` (N,) int32 names each box's image when the features hold a batch; ``edge_padded``: the features
     went through :func:`pad_edges` already (see :func:`roi_align`)."""
-    levels = fpn_level_indices(boxes)
+    levels = fpn_levels(boxes)
     pooled, order = [], []
     for index in range(FPN_ROI_LEVELS):
-        ids = tf.reshape(tf.where(tf.equal(levels, index)), [-1])
+        ids = tf.reshape(tf.where(tf.equal(levels, float(index))), [-1])
         level_boxes = tf.gather(boxes, ids) * (1.0 / strides[index])
         level_indices = None if box_indices is None else tf.gather(box_indices, ids)
         pooled.append(roi_align(features[index], level_boxes, resolution, level_indices, edge_padded))
         order.append(ids)
-    restore = tf.math.invert_permutation(tf.cast(tf.concat(order, axis=0), tf.int32))
-    return tf.gather(tf.concat(pooled, axis=0), restore)
+    # Each box's result goes back to its own row: a scatter by the int64 row ids (each row written once, so it is a
+    # plain copy) rather than gathering by invert_permutation, whose int32 GPU kernel runs on the host.
+    pooled = tf.concat(pooled, axis=0)
+    rows = tf.concat(order, axis=0)[:, None]
+    return tf.scatter_nd(rows, pooled, tf.shape(pooled, out_type=tf.int64))
 
 
 def generate_fpn_proposals(

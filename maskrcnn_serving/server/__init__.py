@@ -5,4 +5,5 @@
 * :mod:`.guards`: what keeps one request's trouble inside that request (body reading, memory);
 * :mod:`.gunicorn_worker`: the gunicorn worker class (slow clients, JSON error pages);
 * :mod:`.logs`, :mod:`.metrics`: JSON log lines, Prometheus metrics across workers.
+* :mod:`.web`: the web page at ``GET /`` (plain HTML/CSS/JS in ``web/``, package data).
 """

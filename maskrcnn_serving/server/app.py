@@ -1,7 +1,9 @@
 """The Flask app of one server worker: SageMaker's routes over the inference pipeline.
 
 Routes: ``GET /ping`` (200 only once the model is loaded AND warmed up, else 503), ``POST /invocations``,
-``GET /execution-parameters`` (Batch Transform), ``GET /metrics`` (Prometheus text).
+``GET /execution-parameters`` (Batch Transform), ``GET /metrics`` (Prometheus text), ``GET /model`` (what a client
+needs to prepare requests and draw answers), and the web page (``GET /``, ``GET /static/<name>``: :mod:`.web`).
+SageMaker forwards only ``/ping`` and ``/invocations``; the other routes are for local use and operators.
 
 The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), and the worker's
 :class:`~maskrcnn_serving.pipeline.Pipeline` (owned by :class:`~.runtime.ModelRunner`) does the rest. Errors become
@@ -24,11 +26,13 @@ from werkzeug.exceptions import HTTPException
 
 from maskrcnn_serving.deadline import Deadline
 from maskrcnn_serving.errors import InternalError, NotReady, ServingError, error_body, error_for_status
-from maskrcnn_serving.pipeline import StageTimes
+from maskrcnn_serving.pipeline import Pipeline, StageTimes
 from maskrcnn_serving.server import metrics
 from maskrcnn_serving.server.guards import read_body, translate_resource_error
 from maskrcnn_serving.server.runtime import ModelRunner
-from maskrcnn_serving.settings import MiB, Settings
+from maskrcnn_serving.server.web import register_page
+from maskrcnn_serving.settings import Limits, MiB, Settings
+from maskrcnn_serving.visualize import class_color
 
 log = logging.getLogger("maskrcnn_serving.server")
 access_log = logging.getLogger("maskrcnn_serving.access")
@@ -50,6 +54,35 @@ def _json_response(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, mimetype="application/json")
 
 
+def hex_color(bgr: tuple[int, int, int]) -> str:
+    """``"#rrggbb"`` of a BGR colour."""
+    blue, green, red = bgr
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def model_metadata(pipeline: Pipeline, limits: Limits, index: Any = None) -> dict[str, Any]:
+    """The ``GET /model`` document (docs/openapi.yaml ``ModelMetadata``): the classes (without "BG") and their
+    colours as :func:`maskrcnn_serving.visualize.class_color` draws them, the test-time resize, the defaults and
+    limits a client needs, and whether instance search is available (``index``: the app's instance index, if any)."""
+    backend = pipeline.backend
+    names = list(backend.class_names[1:])
+    return {
+        "backend": backend.description["backend"],
+        "precision": backend.description["precision"],
+        "class_names": names,
+        "class_colors": {name: hex_color(class_color(class_id)) for class_id, name in enumerate(names, start=1)},
+        "resize": {"short_edge": pipeline.inference.short_edge_size, "max_size": pipeline.inference.max_size},
+        "default_score_threshold": pipeline.default_options().score_threshold,
+        "has_masks": backend.has_masks,
+        "embedding_dim": getattr(backend, "embedding_dim", None),
+        "search": {
+            "available": index is not None,
+            "indexed": len(index) if index is not None and hasattr(index, "__len__") else None,
+        },
+        "max_request_bytes": limits.max_request_bytes,
+    }
+
+
 def error_response(error: ServingError) -> Response:
     """The JSON answer of ``error``; 503s say when to retry."""
     response = Response(error_body(error.code, error.message), status=error.status, mimetype="application/json")
@@ -63,7 +96,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     settings = settings or Settings.from_env(os.environ)
     if runner is None:
         runner = ModelRunner(settings).start(background=True)
-    app = Flask("maskrcnn_serving")
+    app = Flask("maskrcnn_serving", static_folder=None)  # the page's files: server/web.py, by exact name only
     app.extensions["maskrcnn_runner"] = runner
     limits = settings.limits
     deadline_seconds = settings.deadline_seconds
@@ -142,6 +175,13 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     def metrics_route() -> Response:
         body, content_type = metrics.render()
         return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
+
+    @app.get("/model")
+    def model() -> Response:
+        _require_ready(0.0)  # the page asks at once and retries while the model loads
+        return _json_response(model_metadata(runner.pipeline, limits, app.extensions.get("maskrcnn_index")))
+
+    register_page(app)
 
     @app.post("/invocations")
     def invocations() -> Response:

@@ -193,8 +193,19 @@ def test_settings_from_environment_and_validation():
 def test_mixed_precision_picks_float16_on_gpu_bfloat16_on_capable_cpus_else_float32(monkeypatch, gpu, bf16_cpu,
                                                                                      expected):
     monkeypatch.setattr(optimized.tf.config, "list_physical_devices", lambda kind=None: ["gpu"] if gpu else [])
-    monkeypatch.setattr(optimized, "cpu_supports_bfloat16", lambda: bf16_cpu)
+    monkeypatch.setattr(optimized, "cpu_prefers_bfloat16", lambda: bf16_cpu)
     assert resolve_precision("mixed") == expected
     assert resolve_precision("bfloat16") == "bfloat16"  # explicit choices are kept
 
 
+
+
+@pytest.mark.parametrize(("vendor", "flags", "expected"), [
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", True),   # Sapphire Rapids with AMX visible
+    ("GenuineIntel", "avx512f avx512_bf16 avx512_fp16", False),        # AVX512-BF16 only: measured slower
+    ("AuthenticAMD", "avx512f avx512_bf16", True),                     # Zen 4: measured 2.07x
+    ("AuthenticAMD", "avx2", False),
+])
+def test_bfloat16_is_preferred_only_where_it_was_measured_faster(vendor, flags, expected):
+    cpuinfo = f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse {flags}\n"
+    assert optimized.cpu_prefers_bfloat16(cpuinfo) is expected

@@ -14,10 +14,12 @@ def test_native_stderr_is_captured_while_python_stderr_reaches_the_terminal(capf
     import os
     import sys
 
+    before = sys.stderr
     with cli.native_stderr_captured() as native_tail:
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")  # what TensorFlow's C++ code does
         print("predict: 100%", file=sys.stderr)
         assert "oneDNN" in native_tail()
+    assert sys.stderr is before  # put back
     os.write(2, b"after\n")
     err = capfd.readouterr().err
     assert "predict: 100%" in err and "after" in err and "oneDNN" not in err

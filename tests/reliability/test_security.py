@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "maskrcnn_serving"
 # The modules that handle a request's bytes between the socket and the backend.
 REQUEST_PATH = ("server/app.py", "server/runtime.py", "server/guards.py", "server/gunicorn_worker.py",
-                "server/metrics.py", "server/logs.py", "pipeline.py", "scheduler.py", "deadline.py", "wire.py",
-                "imaging.py", "errors.py", "encoding.py", "structures.py", "settings.py")
+                "server/metrics.py", "server/logs.py", "server/web.py", "pipeline.py", "scheduler.py", "deadline.py",
+                "wire.py", "imaging.py", "errors.py", "encoding.py", "structures.py", "settings.py")
 
 
 def _modules() -> list[Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -253,18 +254,30 @@ def openapi() -> dict:
     return yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml").read_text())
 
 
+def _json_schema(schema):
+    """OpenAPI 3.0's ``nullable: true`` as JSON Schema: the type or null."""
+    if isinstance(schema, list):
+        return [_json_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    converted = {key: _json_schema(value) for key, value in schema.items() if key != "nullable"}
+    if schema.get("nullable") and "type" in schema:
+        converted["type"] = [schema["type"], "null"]
+    return converted
+
+
 def _validator(openapi: dict, schema_name: str):
     from jsonschema import Draft4Validator  # OpenAPI 3.0 schemas use draft-4's boolean exclusiveMinimum
 
-    return Draft4Validator({"$ref": f"#/components/schemas/{schema_name}", "components": openapi["components"]})
+    return Draft4Validator({"$ref": f"#/components/schemas/{schema_name}",
+                            "components": _json_schema(openapi["components"])})
 
 
 def test_openapi_routes_match_the_app(openapi, client):
     documented = {(path, method.upper()) for path, ops in openapi["paths"].items() for method in ops}
     served = {
-        (rule.rule, method)
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's /static/<name> is OpenAPI's /static/{name}
         for rule in client.application.url_map.iter_rules()
-        if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert documented == served
@@ -286,3 +299,61 @@ def test_real_responses_follow_the_openapi_schema(openapi, client, example_image
     errors = _validator(openapi, "Error")
     for response in (post_json(client, "{"), client.post("/invocations", data=b"x", content_type="text/plain")):
         errors.validate(response.json)
+
+
+# ------------------------------------------------------------------------------------------------ GET /model, the page
+
+
+def test_model_metadata_says_what_a_client_needs(openapi, client, tensorpack_backend):
+    from maskrcnn_serving.visualize import class_color
+
+    answer = client.get("/model")
+    assert answer.status_code == 200 and answer.mimetype == "application/json"
+    _validator(openapi, "ModelMetadata").validate(answer.json)
+    metadata = answer.json
+    names = list(tensorpack_backend.class_names[1:])
+    assert metadata["class_names"] == names == ["circle", "rectangle", "triangle", "ring"]
+    for class_id, name in enumerate(names, start=1):  # the page draws in visualize's colours, computed once here
+        blue, green, red = class_color(class_id)
+        assert metadata["class_colors"][name] == f"#{red:02x}{green:02x}{blue:02x}"
+    assert metadata["resize"] == {"short_edge": 320, "max_size": 576}  # model/demo/config.json
+    assert (metadata["backend"], metadata["precision"]) == ("tensorpack", "float32")
+    assert metadata["default_score_threshold"] == tensorpack_backend.bundle.inference.vis_score_threshold
+    assert metadata["has_masks"] is True and metadata["embedding_dim"] is None
+    assert metadata["search"] == {"available": False, "indexed": None}
+    assert metadata["max_request_bytes"] == Settings().max_request_bytes
+
+
+def test_model_metadata_is_503_while_loading_and_reports_an_index(runner):
+    loading = create_app(Settings(ready_wait=30.0), ModelRunner()).test_client()
+    start = time.perf_counter()
+    response = loading.get("/model")
+    assert response.status_code == 503 and response.json["error"]["code"] == "not_ready"
+    assert time.perf_counter() - start < 5  # answered at once: the page retries
+    app = create_app(Settings(), runner)
+    app.extensions["maskrcnn_index"] = [object()] * 3  # anything with a length stands for the instance index
+    assert app.test_client().get("/model").json["search"] == {"available": True, "indexed": 3}
+
+
+def test_page_files_are_served_by_name_only_with_a_strict_policy(client):
+    from maskrcnn_serving.server.web import CONTENT_SECURITY_POLICY, PAGE_FILES
+
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    html = page.get_data(as_text=True)
+    assert '<input id="file-input" type="file"' in html and 'id="score-threshold" type="range"' in html
+    # Self-contained: no absolute URL to anywhere, no inline script or style for the policy to refuse.
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    assert "<script>" not in html and " style=" not in html and "<style" not in html
+    for name, content_type in PAGE_FILES.items():
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200 and response.headers["Content-Type"] == content_type, name
+        assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert not re.search(r"https?://", response.get_data(as_text=True)), name
+    for path in ("/static/web.py", "/static/..%2fweb.py", "/static/../app.py", "/static/", "/static/app.js/x",
+                 "/static/%2e%2e%2fapp.py", "/web/app.js"):
+        response = client.get(path)
+        assert response.status_code == 404 and response.json["error"]["code"] == "not_found", path
+        assert "Content-Security-Policy" not in response.headers, path
