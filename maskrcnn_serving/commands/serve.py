@@ -229,7 +229,9 @@ class _Supervisor:
         """nginx first (it stops listening and finishes the requests in flight, which gunicorn still serves), then
         gunicorn; the exit status says why ``serve`` stopped."""
         start = time.monotonic()
-        front_died = self.front is not None and self.front.poll() is not None
+        # nginx gone while nobody asked the server to stop (a signal to the whole process group, e.g. Ctrl-C or
+        # killpg, stops nginx too: that is a stop, not a failure)
+        front_died = self.signal is None and self.front is not None and self.front.poll() is not None
         if front_died:
             self.log.error("nginx exited", extra={"fields": {"status": self.front.poll()}})
         if gunicorn.poll() is not None and self.signal is None:

@@ -281,7 +281,8 @@ def test_server_survived_the_catalogue(server, baseline, session):
     assert server_errors == []
     # Metric labels come from the matched route, never the raw path: random paths cannot grow the series.
     routes = set(re.findall(r'^maskrcnn_requests_total\{route="([^"]*)"', metrics, re.MULTILINE))
-    assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "unmatched"}, routes
+    assert routes <= {"/ping", "/invocations", "/execution-parameters", "/metrics", "/model", "/", "/static/<name>",
+                      "/index/thumbnail/<int:instance_id>", "unmatched"}, routes
     assert session.get(f"{server.url}/ping", timeout=10).status_code == 200
     slowest = max(baseline["seconds"].items(), key=lambda item: item[1])
     assert slowest[1] < DEADLINE_SECONDS, slowest
