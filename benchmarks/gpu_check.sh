@@ -138,7 +138,13 @@ done
 # ----------------------------------------------------------------------------------------------------- memory
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 gpu_used_mb() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | awk '{s += $1} END {print s}'; }
-workers_rss_mb() { ps -o rss= --ppid "$1" | awk '{s += $1} END {printf "%d\n", s / 1024}'; }
+# The workers are the children of the gunicorn master, which is the child of `serve` started with --run-gunicorn
+# (beside nginx); a `serve` from before that was the gunicorn master itself.
+workers_rss_mb() {
+    local master
+    master="$(pgrep -P "$1" -f -- --run-gunicorn | head -n 1)"
+    ps -o rss= --ppid "${master:-$1}" | awk '{s += $1} END {printf "%d\n", s / 1024}'
+}
 
 # measure_workers N: serve the benchmark model with N workers (optimized, mixed precision), warm every worker
 # with requests, and record the memory once it stops growing. Writes memory/workers-N.json.

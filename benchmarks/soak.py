@@ -30,6 +30,7 @@ import numpy as np
 import requests
 
 from maskrcnn_serving.bench.server import ServerProcess
+from maskrcnn_serving.bench.server import worker_pids as server_worker_pids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,9 +73,9 @@ class LoadReport:
         )
 
 
-def worker_pids(master_pid: int) -> list[int]:
-    with open(f"/proc/{master_pid}/task/{master_pid}/children") as children:
-        return sorted(int(pid) for pid in children.read().split())
+def worker_pids(serve_pid: int) -> list[int]:
+    """The gunicorn workers of the ``maskrcnn-serving serve`` process ``serve_pid``."""
+    return sorted(server_worker_pids(serve_pid))
 
 
 def rss_mb(pid: int) -> float:
@@ -113,14 +114,14 @@ def run_load(
     expected: list[dict],
     clients: int,
     seconds: float,
-    master_pid: int | None = None,
+    serve_pid: int | None = None,
     warmup_seconds: float = 10.0,
     windows: int = 4,
     sample_every: float = 2.0,
 ) -> LoadReport:
     """``clients`` threads each send requests back to back (image ``(client + n) % len(bodies)``) for
-    ``warmup_seconds + seconds``; only the last ``seconds`` are measured. Resident memory of the master's worker
-    processes is sampled every ``sample_every`` seconds when ``master_pid`` is given."""
+    ``warmup_seconds + seconds``; only the last ``seconds`` are measured. Resident memory of the server's worker
+    processes is sampled every ``sample_every`` seconds when ``serve_pid`` is given."""
     samples: list[Sample] = []
     lock = threading.Lock()
     t0 = time.monotonic()
@@ -153,9 +154,9 @@ def run_load(
     after_warmup: dict[str, float] = {}
     while any(thread.is_alive() for thread in threads):
         now = time.monotonic()
-        if master_pid is not None:
+        if serve_pid is not None:
             try:
-                reading = {str(pid): round(rss_mb(pid), 1) for pid in worker_pids(master_pid)}
+                reading = {str(pid): round(rss_mb(pid), 1) for pid in worker_pids(serve_pid)}
             except OSError:
                 reading = {}
             if now >= measure_from:
@@ -212,26 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-seconds", type=float, default=30.0)
     parser.add_argument("--windows", type=int, default=10, help="Latency percentiles are reported per window.")
     parser.add_argument("--output", type=Path, help="Write the full report (with the RSS trace) as JSON.")
+    parser.add_argument("--front", choices=("nginx", "none"), default=None,
+                        help="The started server's HTTP front (default: its own choice, MODEL_SERVER_FRONT).")
     args = parser.parse_args(argv)
 
     bodies = request_bodies(args.images)
     server = None
-    master_pid = None
+    serve_pid = None
     if args.url:
         url = args.url.rstrip("/")
     else:
         log_path = Path(args.output or "soak").with_suffix(".server.log")
-        server = ServerProcess(args.model_dir, log_path, workers=args.workers).start()
+        server = ServerProcess(args.model_dir, log_path, workers=args.workers, front=args.front).start()
         try:
             server.wait_ready()
         except BaseException:
             server.stop()
             raise
-        url, master_pid = server.url, server.process.pid
-        print(f"server {url} (master pid {master_pid}, log {log_path})", flush=True)
+        url, serve_pid = server.url, server.process.pid
+        print(f"server {url} (serve pid {serve_pid}, log {log_path})", flush=True)
     try:
         expected = expected_answers(url, bodies)
-        report = run_load(url, bodies, expected, args.clients, args.minutes * 60, master_pid,
+        report = run_load(url, bodies, expected, args.clients, args.minutes * 60, serve_pid,
                           warmup_seconds=args.warmup_seconds, windows=args.windows, sample_every=5.0)
     finally:
         exit_code = server.stop() if server is not None else None

@@ -108,8 +108,17 @@ class UnsupportedMediaType(ServingError, status=415, code="unsupported_media_typ
     """415: a Content-Type (or an image format) the server does not accept."""
 
 
+class UnsupportedImageFormat(UnsupportedMediaType, code="unsupported_image_format"):
+    """415: an image format (TIFF) or variant (animated WebP; arithmetic-coded, lossless or 12-bit JPEG) that the
+    decoding gate recognizes and refuses on purpose (docs/security.md says why)."""
+
+
 class TooManyPixels(ServingError, status=422, code="too_many_pixels"):
     """422: the image (or the request's images together) would decode to more pixels than allowed."""
+
+
+class ImageTooComplex(ServingError, status=422, code="image_too_complex"):
+    """422: the images would cost more CPU to decode than a request may use (a JPEG with an absurd number of scans)."""
 
 
 class InsufficientMemory(ServingError, status=422, code="insufficient_memory"):
@@ -122,6 +131,10 @@ class HeadersTooLarge(ServingError, status=431, code="headers_too_large"):
 
 class InternalError(ServingError):
     """500: a server fault; the message names the request id under which the log has the details."""
+
+
+class BadGateway(ServingError, status=502, code="bad_gateway"):
+    """502: the HTTP front (nginx) could not get an answer from a server worker (it died or was restarting)."""
 
 
 class NotReady(ServingError, status=503, code="not_ready"):
@@ -138,7 +151,8 @@ MAX_MESSAGE_CHARS = 2000  # messages quote client values; a 1 MB bogus option mu
 # is a BadHttpRequest, anything else that is a 5xx an InternalError.
 _BY_STATUS: dict[int, type[ServingError]] = {
     400: BadHttpRequest, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 408: ClientTimeout, 413: PayloadTooLarge,
-    415: UnsupportedMediaType, 431: HeadersTooLarge, 500: InternalError, 503: NotReady,
+    415: UnsupportedMediaType, 431: HeadersTooLarge, 500: InternalError, 502: BadGateway, 503: NotReady,
+    504: DeadlineExceeded,
 }
 
 

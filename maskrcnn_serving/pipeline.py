@@ -151,7 +151,8 @@ class Pipeline:
         """Run a parsed request through every stage; the body is the HTTP response. ``times`` collects the stage
         times as they happen (a new one by default)."""
         times = times if times is not None else StageTimes()
-        results = self.process(request.images, times, deadline)
+        results = self.process(request.images, times, deadline, limit_response=True)
+        deadline.check("it was still encoding its answer")
         with times.measure(Stage.ENCODE):
             responses = [
                 wire.image_response(result.img_id, result.annotations,
@@ -162,14 +163,19 @@ class Pipeline:
         return Response(body, results, times.seconds)
 
     def process(
-        self, items: Sequence[wire.ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
+        self,
+        items: Sequence[wire.ImageRequest],
+        times: StageTimes,
+        deadline: Deadline = NO_DEADLINE,
+        limit_response: bool = False,
     ) -> list[ImageResult]:
-        """Every stage but the JSON body: each item's detections and annotations."""
+        """Every stage but the JSON body: each item's detections and annotations. ``limit_response``: refuse (413)
+        annotations that would not fit the response limit as soon as that is known (:meth:`handle`)."""
         images = self.decode(items, times, deadline)
         detections = self.run_model(images, [item.options for item in items], times, deadline)
         with times.measure(Stage.POSTPROCESS):
             detections = [self.select(dets, item.options) for dets, item in zip(detections, items, strict=True)]
-        annotations = self.annotate(items, detections, times, deadline)
+        annotations = self.annotate(items, detections, times, deadline, limit_response)
         self.add_search_fields(items, detections, annotations, times, deadline)
         return [
             ImageResult(item.img_id, image, dets, records)
@@ -191,7 +197,7 @@ class Pipeline:
         """The items' images as (H, W, 3) BGR uint8, through the decoding gate, within the request's limits."""
         with times.measure(Stage.DECODE):
             files = [wire.image_bytes(item) for item in items]
-            return imaging.decode_images(files, self.limits.max_image_pixels, deadline)
+            return imaging.decode_images(files, self.limits.max_image_pixels, deadline, self.limits.tiff)
 
     def select(self, detections: Detections, options: wire.RequestOptions) -> Detections:
         """The class filter, then ``max_detections`` (the graph already applied the score threshold)."""
@@ -224,15 +230,35 @@ class Pipeline:
         detections: Sequence[Detections],
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
+        limit_response: bool = False,
     ) -> list[list[dict]]:
-        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format."""
+        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format.
+
+        One detection at a time, so that memory holds one pasted mask, not all of them (1000 detections of a large
+        photo are gigabytes of masks). The response's size is counted as the records are made: its lower bound
+        (every record with the smallest mask its format can have) is checked before any mask is pasted, and the
+        running total after each record (with ``limit_response``), so a 413 comes before the work it would throw
+        away. Small boxes first: a mask's encoding grows with its box's side and its pasting with its area, so an
+        answer over the limit is found with the least pasting; the records keep the detections' order. The deadline
+        is checked per detection."""
+        size = wire.ResponseSize(self.limits) if limit_response else None
+        with times.measure(Stage.ENCODE):
+            floors = [size.add_floor(dets, item.options) if size else [0] * len(dets)
+                      for item, dets in zip(items, detections, strict=True)]
         annotations = []
-        for item, dets in zip(items, detections, strict=True):
-            deadline.check("it was still encoding its answer")
-            with times.measure(Stage.POSTPROCESS):
-                patches = wire.paste_patches(dets, item.options)
-            with times.measure(Stage.ENCODE):
-                annotations.append(wire.encode_annotations(dets, item.options, patches))
+        for item, dets, floor in zip(items, detections, floors, strict=True):
+            records: list[dict] = [{}] * len(dets)
+            sides = dets.boxes[:, 2:] - dets.boxes[:, :2]
+            for index in np.argsort(sides[:, 0] * sides[:, 1], kind="stable"):
+                deadline.check("it was still encoding its answer")
+                one = dets.select([index])
+                with times.measure(Stage.POSTPROCESS):
+                    patches = wire.paste_patches(one, item.options)
+                with times.measure(Stage.ENCODE):
+                    (records[index],) = wire.encode_annotations(one, item.options, patches)
+                    if size is not None:
+                        size.add_record(records[index], floor[index])
+            annotations.append(records)
         return annotations
 
     def add_search_fields(

@@ -22,6 +22,7 @@ from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 MiB = 1 << 20
 PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
 WINOGRAD_MODES = ("auto", "on", "off")
+FRONTS = ("auto", "nginx", "none")  # MODEL_SERVER_FRONT: see maskrcnn_serving/server/front.py
 DEADLINE_FRACTION = 0.9  # of MODEL_SERVER_TIMEOUT, so that the JSON 504 always beats the invocation timeout
 
 _TRUE = ("1", "true", "yes", "on")
@@ -53,12 +54,14 @@ def _setting(default: Any, env: str, parse: Callable[[str], Any], help: str, fla
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits of one request. Bytes are counted on the HTTP body (base64 included)."""
+    """Size limits of one request. Bytes are counted on the HTTP body (base64 included). ``tiff``: whether the
+    decoding gate also decodes TIFF, which it refuses from clients (trusted local files only)."""
 
     max_request_bytes: int = 6 * MiB
     max_response_bytes: int = 6 * MiB
     max_image_pixels: int = 50_000_000
     max_images: int = 16
+    tiff: bool = False
 
 
 _LIMITS = Limits()
@@ -77,6 +80,10 @@ class Settings:
     threads: int = _setting(
         4, "MODEL_SERVER_THREADS", int,
         "Request threads per worker; decoding and encoding overlap, the model runs one call at a time.", flag=True)
+    front: str = _setting(
+        "auto", "MODEL_SERVER_FRONT", str,
+        "HTTP front: nginx (buffers requests and answers, owns slow clients), none (gunicorn alone), or auto "
+        "(nginx when it is installed).", flag=True)
     timeout: int = _setting(70, "MODEL_SERVER_TIMEOUT", int, "Worker timeout in seconds (the seed's default).",
                             flag=True)
     request_deadline: float | None = _setting(
@@ -98,6 +105,10 @@ class Settings:
         _LIMITS.max_image_pixels, "MODEL_SERVER_MAX_IMAGE_PIXELS", int,
         "Pixels the images of one request may decode to, together (decompression-bomb guard).", flag=True)
     max_images: int = _setting(_LIMITS.max_images, "MODEL_SERVER_MAX_IMAGES", int, "Images per request.", flag=True)
+    memory_return_mb: float = _setting(
+        256.0, "MODEL_SERVER_MEMORY_RETURN_MB", float,
+        "After a request, a worker holding more than its warm size plus this many MB gives its free memory back to "
+        "the kernel (malloc_trim; 0: never).", flag=True)
     worker_memory_headroom_mb: float = _setting(
         0.0, "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB", float,
         "Cap each worker's data segment at its warm size plus this many MB (0: no cap); over it, a request gets 422.",
@@ -132,11 +143,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("client_timeout", "ready_wait", "worker_memory_headroom_mb", "max_batch_delay_ms"):
+        for name in ("client_timeout", "ready_wait", "memory_return_mb", "worker_memory_headroom_mb",
+                     "max_batch_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.front not in FRONTS:
+            raise ValueError(f"front must be one of {', '.join(FRONTS)}, not {self.front!r}")
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, not {self.winograd!r}")
         if self.bucket_step < SIZE_MULTIPLE or self.bucket_step % SIZE_MULTIPLE:

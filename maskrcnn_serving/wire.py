@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -125,10 +126,15 @@ def _number(name: str, value: Any, from_text: bool, kind: type) -> float | int:
     return kind(value)
 
 
+# A class id in text options: ASCII digits only (str.isdigit() also accepts "²", which int() refuses), short enough
+# for int() (longer strings are names, and unknown).
+_CLASS_ID = re.compile(r"-?[0-9]{1,18}")
+
+
 def _classes(value: Any, from_text: bool, class_names: Sequence[str]) -> frozenset[int]:
     if from_text or isinstance(value, str):
         items: list[Any] = [v.strip() for v in str(value).split(",") if v.strip()]
-        items = [int(v) if v.lstrip("-").isdigit() else v for v in items]
+        items = [int(v) if _CLASS_ID.fullmatch(v) else v for v in items]
     elif isinstance(value, list):
         items = value
     else:
@@ -228,7 +234,8 @@ def parse_request(
     if mimetype in RAW_IMAGE_TYPES or mimetype.startswith("image/"):
         if not body:
             raise NotAnImage("The request body is empty; send the image file bytes.")
-        return ParsedRequest([ImageRequest(query.get("img_id"), body, base)], is_list=False)
+        img_id = query.get("img_id")
+        return ParsedRequest([ImageRequest(None if img_id is None else _img_id(img_id, ""), body, base)], is_list=False)
     raise UnsupportedMediaType(
         f"Content-Type {content_type or '(none)'!r} is not supported. Send application/json "
         '({"img_id": ..., "img_data": "<base64 image>"}) or a raw image body (image/jpeg, image/png, '
@@ -272,8 +279,21 @@ def _parse_json(
             options = parse_options(item, base, class_names, False, has_masks)
         except BadRequest as exc:
             raise type(exc)(where + exc.message) from None
-        images.append(ImageRequest(str(item["img_id"]), item["img_data"], options))
+        images.append(ImageRequest(_img_id(item["img_id"], where), item["img_data"], options))
     return ParsedRequest(images, is_list)
+
+
+def _img_id(value: Any, where: str) -> str:
+    """``str(img_id)``, which is echoed in the JSON answer: it must be encodable (JSON can carry a lone surrogate,
+    "\\ud800", that no UTF-8 encoder writes back)."""
+    try:
+        text = str(value)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidField(f"{where}img_id is not valid Unicode text (it has a lone surrogate).") from None
+    except RecursionError:  # a nested img_id that json.loads accepted but str() cannot walk from deeper in the stack
+        raise InvalidField(f"{where}img_id is nested too deeply.") from None
+    return text
 
 
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -384,10 +404,55 @@ def encode_response(responses: list[dict], is_list: bool, limits: Limits) -> byt
     # orjson: compact like separators=(",", ":"), the same shortest round-trip floats, numpy scalars accepted.
     body = orjson.dumps(responses if is_list else responses[0], option=orjson.OPT_SERIALIZE_NUMPY)
     if len(body) > limits.max_response_bytes:
-        raise ResponseTooLarge(
-            f"The response would be {len(body)} bytes, over the limit of {limits.max_response_bytes} "
-            "(SageMaker real-time endpoints allow 6 MB). Ask for "
-            "format=coco (compressed RLE, about 2.5x smaller than legacy on typical masks) or format=boxes (no "
-            "masks), a lower max_detections or a higher score_threshold."
-        )
+        raise _response_too_large(f"{len(body)} bytes", limits)
     return body
+
+
+def _response_too_large(size: str, limits: Limits) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"The response would be {size}, over the limit of {limits.max_response_bytes} "
+        "(SageMaker real-time endpoints allow 6 MB). Ask for "
+        "format=coco (compressed RLE, about 2.5x smaller than legacy on typical masks) or format=boxes (no "
+        "masks), a lower max_detections or a higher score_threshold."
+    )
+
+
+def _record_bytes(record: dict) -> int:
+    return len(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+class ResponseSize:
+    """A running lower bound of the response body's size, so that an answer over ``limits.max_response_bytes`` is
+    refused (413) before the work that would make it: :meth:`add_floor` counts every record of an image with the
+    smallest segmentation its format can have (before any mask is pasted), :meth:`add_record` replaces a record's
+    floor by its real size as it is made. Never over the final size (separators and ``img_id`` are not counted),
+    so it only refuses answers :func:`encode_response` would refuse too."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+
+    def add_floor(self, dets: Detections, options: RequestOptions) -> list[int]:
+        """Count the smallest records ``dets`` can have in ``options.format``; returns each record's floor."""
+        height, width = (int(v) for v in dets.image_hw)
+        smallest: Any = None
+        if options.format in MASK_FORMATS and dets.has_masks:
+            smallest = {"legacy": {"counts": [0], "size": [height, width]},
+                        "coco": {"size": [height, width], "counts": ""}}.get(options.format, [])
+        floors = []
+        for record in encode_annotations(dets, options, None):
+            if smallest is not None:
+                record["segmentation"] = smallest
+            floors.append(_record_bytes(record))
+        self.total += sum(floors)
+        self._check("at least")
+        return floors
+
+    def add_record(self, record: dict, floor: int) -> None:
+        """Replace a record's ``floor`` by its real size."""
+        self.total += _record_bytes(record) - floor
+        self._check("more than")
+
+    def _check(self, qualifier: str) -> None:
+        if self.total > self.limits.max_response_bytes:
+            raise _response_too_large(f"{qualifier} {self.total} bytes", self.limits)

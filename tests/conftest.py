@@ -57,12 +57,24 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, example_images):
-    """The one real server of the session: ``maskrcnn-serving serve`` (gunicorn, 2 workers, demo model) on
-    127.0.0.1; see tests/live_server.py. Stopped at the end of the session."""
+    """The session's real server: ``maskrcnn-serving serve`` (nginx in front of gunicorn, 2 workers, demo model) on
+    127.0.0.1, as the images run it; see tests/live_server.py. Stopped at the end of the session."""
     from live_server import start_live_server, stop_live_server
 
     log_path = tmp_path_factory.mktemp("live_server") / "server.log"
-    server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes())
+    server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes(), front="nginx")
+    yield server
+    stop_live_server(server)
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(tmp_path_factory, example_images):
+    """The same server with gunicorn alone (``--front none``: what ``serve`` runs where nginx is not installed),
+    for the hostile-input catalogue and the load test. Stopped at the end of the session."""
+    from live_server import start_live_server, stop_live_server
+
+    log_path = tmp_path_factory.mktemp("gunicorn_server") / "server.log"
+    server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes(), front="none")
     yield server
     stop_live_server(server)
 

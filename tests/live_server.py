@@ -1,6 +1,7 @@
-"""The session's real server (``live_server`` fixture in conftest.py): ``maskrcnn-serving serve`` with 2 workers on
-the demo model (:class:`maskrcnn_serving.bench.server.ServerProcess`). While it starts, it is probed with ``/ping``
-and ``/invocations`` so that tests can check what a client sees before the warm-up has finished."""
+"""The session's real servers (``live_server`` and ``gunicorn_server`` fixtures in conftest.py): ``maskrcnn-serving
+serve`` with 2 workers on the demo model (:class:`maskrcnn_serving.bench.server.ServerProcess`), behind nginx (the
+images' setup) and with gunicorn alone; otherwise the same settings. While the first starts, it is probed with
+``/ping`` and ``/invocations`` so that tests can check what a client sees before the warm-up has finished."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from maskrcnn_serving.bench.server import ServerProcess
 WORKERS = 2
 # Small enough that a legacy answer with many detections trips it (the 413 test), large enough for normal answers.
 MAX_RESPONSE_BYTES = 65536
+# Seconds between two reads before a stalled client is dropped (the default is 20): short for the stalled-body tests.
+CLIENT_TIMEOUT = 5.0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class LiveServer:
     server: ServerProcess
     startup: StartupProbe
     seconds_to_ready: float
+    client_timeout: float = CLIENT_TIMEOUT
 
     @property
     def url(self) -> str:
@@ -53,9 +57,10 @@ class LiveServer:
         return self.server.log()
 
 
-def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes) -> LiveServer:
-    flags = ["--threads", "4", "--max-response-bytes", str(MAX_RESPONSE_BYTES), "--ready-wait", "0"]
-    server = ServerProcess(model_dir, log_path, workers=WORKERS, flags=flags).start()
+def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes, front: str = "nginx") -> LiveServer:
+    flags = ["--threads", "4", "--max-response-bytes", str(MAX_RESPONSE_BYTES), "--ready-wait", "0",
+             "--client-timeout", str(CLIENT_TIMEOUT)]
+    server = ServerProcess(model_dir, log_path, workers=WORKERS, flags=flags, front=front).start()
     probe = StartupProbe()
     request = {"img_id": "probe", "img_data": base64.b64encode(probe_image).decode()}
     close = {"Connection": "close"}

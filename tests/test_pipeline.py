@@ -89,3 +89,68 @@ def test_a_request_of_several_images_shares_forward_calls(optimized_backend, exa
     finally:
         pipeline.close()
     assert [len(r.detections) for r in response.images] == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "coco", "polygon", "boxes"])
+def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(pipeline, example_images, monkeypatch, fmt):
+    """annotate() pastes and encodes detection by detection (memory for one mask): the records equal those of
+    pasting every mask of the image at once, byte for byte."""
+    data = example_images[1].read_bytes()
+    result = pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())[0]
+    options = wire.parse_options({"format": fmt, "score_threshold": 0.0}, pipeline.default_options(),
+                                 pipeline.backend.class_names, False)
+    at_once = wire.encode_annotations(result.detections, options, wire.paste_patches(result.detections, options))
+    assert len(result.detections) > 20
+    assert json.dumps(result.annotations) == json.dumps(at_once)
+    sizes = []
+    real = wire.paste_patches
+    monkeypatch.setattr(wire, "paste_patches", lambda dets, opts: sizes.append(len(dets)) or real(dets, opts))
+    pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())
+    assert sizes == [1] * len(result.detections)
+
+
+def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_pasted(tensorpack_backend, example_images,
+                                                                                  monkeypatch):
+    """The records without their masks already exceed the limit: 413 before any mask is pasted. Just above that
+    floor, the running total refuses the answer part-way, before pasting the rest."""
+    from maskrcnn_serving.errors import ResponseTooLarge
+    from maskrcnn_serving.settings import Limits
+
+    data = example_images[1].read_bytes()
+    pasted = []
+    real = wire.paste_patches
+    monkeypatch.setattr(wire, "paste_patches", lambda dets, opts: pasted.append(1) or real(dets, opts))
+    probe = Pipeline(tensorpack_backend)
+    try:
+        full = probe.handle(request(probe, [data], score_threshold=0.0, max_detections=200))
+    finally:
+        probe.close()
+    count = len(full.images[0].detections)
+    assert count > 20 and len(pasted) == count
+    for limit, most in ((2000, 0), (len(full.body) // 2, count - 1)):
+        pasted.clear()
+        small = Pipeline(tensorpack_backend, limits=Limits(max_response_bytes=limit))
+        try:
+            with pytest.raises(ResponseTooLarge) as info:
+                small.handle(request(small, [data], score_threshold=0.0, max_detections=200))
+        finally:
+            small.close()
+        assert len(pasted) <= most and "format=coco" in info.value.message
+        if most:
+            assert len(pasted) > 0
+
+
+def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch):
+    data = example_images[1].read_bytes()
+    parsed = request(pipeline, [data], score_threshold=0.0, max_detections=100)
+    real = wire.paste_patches
+
+    def slow(dets, options):
+        time.sleep(0.05)
+        return real(dets, options)
+
+    monkeypatch.setattr(wire, "paste_patches", slow)
+    start = time.perf_counter()
+    with pytest.raises(DeadlineExceeded, match="encoding"):
+        pipeline.handle(parsed, Deadline.after(0.5))
+    assert time.perf_counter() - start < 1.0

@@ -2,6 +2,9 @@
 
 The server gets a free port and a clean environment (no ``MODEL_SERVER_*`` / ``SM_*`` / ``PROMETHEUS_*`` variables
 of the caller leak in; settings come from ``env`` and ``flags``), runs in its own process group, and logs to a file.
+``front``: ``"nginx"`` (nginx in front of gunicorn, as the images run it), ``"none"`` (gunicorn alone), or None (the
+server's own choice, ``MODEL_SERVER_FRONT``). The process tree is ``serve`` -> the gunicorn master -> its workers
+(and ``serve`` -> nginx with a front): :func:`worker_pids` finds the workers from ``serve``'s pid.
 """
 
 from __future__ import annotations
@@ -32,6 +35,33 @@ def serve_command(model_dir: Path, port: int, flags: Sequence[str] = ()) -> list
             "127.0.0.1", "--port", str(port), *flags]
 
 
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+def gunicorn_master_pid(serve_pid: int) -> int | None:
+    """The gunicorn master among ``serve``'s children (None while it is not started, or after it exited)."""
+    for child in children(serve_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"--run-gunicorn" in cmdline.read():
+                    return child
+        except OSError:
+            continue
+    return None
+
+
+def worker_pids(serve_pid: int) -> set[int]:
+    """The gunicorn workers of the ``serve`` process ``serve_pid`` (for a ``serve`` from before the front, which
+    was the gunicorn master itself: its children)."""
+    master = gunicorn_master_pid(serve_pid)
+    if master is None and children(serve_pid) and not any(
+            b"nginx" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children(serve_pid)):
+        return set(children(serve_pid))
+    return set() if master is None else set(children(master))
+
+
 def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without server settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_VARIABLE_PREFIXES)}
@@ -60,13 +90,16 @@ class ServerProcess:
         workers: int = 2,
         flags: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        front: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
         self.workers = workers
+        self.front = front
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = serve_command(self.model_dir, self.port, ["--workers", str(workers), *flags])
+        front_flags = [] if front is None else ["--front", front]
+        self.command = serve_command(self.model_dir, self.port, ["--workers", str(workers), *front_flags, *flags])
         self.env = clean_environment(env)
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -109,9 +142,8 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def worker_pids(self) -> set[int]:
-        """The current worker processes (children of the master)."""
-        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
-            return {int(pid) for pid in children.read().split()}
+        """The current gunicorn worker processes."""
+        return worker_pids(self.process.pid)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from maskrcnn_serving.backends.base import BACKENDS
 from maskrcnn_serving.settings import Limits, Settings
 
-# Files named on the command line are the user's own: no decompression-bomb guard, no request-size limits.
+# Files named on the command line are the user's own: no decompression-bomb guard, no request-size limits, TIFF too.
 LOCAL_FILE_LIMITS = Limits(max_request_bytes=1 << 62, max_response_bytes=1 << 62, max_image_pixels=1 << 62,
-                           max_images=1 << 30)
+                           max_images=1 << 30, tiff=True)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,11 @@
   :func:`translate_resource_error` turns such failures (``MemoryError``, OpenCV's "insufficient memory", TensorFlow's
   ``ResourceExhaustedError``) into a 422 ``insufficient_memory`` JSON answer. The first line of defence stays the
   pixel limit (``MODEL_SERVER_MAX_IMAGE_PIXELS``), checked before anything is decoded.
+* **Memory given back.** After a request, a worker that holds more than its warm size (measured after the warm-up)
+  plus ``MODEL_SERVER_MEMORY_RETURN_MB`` asks the allocator to give its free pages back to the kernel
+  (:class:`MemoryReturn`, glibc's ``malloc_trim``): a large image's buffers are freed when the request ends, but
+  glibc keeps much of that memory in its arenas (a worker stayed 2-6 GB above its warm size after hostile
+  requests); docs/reliability.md has the measurements of this and of the alternatives.
 * **Request bodies.** :func:`read_body` reads at most the body limit; a body declared or found over it is drained
   (bounded in bytes and time, like nginx's lingering close) before the 413, so that a client that sends its whole
   body before reading (Python's ``http.client``, curl) gets the JSON error instead of a reset connection. A body
@@ -21,8 +26,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 import resource
+import threading
 import time
 from typing import BinaryIO
 
@@ -127,3 +136,71 @@ def apply_memory_headroom(headroom_mb: float) -> int | None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
     log.info("worker memory limit set", extra={"fields": {"rlimit_data_bytes": limit, "headroom_mb": headroom_mb}})
     return limit
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS), from /proc/self/statm."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None with another C library, or under an allocator preloaded in its place)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+class MemoryReturn:
+    """Gives free memory back to the kernel after a request once the worker holds more than its warm size +
+    ``margin_mb`` (0: never). :meth:`set_warm` records the warm size (after the warm-up); :meth:`after_request` is
+    called by the worker once an answer is sent. What a trim cannot give back (caches sized by the largest request
+    so far) raises the next trigger to that size + the margin, so trims follow growth instead of running after
+    every request; one trim at a time."""
+
+    def __init__(self, margin_mb: float) -> None:
+        self.margin = int(margin_mb * 2**20)
+        self.warm_limit: int | None = None
+        self.limit: int | None = None
+        self.trims = 0
+        self._trim = _malloc_trim() if margin_mb > 0 else None
+        self._lock = threading.Lock()
+
+    def set_warm(self) -> None:
+        if self._trim is not None:
+            self.limit = self.warm_limit = resident_bytes() + self.margin
+
+    def after_request(self) -> None:
+        if self.limit is None:
+            return
+        before = resident_bytes()
+        if before <= self.limit or not self._lock.acquire(blocking=False):
+            return
+        try:
+            start = time.perf_counter()
+            self._trim(0)
+            after = resident_bytes()
+            self.trims += 1
+            self.limit = max(self.warm_limit, after + self.margin)
+            log.info("memory returned", extra={"fields": {
+                "rss_mb_before": round(before / 2**20), "rss_mb_after": round(after / 2**20),
+                "trim_ms": round((time.perf_counter() - start) * 1000, 1)}})
+        finally:
+            self._lock.release()
+
+
+# The worker's (one per process; configured by the model runner after its warm-up).
+memory_return = MemoryReturn(0)
+
+
+def configure_memory_return(margin_mb: float) -> MemoryReturn:
+    """Set up this worker's :data:`memory_return` with its warm size as measured now (``MODEL_SERVER_MEMORY_RETURN_MB``
+    over it; 0: never)."""
+    global memory_return
+    memory_return = MemoryReturn(margin_mb)
+    memory_return.set_warm()
+    return memory_return

@@ -9,6 +9,13 @@
 * **JSON everywhere.** Requests gunicorn refuses before the app sees them (a request line or headers over its
   limits, malformed HTTP) are answered with the server's JSON error body instead of gunicorn's HTML page, with the
   same 4xx status. An unsupported ``Transfer-Encoding`` (gunicorn: 501) is answered 400: it is the client's error.
+* **Bounded chunked framing.** gunicorn reads a chunk-size line (and the trailer section) by searching a growing
+  buffer for its end, with no length limit: quadratic time, and a line of any length (a chunk size followed by a
+  24 MB extension took 33 s of CPU, outside the body limit). :class:`BoundedChunkedReader` reads those lines in
+  linear time, at most ``MAX_CHUNK_LINE_BYTES`` each and ``MAX_CHUNK_FRAMING_BYTES`` per body, and turns gunicorn's
+  trailer parse errors (invalid names, NUL, obs-fold, too many or too long fields: exceptions the body reader's
+  caller never expected, so 500s) into an ``OSError`` like its other framing errors, which
+  :func:`maskrcnn_serving.server.guards.read_body` answers 400 ``malformed_body``.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ from __future__ import annotations
 import os
 
 from gunicorn import util
+from gunicorn.http import message as gunicorn_message
+from gunicorn.http.body import ChunkedReader
+from gunicorn.http.errors import InvalidChunkSize, NoMoreData, ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
 from maskrcnn_serving.errors import error_body, error_for_status
+from maskrcnn_serving.server import guards
 from maskrcnn_serving.settings import Settings
 
 
@@ -55,12 +66,84 @@ def _close_after_body_errors(app):
     return wrapped
 
 
+MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions (nginx reads chunk lines of any length)
+MAX_CHUNK_FRAMING_BYTES = 1 << 20  # chunk-size lines and trailers of one body together
+MAX_TRAILER_BYTES = 8190  # the trailer section (gunicorn's limit for one header field)
+
+
+class MalformedChunkedBody(OSError):
+    """Chunked framing over its limits, or a malformed trailer section."""
+
+
+class BoundedChunkedReader(ChunkedReader):
+    """gunicorn's chunked body reader with bounded, linear-time chunk-size lines and trailers (module docstring)."""
+
+    def __init__(self, req, unreader) -> None:
+        self.framing_bytes = 0
+        super().__init__(req, unreader)
+
+    def _read_until(self, unreader, data: bytes, end: bytes, limit: int, what: str) -> tuple[bytes, bytes]:
+        """(the bytes before ``end``, the bytes after it), reading more as needed; at most ``limit`` bytes."""
+        buffer = bytearray(data)
+        searched = 0
+        while (index := buffer.find(end, searched)) < 0:
+            searched = max(0, len(buffer) - len(end) + 1)
+            if len(buffer) > limit:
+                raise MalformedChunkedBody(f"The {what} is over {limit} bytes.")
+            more = unreader.read()
+            if not more:
+                raise NoMoreData(bytes(buffer[-20:]))
+            buffer += more
+        if index > limit:
+            raise MalformedChunkedBody(f"The {what} is over {limit} bytes.")
+        self.framing_bytes += index + len(end)
+        if self.framing_bytes > MAX_CHUNK_FRAMING_BYTES:
+            raise MalformedChunkedBody(f"The chunked framing is over {MAX_CHUNK_FRAMING_BYTES} bytes.")
+        return bytes(buffer[:index]), bytes(buffer[index + len(end) :])
+
+    def parse_chunk_size(self, unreader, data=None):
+        line, rest = self._read_until(unreader, data or b"", b"\r\n", MAX_CHUNK_LINE_BYTES, "chunk-size line")
+        chunk_size, *extension = line.split(b";", 1)
+        if extension:  # RFC 9112 7.1.1: whitespace before a chunk extension only
+            chunk_size = chunk_size.rstrip(b" \t")
+        if not chunk_size or any(c not in b"0123456789abcdefABCDEF" for c in chunk_size):
+            raise InvalidChunkSize(chunk_size[:64])
+        size = int(chunk_size, 16)
+        if size == 0:
+            try:
+                self.parse_trailers(unreader, rest)
+            except NoMoreData:
+                pass
+            return 0, None
+        return size, rest
+
+    def parse_trailers(self, unreader, data):
+        buffer = data
+        while len(buffer) < 2:  # the section ends at once with CRLF, or holds fields up to CRLF CRLF
+            more = unreader.read()
+            if not more:
+                raise NoMoreData(buffer)
+            buffer += more
+        if buffer[:2] == b"\r\n":
+            self.framing_bytes += 2
+            unreader.unread(buffer[2:])
+            return
+        fields, rest = self._read_until(unreader, buffer, b"\r\n\r\n", MAX_TRAILER_BYTES, "trailer section")
+        try:
+            self.req.trailers = self.req.parse_headers(fields, from_trailer=True)
+        except ParseException as exc:
+            raise MalformedChunkedBody(f"Malformed trailer ({type(exc).__name__}).") from None
+        unreader.unread(rest)
+
+
 class GuardedThreadWorker(ThreadWorker):
-    """``gthread`` with a per-connection read timeout and JSON error pages (see the module docstring)."""
+    """``gthread`` with a per-connection read timeout, JSON error pages and bounded chunked framing (see the module
+    docstring)."""
 
     def init_process(self) -> None:
         self.client_timeout = Settings.from_env(os.environ).client_timeout
         util.write_error = write_json_error  # the one function gunicorn's handle_error writes its pages with
+        gunicorn_message.ChunkedReader = BoundedChunkedReader  # the name Request.set_body_reader instantiates
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -70,3 +153,9 @@ class GuardedThreadWorker(ThreadWorker):
     def handle(self, conn):
         conn.sock.settimeout(self.client_timeout)
         return super().handle(conn)
+
+    def handle_request(self, req, conn):
+        try:
+            return super().handle_request(req, conn)
+        finally:  # the answer is sent: give memory back if a large request left the worker over its margin
+            guards.memory_return.after_request()

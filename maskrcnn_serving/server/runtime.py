@@ -18,7 +18,7 @@ from maskrcnn_serving import wire
 from maskrcnn_serving.backends.base import Backend, load_backend
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
 from maskrcnn_serving.scheduler import Scheduler
-from maskrcnn_serving.server.guards import apply_memory_headroom
+from maskrcnn_serving.server.guards import apply_memory_headroom, configure_memory_return
 from maskrcnn_serving.settings import Settings
 
 log = logging.getLogger("maskrcnn_serving.server")
@@ -97,6 +97,7 @@ class ModelRunner:
             self.warmup_seconds = time.perf_counter() - start
             # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
             apply_memory_headroom(settings.worker_memory_headroom_mb)
+            configure_memory_return(settings.memory_return_mb)  # the warm size, measured now
         except Exception as exc:  # noqa: BLE001 - any failure must be reported, the worker stays up to say so
             # Clients see the kind of failure only: the loader's message names files on the server (in the log).
             self.state = "failed"

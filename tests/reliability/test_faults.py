@@ -1,8 +1,9 @@
-"""Faults: broken model directories, and a real server (its own gunicorn, 2 workers, a READ-ONLY copy of the demo
-model, short deadlines) under a huge image, an over-long request, stalled clients, a killed worker and SIGTERM.
+"""Faults: broken model directories, and a real server (nginx in front of its own gunicorn, 2 workers, a READ-ONLY
+copy of the demo model, short deadlines) under a huge image, an over-long request, stalled clients, a killed worker
+and SIGTERM.
 
-The server of this module is the session's second one (the first is ``live_server``); its settings make each fault
-cheap to provoke: ``MODEL_SERVER_REQUEST_DEADLINE=4`` s, ``MODEL_SERVER_CLIENT_TIMEOUT=2`` s,
+The server of this module is the session's third one (after ``live_server`` and ``gunicorn_server``); its settings
+make each fault cheap to provoke: ``MODEL_SERVER_REQUEST_DEADLINE=4`` s, ``MODEL_SERVER_CLIENT_TIMEOUT=2`` s,
 ``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=400`` with a pixel limit above what that headroom can decode.
 """
 
@@ -145,7 +146,7 @@ def fault_server_process(model_dir: Path, log_path: Path) -> ServerProcess:
         # the long request is ~23 MB of base64 PNGs, over the 6 MiB default
         "MODEL_SERVER_MAX_REQUEST_BYTES": str(64 * 1024 * 1024),
     }
-    return ServerProcess(model_dir, log_path, workers=WORKERS, flags=["--threads", "4"], env=env)
+    return ServerProcess(model_dir, log_path, workers=WORKERS, flags=["--threads", "4"], env=env, front="nginx")
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -262,25 +263,25 @@ def _stalled_connection(url_port: int, body_bytes: bytes | None) -> socket.socke
     return sock
 
 
-def test_stalled_clients_get_408_and_cannot_starve_the_workers(fault_server, scene):
-    """12 connections that stop sending (more than the 2 x 4 request threads): bodies stalled for the client
-    timeout get 408 JSON, stalled headers are closed; a normal client is served meanwhile."""
+def test_stalled_clients_are_dropped_and_cannot_starve_the_workers(fault_server, scene):
+    """12 connections that stop sending (more than the 2 x 4 request threads), bodies and headers: nginx holds them,
+    not gunicorn, so a normal client is served at once meanwhile; after the client timeout each is closed
+    (without an answer: the client stopped sending; gunicorn alone answers a stalled body 408, see
+    test_hostile_inputs.py)."""
     stalled = [_stalled_connection(fault_server.port, b"\x89PNG" if i % 2 else None) for i in range(12)]
     start = time.monotonic()
     normal = _post_png(fault_server.url, _png(scene), timeout=30)
     normal_seconds = time.monotonic() - start
     assert normal.status_code == 200
-    assert normal_seconds < 2 * CLIENT_TIMEOUT_SECONDS + DEADLINE_SECONDS
-    for index, sock in enumerate(stalled):
+    assert normal_seconds < CLIENT_TIMEOUT_SECONDS
+    for sock in stalled:
         with sock:
-            answer = b"".join(iter(lambda s=sock: s.recv(65536), b""))
-        if index % 2:
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 408"), answer[:200]
-            assert json.loads(body)["error"]["code"] == "client_timeout"
-        else:
-            assert answer == b""  # closed without an answer: no request was ever read
-    assert time.monotonic() - start < 30
+            try:
+                answer = b"".join(iter(lambda s=sock: s.recv(65536), b""))
+            except ConnectionResetError:  # nginx resets timed-out connections
+                answer = b""
+        assert answer == b""
+    assert time.monotonic() - start < CLIENT_TIMEOUT_SECONDS + 5
 
 
 def _busiest(pids: set[int], seconds: float = 0.5) -> int:
@@ -295,8 +296,9 @@ def _busiest(pids: set[int], seconds: float = 0.5) -> int:
 
 
 def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
-    """SIGKILL the worker busy with a request: its client gets a connection error (nothing else can be done for
-    it), the other worker keeps answering, and gunicorn starts a replacement that loads, warms up and answers."""
+    """SIGKILL the worker busy with a request: its client gets 502 bad_gateway from nginx (nothing else can be done
+    for it), the other worker keeps answering, and gunicorn starts a replacement that loads, warms up and
+    answers."""
     workers = fault_server.worker_pids()
     body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
                        for i in range(12)])
@@ -304,8 +306,10 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
 
     def long_request() -> None:
         try:
-            outcome["status"] = requests.post(f"{fault_server.url}/invocations", data=body, timeout=60,
-                                              headers={"Content-Type": "application/json"}).status_code
+            answer = requests.post(f"{fault_server.url}/invocations", data=body, timeout=60,
+                                   headers={"Content-Type": "application/json"})
+            outcome["status"] = answer.status_code
+            outcome["code"] = answer.json().get("error", {}).get("code")
         except requests.ConnectionError:
             outcome["status"] = "connection error"
 
@@ -315,7 +319,9 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     victim = _busiest(workers)
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=60)
-    assert outcome["status"] in ("connection error", 504, 200)
+    assert outcome["status"] in (502, 504, 200), outcome
+    if outcome["status"] == 502:
+        assert outcome["code"] == "bad_gateway"
     survivor_answers = [_post_png(fault_server.url, _png(scene), format="boxes").status_code for _ in range(3)]
     assert 200 in survivor_answers and set(survivor_answers) <= {200, 503}  # 503: the newcomer, still loading
     replacement = fault_server.wait_ready(workers=1, exclude=workers)

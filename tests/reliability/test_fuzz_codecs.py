@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 
 import cv2
 import numpy as np
@@ -124,29 +125,79 @@ def test_legacy_decoder_refuses_inconsistent_counts(counts, height, width):
 # ------------------------------------------------------------------------------------------ image decoding
 
 
-def _valid_images() -> list[bytes]:
+def _pil(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def _valid_images() -> dict[str, bytes]:
+    """Real files of every accepted format and the variants the decoders branch on (and TIFF, always refused)."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    pixels[5:15, 8:20] = (30, 200, 90)  # a flat block: real runs for the entropy coders
     rgb = Image.fromarray(pixels)
-    outputs = [cv2.imencode(ext, pixels)[1].tobytes() for ext in (".png", ".jpg", ".bmp", ".tiff", ".webp")]
-    for mode in ("L", "RGBA", "CMYK", "P", "I;16"):
-        buffer = io.BytesIO()
-        rgb.convert(mode).save(buffer, "PNG" if mode not in ("CMYK",) else "JPEG")
-        outputs.append(buffer.getvalue())
-    return outputs
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {ext: cv2.imencode(ext, pixels)[1].tobytes() for ext in (".png", ".jpg", ".bmp", ".tiff", ".webp")}
+    files.update({
+        "progressive JPEG": _pil(rgb, "JPEG", progressive=True, quality=90),
+        "gray JPEG": _pil(rgb.convert("L"), "JPEG"),
+        "CMYK JPEG": _pil(rgb.convert("CMYK"), "JPEG"),
+        "EXIF JPEG": _pil(rgb, "JPEG", exif=exif.tobytes()),
+        "4:4:4 JPEG": _pil(rgb, "JPEG", subsampling=0, quality=95),
+        "restart-marker JPEG": cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_RST_INTERVAL, 1])[1].tobytes(),
+        "gray PNG": _pil(rgb.convert("L"), "PNG"),
+        "RGBA PNG": _pil(rgb.convert("RGBA"), "PNG"),
+        "palette PNG": _pil(rgb.convert("P"), "PNG"),
+        "palette PNG with tRNS": _pil(rgb.convert("P"), "PNG", transparency=3),
+        "16-bit gray PNG": _pil(rgb.convert("I;16"), "PNG"),
+        "16-bit RGB PNG": cv2.imencode(".png", pixels.astype(np.uint16) * 257)[1].tobytes(),
+        "1-bit PNG": _pil(rgb.convert("1"), "PNG"),
+        "EXIF PNG": _pil(rgb, "PNG", exif=exif.tobytes()),
+        "lossless WebP": _pil(rgb, "WEBP", lossless=True),
+        "lossy WebP": _pil(rgb, "WEBP", quality=80),
+        "alpha WebP (VP8X)": _pil(rgb.convert("RGBA").transpose(Image.Transpose.FLIP_LEFT_RIGHT), "WEBP",
+                                  quality=80, exif=exif.tobytes()),
+        "8-bit BMP": _pil(rgb.convert("P"), "BMP"),
+        "1-bit BMP": _pil(rgb.convert("1"), "BMP"),
+        "32-bit BMP": _pil(rgb.convert("RGBA"), "BMP"),
+    })
+    return files
 
 
 VALID_IMAGES = _valid_images()
 MAX_PIXELS = 50_000_000
+# Values written over a size field by the mutations.
+EXTREME_SIZES = [b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x10\x00\x01", b"\x7f\xff\x00\x01",
+                 b"\x00\x01\x7f\xff"]
 
 
-def _check_decode(data: bytes) -> None:
+def _check_decode(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """The gate's contract: an 8-bit BGR image of exactly the pixels its header declares, within the limits, or a
+    4xx (400 not an image, 415 refused format, 422 over a limit); nothing else, and never a 500."""
     try:
-        image = imaging.decode_image(data, MAX_PIXELS)
+        image = imaging.decode_image(data, max_pixels)
     except ServingError as exc:
-        assert exc.status in (400, 422)
+        assert exc.status in (400, 415, 422), exc
         return
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 1
+    header = imaging.read_header(data)
+    assert image.shape[0] * image.shape[1] == header.pixels <= max_pixels
+    assert max(image.shape[:2]) <= imaging.MAX_SIDE
+    assert header.passes <= imaging.MAX_JPEG_SCANS and header.work <= imaging.DECODE_PASSES_PER_PIXEL * max_pixels
+
+
+def test_every_valid_file_decodes_as_opencv_decodes_it():
+    """The gate changes nothing for real files: the pixels are cv2.imdecode's (TIFF excepted: refused)."""
+    for name, data in VALID_IMAGES.items():
+        if name == ".tiff":
+            with pytest.raises(ServingError) as info:
+                imaging.decode_image(data, MAX_PIXELS)
+            assert info.value.status == 415
+            continue
+        expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(imaging.decode_image(data, MAX_PIXELS), expected), name
 
 
 @fuzz(300)
@@ -155,31 +206,95 @@ def test_decoder_on_random_bytes_refuses_cleanly(data):
     _check_decode(data)
 
 
+@fuzz(300)
+@given(st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8", b"BM",
+                        b"II*\x00", b"MM\x00*"]), st.binary(max_size=2048))
+def test_decoder_on_random_bytes_after_each_magic_refuses_cleanly(magic, rest):
+    """Random bodies behind each format's magic bytes go to that format's header reader."""
+    _check_decode(magic + rest)
+
+
+def _segments(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the JPEG marker segments / PNG chunks of a well-formed file (best effort)."""
+    from maskrcnn_serving.bench import hostile
+
+    if data[:2] == b"\xff\xd8":
+        try:
+            return [(start, end) for _, start, end in hostile._segments(data)]
+        except (IndexError, struct.error):  # no longer well-formed: one segment
+            return [(0, len(data))]
+    if data[:4] == b"\x89PNG":
+        out, pos = [], 8
+        while pos + 12 <= len(data):
+            end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
+            out.append((pos, end))
+            pos = end
+        return out
+    return [(0, len(data))]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF blocks we make
-@fuzz(600)
-@given(st.sampled_from(VALID_IMAGES), st.data())
-def test_decoder_on_mutated_images_refuses_cleanly(original, data):
-    """Valid files with random byte flips, truncations and insertions: decoded to 8-bit BGR or refused with a 4xx."""
-    corrupted = bytearray(original)
-    for _ in range(data.draw(st.integers(1, 8))):
-        operation = data.draw(st.sampled_from(["flip", "truncate", "insert", "overwrite_header"]))
+@fuzz(800)
+@given(st.sampled_from(sorted(VALID_IMAGES)), st.data())
+def test_decoder_on_mutated_images_refuses_cleanly(name, data):
+    """Real files of every accepted format with random byte flips, truncations, insertions, header overwrites, and
+    structural mutations (segments or chunks repeated, moved or dropped; sizes rewritten; a JPEG scan repeated):
+    decoded to 8-bit BGR of the declared size within the limits, or refused with a 4xx."""
+    corrupted = bytearray(VALID_IMAGES[name])
+    for _ in range(data.draw(st.integers(1, 6))):
+        operation = data.draw(st.sampled_from(["flip", "truncate", "insert", "overwrite_header", "repeat_segment",
+                                               "drop_segment", "swap_segments", "write_size", "repeat_scan"]))
         position = data.draw(st.integers(0, max(0, len(corrupted) - 1)))
+        segments = _segments(bytes(corrupted))
         if operation == "flip" and corrupted:
             corrupted[position] ^= 1 << data.draw(st.integers(0, 7))
         elif operation == "truncate":
             del corrupted[position:]
         elif operation == "insert":
             corrupted[position:position] = data.draw(st.binary(min_size=1, max_size=16))
-        elif corrupted:
+        elif operation == "overwrite_header" and corrupted:
             start = data.draw(st.integers(0, min(64, len(corrupted) - 1)))
             corrupted[start : start + 4] = data.draw(st.binary(min_size=4, max_size=4))
-    _check_decode(bytes(corrupted))
+        elif operation in ("repeat_segment", "drop_segment", "swap_segments") and len(segments) > 1:
+            i, j = (data.draw(st.integers(0, len(segments) - 1)) for _ in range(2))
+            a, b = segments[i], segments[j]
+            piece = bytes(corrupted[a[0] : a[1]])
+            if operation == "repeat_segment":
+                corrupted[b[0] : b[0]] = piece * data.draw(st.integers(1, 3))
+            elif operation == "drop_segment":
+                del corrupted[a[0] : a[1]]
+            elif a[1] <= b[0]:
+                other = bytes(corrupted[b[0] : b[1]])
+                corrupted[b[0] : b[1]] = piece
+                corrupted[a[0] : a[1]] = other
+        elif operation == "write_size" and len(corrupted) > 30:  # a plausible size field, set to an extreme
+            offset = {b"\xff\xd8": 0, b"\x89P": 16, b"RI": 24, b"BM": 18}.get(bytes(corrupted[:2]), 0)
+            if offset == 0 and corrupted[:2] == b"\xff\xd8":
+                frames = [i for i in range(len(corrupted) - 9) if corrupted[i] == 0xFF and corrupted[i + 1] in
+                          (0xC0, 0xC1, 0xC2)]
+                offset = frames[0] + 5 if frames else 2
+            corrupted[offset : offset + 4] = data.draw(st.sampled_from(EXTREME_SIZES))
+        elif operation == "repeat_scan" and corrupted[:2] == b"\xff\xd8":
+            from maskrcnn_serving.bench import hostile
+
+            try:
+                corrupted = bytearray(hostile.jpeg_repeated_scan(bytes(corrupted), data.draw(st.integers(1, 80))))
+            except (IndexError, ValueError, struct.error):  # the builder needs a well-formed file
+                pass
+    _check_decode(bytes(corrupted), data.draw(st.sampled_from([MAX_PIXELS, 2000, 700])))
 
 
 # ------------------------------------------------------------------------------------------- request parsing
 
+# Text the option parsers meet in the wild and in attacks: digits of other scripts and superscripts (str.isdigit()
+# accepts them, int() does not always), signs, separators, and lone surrogates (valid in JSON text as escapes).
+NUMERIC_TEXT = st.text(st.sampled_from(list("0123456789-+.,;= eE_xn\u00b2\u00b3\u00b9\u0663\u06f3\u0967\uff11")),
+                       max_size=12)
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+# (st.text never yields surrogates, whatever its alphabet: join characters instead)
+ANY_TEXT = st.lists(st.characters() | SURROGATES, max_size=20).map("".join) | NUMERIC_TEXT
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | ANY_TEXT,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -206,6 +321,9 @@ def _check_parse(body: bytes, content_type: str, query: dict, attributes: str | 
         options = item.options
         assert 0 <= options.score_threshold <= 1 and 0 < options.mask_threshold <= 1
         assert options.format in wire.FORMATS
+        assert options.classes is None or options.classes <= set(range(1, len(CLASS_NAMES)))
+        # what is echoed must be encodable: a lone surrogate in img_id failed in the response encoder (a 500)
+        wire.encode_response([wire.image_response(item.img_id, [])], False, Limits())
         assert options.max_detections is None or 1 <= options.max_detections <= wire.MAX_DETECTIONS_LIMIT
         try:  # base64 errors are 4xx too
             wire.image_bytes(item)
@@ -226,3 +344,41 @@ def test_parser_on_random_json_documents(document):
        st.none() | st.text(max_size=40))
 def test_parser_on_random_bodies_queries_and_attributes(body, content_type, query, attributes):
     _check_parse(body, content_type, query, attributes)
+
+
+@fuzz(300)
+@given(st.sampled_from(wire.OPTION_NAMES), NUMERIC_TEXT | ANY_TEXT, st.sampled_from(["query", "attributes", "json"]))
+def test_option_text_from_every_source_is_validated_or_refused(name, value, source):
+    """Each option as text from the query, the custom attributes (query syntax, percent-encoded) and JSON strings:
+    a valid option or a 4xx, never another exception."""
+    from urllib.parse import quote
+
+    if source == "query":
+        _check_parse(b"\x89PNG", "image/png", {name: value})
+    elif source == "attributes":  # a header: Latin-1 text, percent-encoded UTF-8 inside
+        _check_parse(b"\x89PNG", "image/png", {}, f"{name}={quote(value, safe='', errors='surrogatepass')}")
+    else:
+        _check_parse(json.dumps({"img_id": value, "img_data": "", name: value}).encode(), "application/json", {})
+
+
+@fuzz(200)
+@given(ANY_TEXT | JSON_VALUES)
+def test_any_img_id_is_echoed_or_refused(img_id):
+    """Any JSON value as img_id (lone surrogates included, as JSON escapes): parsed into text the response encoder
+    can write, or a 400."""
+    _check_parse(json.dumps({"img_id": img_id, "img_data": ""}).encode(), "application/json", {})
+
+
+@fuzz(300)
+@given(st.lists(NUMERIC_TEXT, min_size=1, max_size=3).map(",".join), st.sampled_from(["query", "attributes", "json"]))
+def test_class_lists_of_digit_like_text_are_ids_names_or_400(classes, source):
+    """classes as text made of digits of every script, signs and separators (isdigit() then int() made 500s of
+    "\u00b2" and "--1")."""
+    from urllib.parse import quote
+
+    if source == "query":
+        _check_parse(b"\x89PNG", "image/png", {"classes": classes})
+    elif source == "attributes":
+        _check_parse(b"\x89PNG", "image/png", {}, f"classes={quote(classes, safe='')}")
+    else:
+        _check_parse(json.dumps({"img_id": 1, "img_data": "", "classes": classes}).encode(), "application/json", {})

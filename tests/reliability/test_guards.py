@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -172,3 +175,98 @@ def test_gunicorn_error_pages_are_json(status, reason, expected):
     assert b"Content-Type: application/json" in head and b"Connection: close" in head
     assert json.loads(body)["error"]["message"] == "details <b>"
     assert json.loads(body)["error"]["code"] == {400: "bad_http_request", 431: "headers_too_large"}[expected]
+
+
+# ------------------------------------------------------------------------------------------ chunked framing
+
+
+def _chunked_body(framing: bytes, pieces: int = 1, monkeypatch=None):
+    """A real gunicorn request parsed from ``framing`` (a chunked body) arriving in ``pieces`` reads, with the
+    worker's bounded reader; returns (body bytes, trailers) or the exception the body read raised."""
+    from gunicorn.config import Config
+    from gunicorn.http import message
+    from gunicorn.http.parser import RequestParser
+
+    from maskrcnn_serving.server.gunicorn_worker import BoundedChunkedReader
+
+    monkeypatch.setattr(message, "ChunkedReader", BoundedChunkedReader)
+    raw = b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + framing
+    step = max(1, len(raw) // pieces)
+    request = next(RequestParser(Config(), iter([raw[i : i + step] for i in range(0, len(raw), step)]), ("h", 1)))
+    try:
+        return request.body.read(1 << 20), request.trailers
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+@pytest.mark.parametrize("framing", [
+    b"1\r\nX\r\n0\r\nX T: a\r\n\r\n",  # invalid field name
+    b"1\r\nX\r\n0\r\nX-T: " + b"a" * 9000 + b"\r\n\r\n",  # a 9,000-byte trailer
+    b"1\r\nX\r\n0\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n",  # 200 trailer fields
+    b"1\r\nX\r\n0\r\nX-T: a\x00b\r\n\r\n",  # NUL
+    b"1\r\nX\r\n0\r\nX-T: a\r\n  b\r\n\r\n",  # obs-fold
+    b"1\r\nX\r\n0\r\nX-T: a\r\n" + b"b" * 20000,  # a trailer section that never ends
+    b"1;" + b"e" * 24_000_000 + b"\r\nX\r\n0\r\n\r\n",  # a chunk size followed by a 24 MB extension
+    b"1;e\r\nX\r\n" * 300_000 + b"0\r\n\r\n",  # 1.5 MB of chunk-size lines for 300 kB of data
+    b"zz\r\nabc\r\n0\r\n\r\n",  # not a chunk size
+], ids=["bad-name", "9000-byte", "200-fields", "nul", "obs-fold", "unterminated", "24MB-extension", "framing",
+        "bad-size"])
+def test_malformed_chunked_framing_is_a_400_in_linear_time(framing, monkeypatch):
+    """Defects 6 and 7: gunicorn's trailer parse errors escaped the body reader (500), and chunk-size lines were
+    read in quadratic time with no limit (a 24 MB extension: 33 s of CPU). The bounded reader raises an OSError
+    for all of them, which read_body answers 400 malformed_body, at once."""
+    start = time.process_time()
+    outcome = _chunked_body(framing, pieces=max(1, len(framing) // 8192), monkeypatch=monkeypatch)
+    assert isinstance(outcome, OSError), outcome
+    error = guards.body_read_error(outcome)
+    assert error.status == 400 and error.code == "malformed_body"
+    assert time.process_time() - start < 2.0
+
+
+def test_valid_chunked_bodies_and_trailers_still_read(monkeypatch):
+    body, trailers = _chunked_body(b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Checksum: 1\r\n\r\n", pieces=17,
+                                   monkeypatch=monkeypatch)
+    assert body == b"abcde" and trailers == [("X-CHECKSUM", "1")]
+    assert _chunked_body(b"5\r\nhello\r\n0\r\n\r\n", monkeypatch=monkeypatch) == (b"hello", [])
+
+
+# ------------------------------------------------------------------------------------------ memory given back
+
+
+def test_memory_is_given_back_after_a_request_that_left_the_worker_over_its_margin(tmp_path):
+    """A real heap in a fresh process: 256 MB of 64 kB blocks freed under a live block stay resident (glibc keeps
+    them in its heap); after a request, MemoryReturn (margin 64 MB) gives them back to the kernel."""
+    script = (
+        "import ctypes\n"
+        "from maskrcnn_serving.server import guards\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+        "returner = guards.configure_memory_return(64)\n"
+        "blocks = [libc.malloc(65536) for _ in range(4096)]\n"
+        "for block in blocks: libc.memset(block, 1, 65536)\n"
+        "pin = libc.malloc(64)  # above the blocks: the heap cannot shrink from its top\n"
+        "for block in blocks: libc.free(block)\n"
+        "held = guards.resident_bytes()\n"
+        "returner.after_request()\n"
+        "print((held - guards.resident_bytes()) >> 20, returner.trims)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+    returned_mb, trims = map(int, result.stdout.split())
+    assert trims == 1 and returned_mb > 200, result.stderr[-2000:]
+
+
+def test_memory_return_follows_growth_not_every_request(monkeypatch):
+    rss = iter([1000, 1100, 1400, 1300, 1320, 1600, 1350])  # MB, one reading per call
+    trims = []
+    monkeypatch.setattr(guards, "resident_bytes", lambda: next(rss) << 20)
+    monkeypatch.setattr(guards, "_malloc_trim", lambda: lambda pad: trims.append(pad))
+    returner = guards.configure_memory_return(256)  # warm 1000 MB: the first trigger is 1256
+    returner.after_request()  # 1100: under it
+    returner.after_request()  # 1400: trim (1400 -> 1300); what stays sets the next trigger at 1556
+    returner.after_request()  # 1320: under it, no trim although over warm + 256
+    returner.after_request()  # 1600: trim again
+    assert trims == [0, 0] and returner.trims == 2
+    assert guards.MemoryReturn(0)._trim is None  # 0: never

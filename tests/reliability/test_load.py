@@ -1,5 +1,5 @@
-"""Load: 8 concurrent clients for a bounded time against the session's real server (2 workers), driven by
-benchmarks/soak.py (the same driver as the documented long soak).
+"""Load: 8 concurrent clients for a bounded time against each of the session's real servers (2 workers; behind
+nginx and gunicorn alone), driven by benchmarks/soak.py (the same driver as the documented long soak).
 
 Proves: zero 5xx and zero connection failures, every answer equal to the sequential answer for its image, each
 worker's resident memory after the warm-up grows by less than ``RSS_GROWTH_BOUND_MB``, and the p99 latency of the
@@ -30,7 +30,13 @@ def bodies(example_images) -> list[bytes]:
     return [json.dumps({**json.loads(body), "format": "coco"}).encode() for body in soak.request_bodies(example_images)]
 
 
-def test_concurrent_load_is_correct_bounded_and_stable(live_server, bodies):
+@pytest.fixture(params=["nginx", "none"], ids=["nginx", "gunicorn"])
+def server(request):
+    return request.getfixturevalue("live_server" if request.param == "nginx" else "gunicorn_server")
+
+
+def test_concurrent_load_is_correct_bounded_and_stable(server, bodies):
+    live_server = server
     expected = soak.expected_answers(live_server.url, bodies)
     assert sum(len(answer["annotations"]) for answer in expected) > 0
     report = soak.run_load(live_server.url, bodies, expected, CLIENTS, MEASURED_SECONDS, live_server.process.pid,

@@ -1,0 +1,195 @@
+"""The HTTP front of ``maskrcnn-serving serve``: nginx in front of gunicorn, as the seed containers had.
+
+nginx owns the client connections and hands gunicorn (on a unix socket) only complete, valid requests: it reads
+headers and bodies (chunked too) itself, so a slow or stalled client holds an nginx connection (thousands are cheap)
+instead of one of gunicorn's few request threads; it enforces the body limit (413) and the header and line limits,
+with the server's timeouts; it answers its own errors in the server's JSON format (:mod:`maskrcnn_serving.errors`);
+and it buffers each answer, so slow readers cost no thread either. Settings come from :class:`Settings`; the config
+is ``nginx.conf.template`` beside this module.
+
+* :func:`choose`: which front ``MODEL_SERVER_FRONT`` asks for (``auto``: nginx when it is installed);
+* :func:`render_config`: the nginx config for the server's settings;
+* :class:`NginxFront`: nginx as a child process of ``serve`` (start, graceful stop, liveness).
+"""
+
+from __future__ import annotations
+
+import grp
+import math
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+from maskrcnn_serving.errors import (
+    BadGateway,
+    BadHttpRequest,
+    ClientTimeout,
+    DeadlineExceeded,
+    HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    ServingError,
+    error_body,
+)
+from maskrcnn_serving.settings import Settings
+
+# Where nginx is looked for besides $PATH (/usr/sbin is not on an unprivileged user's default PATH on Debian).
+NGINX_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")
+WORKER_PROCESSES = 2
+WORKER_CONNECTIONS = 1024
+BODY_BUFFER_BYTES = 256 * 1024  # bodies beyond this are spooled to a temp file of nginx's own (runtime dir)
+RESPONSE_BUFFER_BYTES = 64 * 1024
+UPSTREAM_TIMEOUT_MARGIN = 5  # seconds over MODEL_SERVER_TIMEOUT before nginx gives up on gunicorn
+ERROR_PAGE_PREFIX = "/__maskrcnn_errors/"  # internal locations of nginx's own JSON answers
+
+
+class FrontError(RuntimeError):
+    """The requested front cannot run (nginx missing, or its config refused)."""
+
+
+def find_nginx() -> str | None:
+    """The nginx binary: on $PATH, else in the usual sbin directories; None when it is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for directory in NGINX_DIRS:
+        candidate = os.path.join(directory, "nginx")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def choose(front: str) -> str | None:
+    """The nginx binary to run for ``front`` (``MODEL_SERVER_FRONT``), or None to run gunicorn alone."""
+    if front == "none":
+        return None
+    binary = find_nginx()
+    if binary is None and front == "nginx":
+        raise FrontError("MODEL_SERVER_FRONT=nginx but nginx is not installed (apt-get install nginx).")
+    return binary
+
+
+def nginx_version(binary: str) -> tuple[int, ...]:
+    """nginx's version (``nginx -v`` prints ``nginx version: nginx/1.22.1`` on stderr)."""
+    result = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False, timeout=30)
+    match = re.search(r"nginx/(\d+(?:\.\d+)*)", result.stderr + result.stdout)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else (0,)
+
+
+# nginx's own answers -> the error the client gets (status, code and message from errors.py). nginx says 494 for a
+# header field over large_client_header_buffers; 414 for a request line over them.
+def _error_pages(settings: Settings) -> list[tuple[int, ServingError]]:
+    return [
+        (400, BadHttpRequest("The request is not valid HTTP (refused by the server's HTTP front).")),
+        (404, NotFound("No such route.")),
+        (405, MethodNotAllowed("The method is not allowed.")),
+        (408, ClientTimeout(
+            "The request stopped arriving before it was complete (MODEL_SERVER_CLIENT_TIMEOUT seconds without "
+            "data).")),
+        (411, BadHttpRequest("The request has a body but no length.")),
+        (413, RequestTooLarge(
+            f"The request body is over the limit of {settings.max_request_bytes} bytes. Send a smaller image (or "
+            "fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES.")),
+        (414, BadHttpRequest("The request line is too long.")),
+        (494, HeadersTooLarge("A request header field is too long.")),
+        (500, InternalError("Internal server error in the HTTP front.")),
+        (501, BadHttpRequest("The request uses a transfer coding the server does not support.")),
+        (502, BadGateway("No server worker could answer the request (one died or is restarting); retry it.")),
+        (504, DeadlineExceeded("The request did not finish in time; the server's worker did not answer.")),
+        (505, BadHttpRequest("The HTTP version is not supported.")),
+    ]
+
+
+def _nginx_string(text: str) -> str:
+    """``text`` as a single-quoted nginx string (no variables may appear in it)."""
+    if "$" in text:
+        raise ValueError(f"nginx string with a variable: {text!r}")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def render_config(settings: Settings, listen: str, socket_path: Path, runtime_dir: Path) -> str:
+    """The nginx config for ``settings``: listen on ``listen`` (``host:port``), proxy to gunicorn on
+    ``socket_path``, keep pid and temp files in ``runtime_dir``."""
+    error_pages = []
+    for status, error in _error_pages(settings):  # internal URIs, not named locations: those fail ("empty URI")
+        body = error_body(error.code, error.message).decode()  # for errors found while reading the request line
+        error_pages.append(f"        error_page {status} ={error.status} {ERROR_PAGE_PREFIX}{status};\n"
+                           f"        location = {ERROR_PAGE_PREFIX}{status} {{ internal; client_max_body_size 0; "
+                           f"return {error.status} {_nginx_string(body)}; }}")  # (no second 413 on the way)
+    user = ""
+    if os.geteuid() == 0:  # nginx's workers would become `nobody`, who cannot reach gunicorn's socket or temp dirs
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+    values = {
+        "worker_processes": str(WORKER_PROCESSES),
+        "worker_connections": str(WORKER_CONNECTIONS),
+        "runtime_dir": str(runtime_dir),
+        "user": user,
+        "max_request_bytes": str(settings.max_request_bytes),
+        "body_buffer_bytes": str(min(BODY_BUFFER_BYTES, settings.max_request_bytes)),
+        "client_timeout": str(max(1, math.ceil(settings.client_timeout))),
+        "socket": str(socket_path),
+        "listen": listen,
+        "response_buffers": str(max(4, math.ceil(settings.max_response_bytes / RESPONSE_BUFFER_BYTES) + 1)),
+        "upstream_timeout": str(settings.timeout + UPSTREAM_TIMEOUT_MARGIN),
+        "error_pages": "\n".join(error_pages),
+    }
+    template = resources.files("maskrcnn_serving.server").joinpath("nginx.conf.template").read_text()
+    rendered = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+    return rendered
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NginxFront:
+    """nginx on ``host:port`` in front of gunicorn's unix socket, as a child process."""
+
+    def __init__(self, binary: str, settings: Settings, host: str, port: int, socket_path: Path,
+                 runtime_dir: Path) -> None:
+        self.binary = binary
+        self.version = nginx_version(binary)
+        self.runtime_dir = Path(runtime_dir)
+        self.config_path = self.runtime_dir / "nginx.conf"
+        self.config_path.write_text(render_config(settings, listen_address(host, port), socket_path, runtime_dir))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def command(self) -> list[str]:
+        # -e (nginx >= 1.19.5): errors before the config is read go to stderr, not to a root-owned log file
+        early_log = ["-e", "stderr"] if self.version >= (1, 19, 5) else []
+        return [self.binary, "-p", str(self.runtime_dir), "-c", str(self.config_path), *early_log]
+
+    def check(self) -> None:
+        """``nginx -t``: refuse to start with a config nginx does not accept."""
+        result = subprocess.run([*self.command, "-t", "-q"], capture_output=True, text=True, check=False,
+                                timeout=60)
+        if result.returncode != 0:
+            raise FrontError(f"nginx refused its config: {result.stderr.strip()[-2000:]}")
+
+    def start(self) -> NginxFront:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+        return self
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float) -> None:
+        """Graceful stop (SIGQUIT: stop listening, finish the requests in flight), at most ``timeout`` seconds, then
+        fast (SIGTERM), then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=max(0.1, wait))
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -1,0 +1,122 @@
+"""The HTTP front (server/front.py): which front ``serve`` chooses, the nginx config rendered from the settings
+(checked by the real nginx), and ``serve`` supervising nginx and gunicorn (nginx dying stops the server). What nginx
+does to hostile requests is in tests/reliability/test_hostile_inputs.py, against the session's servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from maskrcnn_serving.bench.server import ServerProcess, children, gunicorn_master_pid
+from maskrcnn_serving.commands import serve
+from maskrcnn_serving.server import front
+from maskrcnn_serving.settings import Settings
+
+NGINX = front.find_nginx()
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
+
+
+def test_the_front_setting_chooses_nginx_when_installed(monkeypatch):
+    assert front.choose("none") is None
+    monkeypatch.setattr(front, "find_nginx", lambda: None)
+    assert front.choose("auto") is None  # gunicorn alone
+    with pytest.raises(front.FrontError, match="not installed"):
+        front.choose("nginx")
+    monkeypatch.setattr(front, "find_nginx", lambda: "/opt/nginx")
+    assert front.choose("auto") == front.choose("nginx") == "/opt/nginx"
+    assert Settings.from_env({"MODEL_SERVER_FRONT": "none"}).front == "none"
+    with pytest.raises(ValueError, match="front"):
+        Settings.from_env({"MODEL_SERVER_FRONT": "apache"})
+
+
+def test_the_config_follows_the_settings_and_answers_in_json(tmp_path):
+    settings = Settings(max_request_bytes=1234567, client_timeout=7.5, timeout=30, max_response_bytes=6 << 20)
+    config = front.render_config(settings, "0.0.0.0:8080", tmp_path / "g.sock", tmp_path)
+    assert "{{" not in config
+    assert re.search(r"client_max_body_size 1234567;", config)
+    assert re.search(r"client_body_timeout 8s;", config) and re.search(r"client_header_timeout 8s;", config)
+    assert re.search(r"proxy_read_timeout 35s;", config)  # over the worker timeout: the app's 504 comes first
+    assert re.search(r"proxy_buffers 97 64k;", config)  # the largest answer fits in memory
+    assert f"server unix:{tmp_path / 'g.sock'}" in config and "listen 0.0.0.0:8080;" in config
+    pages = dict(re.findall(r"error_page (\d+) =\d+ (\S+);", config))
+    assert {"400", "404", "408", "413", "414", "494", "502", "504"} <= set(pages)
+    for status, uri in pages.items():
+        answered, body = re.search(rf"location = {re.escape(uri)} {{ internal; client_max_body_size 0; "
+                                   r"return (\d+) '(.*)'; }", config).groups()
+        error = json.loads(body.replace("\\'", "'"))["error"]
+        assert set(error) == {"code", "message"} and int(answered) >= 400, status
+    assert "request_too_large" in config and "1234567" in config
+    assert "headers_too_large" in config and "bad_gateway" in config
+
+
+@needs_nginx
+def test_nginx_accepts_the_rendered_config(tmp_path):
+    """``nginx -t`` on the config for the default settings and for extreme ones."""
+    for settings in (Settings(), Settings(max_request_bytes=1, max_response_bytes=1, client_timeout=0.1, timeout=1)):
+        runtime = tmp_path / str(settings.max_request_bytes)
+        runtime.mkdir()
+        nginx = front.NginxFront(NGINX, settings, "127.0.0.1", 8080, runtime / "g.sock", runtime)
+        nginx.check()  # raises FrontError with nginx's message
+    assert front.listen_address("::1", 80) == "[::1]:80"
+
+
+def test_serve_gives_the_decoders_and_the_allocator_their_settings_at_start():
+    """OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when it loads, and glibc MALLOC_ARENA_MAX when the process
+    starts: ``serve`` starts the gunicorn master with them (the user's MALLOC_ARENA_MAX wins)."""
+    assert serve.process_environment(Settings(max_image_pixels=1234), {}) == {
+        "OPENCV_IO_MAX_IMAGE_PIXELS": "1234", "MALLOC_ARENA_MAX": "2"}
+    assert serve.process_environment(Settings(), {"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+def test_the_session_servers_say_which_front_they_run(live_server, gunicorn_server):
+    assert '"message": "serving through nginx"' in live_server.log()
+    assert '"message": "serving with gunicorn alone"' in gunicorn_server.log()
+    for server in (live_server, gunicorn_server):
+        workers = server.server.worker_pids()
+        assert len(workers) == 2
+        for pid in workers:  # the decoder's own pixel limit and the arena count are in force in every worker
+            assert _environ(pid)["OPENCV_IO_MAX_IMAGE_PIXELS"] == str(Settings().max_image_pixels)
+            assert _environ(pid)["MALLOC_ARENA_MAX"] == "2"
+    nginx = [pid for pid in children(live_server.process.pid) if pid != gunicorn_master_pid(live_server.process.pid)]
+    assert len(nginx) == 1 and b"nginx" in Path(f"/proc/{nginx[0]}/cmdline").read_bytes()
+    assert children(gunicorn_server.process.pid) == [gunicorn_master_pid(gunicorn_server.process.pid)]
+
+
+@needs_nginx
+def test_serve_stops_when_nginx_dies(tmp_path, demo_model_dir):
+    """nginx killed under a running server: ``serve`` stops gunicorn and exits 1 instead of running unreachable."""
+    server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=1, front="nginx").start()
+    try:
+        deadline = time.monotonic() + 120
+        while "serving through nginx" not in server.log():
+            assert server.alive() and time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+        master = gunicorn_master_pid(server.process.pid)
+        nginx = [pid for pid in children(server.process.pid) if pid != master]
+        assert len(nginx) == 1
+        os.kill(nginx[0], signal.SIGKILL)
+        assert server.process.wait(timeout=60) == 1
+        assert '"message": "nginx exited"' in server.log()
+        with pytest.raises(ProcessLookupError):
+            os.kill(master, 0)
+    finally:
+        server.stop(graceful=False)
+
+
+def test_serve_without_a_model_never_starts_nginx(tmp_path):
+    result = subprocess.run(serve_command := [*ServerProcess(tmp_path, tmp_path / "log", front="nginx").command],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "cannot load the model" in result.stderr, serve_command
+    assert "serving" not in result.stderr
