@@ -110,11 +110,11 @@ def multilevel_roi_align(
         level_indices = None if box_indices is None else tf.gather(box_indices, ids)
         pooled.append(roi_align(features[index], level_boxes, resolution, level_indices, edge_padded))
         order.append(ids)
-    # Each box's result goes back to its own row: a scatter by the int64 row ids (each row written once, so it is a
-    # plain copy) rather than gathering by invert_permutation, whose int32 GPU kernel runs on the host.
-    pooled = tf.concat(pooled, axis=0)
-    rows = tf.concat(order, axis=0)[:, None]
-    return tf.scatter_nd(rows, pooled, tf.shape(pooled, out_type=tf.int64))
+    # Each box's result goes back to its own row: gather by the inverse of the level order, found by sorting the row
+    # ids as float32 (exact below 2^24 boxes). Not invert_permutation, whose int32 GPU kernel runs on the host, and
+    # not a scatter_nd, which costs the CPU twice a gather here (1000 RoIs of 7x7x256: 30 ms against 16 ms).
+    rows = tf.cast(tf.concat(order, axis=0), tf.float32)
+    return tf.gather(tf.concat(pooled, axis=0), tf.argsort(rows))
 
 
 def generate_fpn_proposals(
