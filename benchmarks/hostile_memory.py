@@ -30,18 +30,10 @@ import numpy as np
 import requests
 
 from maskrcnn_serving.bench.hostile import catalogue, raw_exchange, raw_http_cases
-from maskrcnn_serving.bench.server import ServerProcess, worker_pids
+from maskrcnn_serving.bench.server import ServerProcess, status_kb, worker_pids
 from maskrcnn_serving.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def status_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} for {pid}")
 
 
 def run_round(url: str, cases, raw_cases, front: str, timeout: float) -> list[dict]:

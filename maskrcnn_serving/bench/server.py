@@ -62,6 +62,15 @@ def worker_pids(serve_pid: int) -> set[int]:
     return set() if master is None else set(children(master))
 
 
+def status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``: resident now, ``VmHWM``: peak resident)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} for {pid}")
+
+
 def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without server settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_VARIABLE_PREFIXES)}

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from maskrcnn_serving.bench.hostile import Case, catalogue, png, raw_exchange, raw_http_cases
+from maskrcnn_serving.bench.server import status_kb
 from maskrcnn_serving.bench.server import worker_pids as server_worker_pids
 from maskrcnn_serving.settings import Limits, Settings
 
@@ -62,14 +63,6 @@ def session() -> requests.Session:
     return requests.Session()
 
 
-def _status_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} for {pid}")
-
-
 @pytest.fixture(scope="module")
 def baseline(server) -> dict:
     """Before the catalogue: the workers, their warm RSS, and their peak-RSS counters reset (clear_refs 5), so
@@ -79,7 +72,7 @@ def baseline(server) -> dict:
     for pid in pids:
         with open(f"/proc/{pid}/clear_refs", "w") as clear:
             clear.write("5")
-        warm[pid] = _status_kb(pid, "VmRSS") / 1024
+        warm[pid] = status_kb(pid, "VmRSS") / 1024
     return {"pids": pids, "warm_mb": warm, "seconds": {}}
 
 
@@ -287,7 +280,7 @@ def test_server_survived_the_catalogue(server, baseline, session):
     slowest = max(baseline["seconds"].items(), key=lambda item: item[1])
     assert slowest[1] < DEADLINE_SECONDS, slowest
     for pid, warm in baseline["warm_mb"].items():
-        peak, final = _status_kb(pid, "VmHWM") / 1024, _status_kb(pid, "VmRSS") / 1024
+        peak, final = status_kb(pid, "VmHWM") / 1024, status_kb(pid, "VmRSS") / 1024
         print(f"\nworker {pid}: warm {warm:.0f} MB, peak {peak:.0f} MB, final {final:.0f} MB; "
               f"{len(baseline['seconds'])} requests, slowest {slowest[0]!r} {slowest[1]:.1f} s")
         assert peak - warm < PEAK_GROWTH_BOUND_MB and final - warm < FINAL_GROWTH_BOUND_MB, (pid, warm, peak, final)
