@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maskrcnn_serving import imaging, wire
-from maskrcnn_serving.backends.base import Backend, PredictOptions
+from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
 from maskrcnn_serving.errors import SearchUnavailable
 from maskrcnn_serving.scheduler import Scheduler
@@ -210,19 +210,34 @@ class Pipeline:
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
     ) -> list[Detections]:
-        """preprocess, queue and model for decoded images (unfiltered detections)."""
-        with times.measure(Stage.PREPROCESS):
-            prepared = []
+        """preprocess, queue and model for decoded images (unfiltered detections).
+
+        The images are prepared as the model takes them, at most :meth:`in_flight` at a time: a prepared image is
+        larger than a small decoded one (a 10 x 10 image becomes 800 x 1333 at the usual test size), so preparing
+        all of a many-image request first would hold hundreds of megabytes no request limit accounts for."""
+        preprocess_before = times.seconds.get(Stage.PREPROCESS.value, 0.0)
+
+        def prepared() -> Iterator[PreparedImage]:
             for image in images:
                 deadline.check("it was still preparing its images")
-                prepared.append(self.backend.preprocess(image))
+                with times.measure(Stage.PREPROCESS):
+                    ready = self.backend.preprocess(image)
+                yield ready
+
         started = time.perf_counter()
-        results = self.scheduler.run(prepared, [self.predict_options(o) for o in options], deadline)
-        waited = time.perf_counter() - started
+        results = self.scheduler.run(prepared(), [self.predict_options(o) for o in options], deadline,
+                                     self.in_flight())
+        preprocessing = times.seconds.get(Stage.PREPROCESS.value, 0.0) - preprocess_before
+        waited = time.perf_counter() - started - preprocessing
         model = sum({r.batch_id: r.batch_seconds for r in results}.values())
         times.add(Stage.MODEL, model)
         times.add(Stage.QUEUE, max(0.0, waited - model))
         return [r.detections for r in results]
+
+    def in_flight(self) -> int:
+        """How many of one request's prepared images may wait for or be in the model at once: two full batches, so
+        that the next batch is queued while one runs."""
+        return max(2, 2 * self.scheduler.max_batch_size)
 
     def annotate(
         self,

@@ -18,7 +18,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -97,33 +97,50 @@ class Scheduler:
 
     def run(
         self,
-        images: Sequence[PreparedImage],
+        images: Iterable[PreparedImage],
         options: Sequence[PredictOptions],
         deadline: Deadline = NO_DEADLINE,
+        in_flight: int | None = None,
     ) -> list[Forwarded]:
         """Run each image with its options (one entry per image); blocks until all ran, in order. Raises what the
-        forward call raised, or :class:`~maskrcnn_serving.errors.DeadlineExceeded` at the deadline."""
-        if len(images) != len(options):
-            raise ValueError("one PredictOptions per image")
+        forward call raised, or :class:`~maskrcnn_serving.errors.DeadlineExceeded` at the deadline.
+
+        ``images`` may be lazy (a generator that prepares them): at most ``in_flight`` of them (default: all) are
+        taken from it and queued or running at a time, the next one as soon as one has its result, so a request of
+        many images holds a bounded number of prepared images while the queue still holds the next batch."""
+        limit = in_flight if in_flight is not None else max(1, len(options))
+        if limit < 1:
+            raise ValueError("in_flight must be >= 1")
+        source = zip(images, options, strict=True)
+        pending: deque[_Queued] = deque()
+        results: list[Forwarded] = []
+        try:
+            while True:
+                self._enqueue(pending, source, limit - len(pending), deadline)
+                if not pending:
+                    return results
+                results.append(pending[0].future.result(deadline.remaining()))
+                pending.popleft()
+        except (FutureTimeout, CancelledError):
+            started = bool(results) or any(item.future.running() or item.future.done() for item in pending)
+            raise exceeded("the model was still running" if started else
+                           "it was still waiting for the model, busy with earlier requests") from None
+        finally:
+            for item in pending:
+                item.future.cancel()  # a no-op for images that ran or are running; the others are dropped
+
+    def _enqueue(self, pending: deque[_Queued], source: Iterator, count: int, deadline: Deadline) -> None:
+        """Take up to ``count`` images from ``source`` (preparing them on the caller's thread) and queue them."""
         now = time.monotonic()
-        queued = [_Queued(image, opts, deadline, now) for image, opts in zip(images, options, strict=True)]
+        queued = [_Queued(image, opts, deadline, now) for image, opts in itertools.islice(source, count)]
+        if not queued:
+            return
         with self._condition:
             if self._closed:
                 raise SchedulerClosedError("The scheduler is closed.")
             self._queue.extend(queued)
             self._condition.notify_all()
-        results = []
-        try:
-            for item in queued:
-                results.append(item.future.result(deadline.remaining()))
-        except (FutureTimeout, CancelledError):
-            started = any(item.future.running() or item.future.done() for item in queued)
-            raise exceeded("the model was still running" if started else
-                           "it was still waiting for the model, busy with earlier requests") from None
-        finally:
-            for item in queued:
-                item.future.cancel()  # a no-op for images that ran or are running; the others are dropped
-        return results
+        pending.extend(queued)
 
     @property
     def stats(self) -> BatchStats:
@@ -174,23 +191,27 @@ class Scheduler:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            batch_id = next(self._batch_ids)
-            started = time.perf_counter()
-            try:
-                results = self._forward([item.image for item in live], live[0].options)
-                if len(results) != len(live):
-                    raise RuntimeError(f"forward returned {len(results)} results for {len(live)} images")
-            except BaseException as exc:  # hand every failure to the waiting requests, keep serving
-                for item in live:
-                    item.future.set_exception(exc)
-                continue
-            seconds = time.perf_counter() - started
-            with self._condition:
-                self._batches += 1
-                self._images += len(live)
-                self._largest = max(self._largest, len(live))
-            for item, detections in zip(live, results, strict=True):
-                item.future.set_result(Forwarded(detections, batch_id, seconds, len(live)))
+            self._run_batch(batch)
+            del batch  # not held while waiting for the next one: a request bounds the prepared images it holds
+
+    def _run_batch(self, batch: list[_Queued]) -> None:
+        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        batch_id = next(self._batch_ids)
+        started = time.perf_counter()
+        try:
+            results = self._forward([item.image for item in live], live[0].options)
+            if len(results) != len(live):
+                raise RuntimeError(f"forward returned {len(results)} results for {len(live)} images")
+        except BaseException as exc:  # hand every failure to the waiting requests, keep serving
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - started
+        with self._condition:
+            self._batches += 1
+            self._images += len(live)
+            self._largest = max(self._largest, len(live))
+        for item, detections in zip(live, results, strict=True):
+            item.future.set_result(Forwarded(detections, batch_id, seconds, len(live)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 
 import cv2
 import numpy as np
@@ -89,6 +90,27 @@ def test_a_request_of_several_images_shares_forward_calls(optimized_backend, exa
     finally:
         pipeline.close()
     assert [len(r.detections) for r in response.images] == [5, 5, 5, 5]
+
+
+def test_a_many_image_request_holds_a_bounded_number_of_prepared_images(pipeline, example_images, monkeypatch):
+    """Images are prepared as the model takes them: a prepared image (at the test size) is many times a small
+    decoded one, so a request of many small images must not hold all of them prepared at once."""
+    alive: list[weakref.ref] = []
+    held: list[int] = []
+    preprocess = pipeline.backend.preprocess
+
+    def counting_preprocess(image):
+        held.append(sum(ref() is not None for ref in alive))
+        prepared = preprocess(image)
+        alive.append(weakref.ref(prepared.resized))
+        return prepared
+
+    monkeypatch.setattr(pipeline.backend, "preprocess", counting_preprocess)
+    small = cv2.imencode(".png", cv2.resize(cv2.imread(str(example_images[0])), (40, 30)))[1].tobytes()
+    response = pipeline.handle(request(pipeline, [small] * 10, format="boxes"))
+    assert len(response.images) == 10 and len(held) == 10
+    assert max(held) <= pipeline.in_flight() < 10, held
+    assert pipeline.backend.preprocess(cv2.imread(str(example_images[0]))).resized.shape[0] > 30
 
 
 @pytest.mark.parametrize("fmt", ["legacy", "coco", "polygon", "boxes"])

@@ -121,6 +121,34 @@ def test_run_keeps_order():
     assert max(r.batch_size for r in results) == 3 and all(r.batch_seconds >= 0 for r in results)
 
 
+def test_a_lazy_source_is_taken_at_most_in_flight_images_at_a_time_and_batches_stay_full():
+    """A request's images come from a generator (prepared on demand): never more than ``in_flight`` of them are
+    taken and not yet through the model, yet every call is a full batch (the next batch waits while one runs)."""
+    forward = RecordingForward(seconds=0.02)
+    taken_not_done: list[int] = []
+
+    def source():
+        for value in range(12):
+            taken_not_done.append(value + 1 - sum(n for n, _ in forward.calls))
+            yield _image(value)
+
+    with Scheduler(forward, max_batch_size=2) as scheduler:
+        results = scheduler.run(source(), [PredictOptions()] * 12, in_flight=4)
+    assert [float(r.detections.scores[0]) for r in results] == [float(v) for v in range(12)]
+    assert max(taken_not_done) <= 4 and taken_not_done[:4] == [1, 2, 3, 4]
+    assert [n for n, _ in forward.calls] == [2] * 6
+
+
+def test_a_source_shorter_or_longer_than_its_options_is_an_error():
+    with Scheduler(RecordingForward()) as scheduler:
+        for images, count in (([_image(1)], 2), ([_image(1), _image(2)], 1)):
+            with pytest.raises(ValueError):
+                scheduler.run(iter(images), [PredictOptions()] * count)
+        with pytest.raises(ValueError):
+            scheduler.run([_image(1)], [PredictOptions()], in_flight=0)
+        assert scheduler.run([], []) == []
+
+
 def test_lone_request_waits_at_most_max_delay():
     with Scheduler(RecordingForward(), max_batch_size=8, max_delay=0.05) as scheduler:
         start = time.monotonic()
