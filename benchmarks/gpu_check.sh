@@ -48,6 +48,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     WORKER_COUNTS=(1 2)
     ROUNDS=(--rounds 1 --warmup 1 --detections 10)
     SERVE_ENV=()
+    MEMORY_POLL_SECONDS=1  # the dry run checks that the step works, not the figure: poll faster
     export CONFIG__PREPROC__TEST_SHORT_EDGE_SIZE=128 CONFIG__PREPROC__MAX_SIZE=192
     export CONFIG__RPN__TEST_PER_LEVEL_NMS_TOPK=64
 else
@@ -59,6 +60,7 @@ else
     WORKER_COUNTS=(1 2 4)
     ROUNDS=(--rounds 10)
     SERVE_ENV=(CONFIG__PREPROC__TEST_SHORT_EDGE_SIZE=800 CONFIG__PREPROC__MAX_SIZE=1333)
+    MEMORY_POLL_SECONDS=2
 fi
 PRECISIONS=(float32 float16 bfloat16 mixed)
 BENCH_MODEL="${MODELS[${#MODELS[@]}-1]}"  # the largest model: R50-FPN on a GPU
@@ -183,7 +185,7 @@ measure_workers() {
         fi
         [[ "$stable" -ge 2 ]] && break
         previous="$reading"
-        sleep 2
+        sleep "$MEMORY_POLL_SECONDS"
     done
     kill "$pid" 2> /dev/null || true
     wait "$pid" 2> /dev/null || true

@@ -44,17 +44,19 @@ def write_npz(path: Path, weights: Mapping[str, np.ndarray], with_suffix: bool =
 
 def write_tf_checkpoint(model_dir: Path, weights: Mapping[str, np.ndarray], step: int = 0,
                         extra: Mapping[str, np.ndarray] | None = None) -> Path:
-    """A TF V2 checkpoint ``model-<step>`` with the given variables (plus ``extra``, e.g. optimizer slots)."""
+    """A TF V2 checkpoint ``model-<step>`` (index + data, and the ``checkpoint`` state file naming it) with the
+    given variables (plus ``extra``, e.g. optimizer slots), written as ``tf.compat.v1.train.Saver`` writes them
+    (the same SaveV2 op, without building a graph of 562 variables first: ~10x faster for R101)."""
     import tensorflow as tf
 
-    graph = tf.Graph()
-    with graph.as_default():
-        variables = [tf.compat.v1.Variable(v, name=k) for k, v in {**weights, **(extra or {})}.items()]
-        saver = tf.compat.v1.train.Saver(variables, save_relative_paths=True)
-        with tf.compat.v1.Session(graph=graph) as sess:
-            sess.run(tf.compat.v1.global_variables_initializer())
-            prefix = saver.save(sess, str(model_dir / "model"), global_step=step)
-    return Path(prefix)
+    tensors = {**weights, **(extra or {})}
+    prefix = model_dir / f"model-{step}"
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=list(tensors), shape_and_slices=[""] * len(tensors),
+                      tensors=[tf.constant(v) for v in tensors.values()])
+    (model_dir / "checkpoint").write_text(
+        f'model_checkpoint_path: "{prefix.name}"\nall_model_checkpoint_paths: "{prefix.name}"\n'
+    )
+    return prefix
 
 
 def fc6_row_order_model_dirs(root_first: Path, root_last: Path, blocks=(1, 1, 1, 1), seed: int = 0,

@@ -56,6 +56,33 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tensorpack_val_report(tensorpack_backend, fixtures_dir) -> dict:
+    """``evaluate`` of the demo model on the tensorpack backend over val_public (200 images): the reference that
+    both backends' acceptance tests compare with, computed once per session."""
+    from maskrcnn_serving.evaluation import evaluate
+    from maskrcnn_serving.pipeline import Pipeline
+
+    val = fixtures_dir / "val_public"
+    return evaluate(Pipeline(tensorpack_backend), val / "annotations.json", val / "images", progress=False)
+
+
+@pytest.fixture(scope="session")
+def r101_model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """A random small R101-depth model (3 classes, made confident) stored with channel-first fc6 rows as an npz and
+    with channel-last rows as a TF checkpoint; see checkpoint_factory.fc6_row_order_model_dirs."""
+    from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs
+
+    return fc6_row_order_model_dirs(tmp_path_factory.mktemp("r101_fc6_first"), tmp_path_factory.mktemp("r101_fc6_last"),
+                                    blocks=R101_BLOCKS, seed=5, step=3)
+
+
+@pytest.fixture(scope="session")
+def r101_tensorpack_backend(r101_model_dirs):
+    """The channel-first R101 model on the tensorpack backend (its graph takes ~20 s to build: built once)."""
+    return real_load_backend("tensorpack", r101_model_dirs[0], environ={})
+
+
+@pytest.fixture(scope="session")
 def live_server(tmp_path_factory, example_images):
     """The session's real server: ``maskrcnn-serving serve`` (nginx in front of gunicorn, 2 workers, demo model) on
     127.0.0.1, as the images run it; see tests/live_server.py. Stopped at the end of the session."""

@@ -4,13 +4,10 @@
 import cv2
 import numpy as np
 import pytest
-from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs, random_weights, small_architecture, write_npz
+from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs
 
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
-from maskrcnn_serving.backends.tensorpack_backend import TensorpackBackend
-from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
-from maskrcnn_serving.pipeline import Pipeline
 
 
 def read(path):
@@ -80,20 +77,18 @@ def test_fc6_row_orders_give_the_same_model(random_model_dirs):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_r101_checkpoint_builds_and_runs(tmp_path):
-    arch = small_architecture(blocks=R101_BLOCKS, classes=2)
-    write_npz(tmp_path / "model.npz", random_weights(arch, seed=1))
-    bundle = load_model_dir(tmp_path, environ={"RESNET_ARCH": "resnet101"})
-    backend = TensorpackBackend.from_bundle(bundle)
-    assert len(bundle.weights) == 562  # every variable of tensorpack's R101-FPN graph, loaded by name
+def test_r101_checkpoint_builds_and_runs(r101_model_dirs, r101_tensorpack_backend):
+    bundle = load_model_dir(r101_model_dirs[0], environ={"RESNET_ARCH": "resnet101"})
+    assert bundle.architecture.resnet_num_blocks == R101_BLOCKS
+    backend = r101_tensorpack_backend  # the same files, built once per session
+    assert len(backend.bundle.weights) == len(bundle.weights) == 562  # every variable of tensorpack's R101-FPN graph
     dets = backend.predict([np.zeros((64, 80, 3), np.uint8)], PredictOptions(score_threshold=0.0, max_detections=5))[0]
     assert len(dets) == 5 and dets.masks().shape == (5, 64, 80)
 
 
-def test_eval_on_demo_fixture_reaches_the_reference(tensorpack_backend, fixtures_dir):
+def test_eval_on_demo_fixture_reaches_the_reference(tensorpack_val_report):
     """Acceptance: within 0.005 AP of tensorpack's own example (0.868 bbox / 0.888 segm) on val_public."""
-    val = fixtures_dir / "val_public"
-    report = evaluate(Pipeline(tensorpack_backend), val / "annotations.json", val / "images", progress=False)
+    report = tensorpack_val_report
     assert report["images"] == 200
     assert report["bbox"]["AP"] >= 0.863, report
     assert report["segm"]["AP"] >= 0.883, report

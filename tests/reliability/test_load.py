@@ -19,7 +19,7 @@ import soak  # noqa: E402 - benchmarks/ is not a package
 
 CLIENTS = 8
 WARMUP_SECONDS = 5.0
-MEASURED_SECONDS = 30.0
+MEASURED_SECONDS = 20.0
 RSS_GROWTH_BOUND_MB = 50.0
 P99_DRIFT_FACTOR = 2.5
 
