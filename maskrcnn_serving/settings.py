@@ -199,6 +199,12 @@ class Settings:
             return self.request_deadline if self.request_deadline > 0 else None
         return max(0.5, min(self.timeout * DEADLINE_FRACTION, self.timeout - 1.0))
 
+    @property
+    def masks_bucket_padding(self) -> bool:
+        """Whether the optimized network must mask the padding of a batch: buckets coarser than the network's
+        multiple of 32 pad images beyond what tensorpack pads; buckets of 32 pad exactly as it does."""
+        return self.bucket_step > SIZE_MULTIPLE
+
 
 def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:
     try:

@@ -35,7 +35,6 @@ import tensorflow as tf
 
 from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.model_dir import ModelBundle
-from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 from maskrcnn_serving.modeling.tf2_network import MaskRCNN
 from maskrcnn_serving.settings import PRECISIONS, Settings
 from maskrcnn_serving.structures import Detections
@@ -117,8 +116,7 @@ class OptimizedBackend(Backend):
                  use_winograd, settings.xla, settings.max_batch_size, settings.bucket_step)
         network = MaskRCNN(
             bundle, _DTYPES[dtype_name], jit_compile=settings.xla, winograd=use_winograd,
-            # Buckets of 32 pad every image exactly as tensorpack does: nothing to mask.
-            masked_padding=settings.bucket_step > SIZE_MULTIPLE,
+            masked_padding=settings.masks_bucket_padding,
         )
         return cls(bundle, network, settings, dtype_name)
 

@@ -97,8 +97,10 @@ def winograd_backend(demo_model_dir):
     each Winograd convolution is an XLA program compiled per input shape, and val_public's 200 sizes fall into 4
     buckets of 128 (14 of 32), which halves the time of the eval below."""
     bundle = load_model_dir(demo_model_dir, environ={})
-    network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1, masked_padding=True)
-    return OptimizedBackend(bundle, network, Settings(max_batch_size=4, bucket_step=128), "float32")
+    settings = Settings(max_batch_size=4, bucket_step=128)
+    network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1, masked_padding=settings.masks_bucket_padding)
+    assert network.masked_padding
+    return OptimizedBackend(bundle, network, settings, "float32")
 
 
 def test_winograd_network_matches_the_direct_one(winograd_backend, optimized_backend, example_images):
