@@ -1,9 +1,9 @@
 """Seconds per image of torchvision's Mask R-CNN (ResNet-50 FPN) on this machine: the peer figure of issue 4.
 
-The model alone, as peers.md quotes it: a 640x480 image tensor in, torchvision's own transform resizing it to
-800x1067 (min_size 800, max_size 1333), score threshold 0 and 100 detections per image, so the mask head always
-runs on 100 boxes. Untrained weights (nothing may be downloaded here); the work is the same as with trained ones.
-Runs in its own environment, beside ours but not in it:
+The model alone, as docs/optimized-backend.md#speed quotes it: a 640x480 image tensor in, torchvision's own transform
+resizing it to 800x1067 (min_size 800, max_size 1333), score threshold 0 and 100 detections per image, so the mask head
+always runs on 100 boxes. Untrained weights (nothing may be downloaded here); the work is the same as with trained
+ones. Runs in its own environment, beside ours but not in it:
 
     python -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /tmp/tv/bin/python benchmarks/torchvision_reference.py --images 6 --json torchvision.json

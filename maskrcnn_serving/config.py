@@ -115,7 +115,7 @@ DEFAULTS: dict[str, Any] = {
     "FPN.FRCNN_CONV_HEAD_DIM": 256,
     "CASCADE.IOUS": [0.5, 0.6, 0.7],
     "CASCADE.BBOX_REG_WEIGHTS": [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
-    # aws-samples training-only keys (spec-facts B.8.6).
+    # aws-samples training-only keys (docs/model-conventions.md#config).
     "TRAIN.BATCH_SIZE_PER_GPU": 1,
     "TEST.BATCH_SIZE_PER_GPU": 1,
     "TRAIN.BACKBONE_NCHW": False,

@@ -61,9 +61,10 @@ def _scan_run_lengths(patch: np.ndarray, y0: int, x0: int, image_hw: tuple[int, 
 
 
 def legacy_rle(y0: int, x0: int, patch: np.ndarray, image_hw: tuple[int, int]) -> dict:
-    """The seed containers' ``segmentation`` (spec-facts A.7): uncompressed, ROW-major run lengths as JSON ints,
-    starting with a count of zeros (possibly 0), ``size`` [H, W]. Decode with ``np.repeat`` of alternating 0/1 and a
-    C-order reshape to (H, W). NOT pycocotools' format (column-major): pycocotools would decode it transposed-wrong.
+    """The seed containers' ``segmentation`` (docs/seed-containers.md#legacy-rle): uncompressed, ROW-major run
+    lengths as JSON ints, starting with a count of zeros (possibly 0), ``size`` [H, W]. Decode with ``np.repeat`` of
+    alternating 0/1 and a C-order reshape to (H, W). NOT pycocotools' format (column-major): pycocotools would decode
+    it transposed-wrong.
     """
     counts = _scan_run_lengths(patch, y0, x0, image_hw)
     return {"counts": counts.tolist(), "size": [int(image_hw[0]), int(image_hw[1])]}

@@ -343,8 +343,9 @@ def encode_annotations(
 ) -> list[dict]:
     """The ``annotations`` list of one image in ``options.format``, in descending score order.
 
-    legacy: seed-compatible ``bbox`` [int(x1), int(y1), int(x2-x1), int(y2-y1)] (truncated; spec-facts A.8),
-        row-major uncompressed ``segmentation`` (A.7), contiguous ``category_id``, ``category_name``, plus ``score``.
+    legacy: seed-compatible (docs/seed-containers.md#response): ``bbox`` [int(x1), int(y1), int(x2-x1), int(y2-y1)]
+        (truncated), row-major uncompressed ``segmentation``, contiguous ``category_id``, ``category_name``, plus
+        ``score``.
     coco: float xywh ``bbox``, ``segmentation`` compressed column-major COCO RLE with ``counts`` a str.
     polygon: float xywh ``bbox``, ``segmentation`` a list of COCO polygons (outer contours, no holes).
     boxes: float xywh ``bbox`` only.

@@ -31,7 +31,8 @@ def resnet_weights(request):
 
 
 def test_full_size_variable_lists_match_tensorpack():
-    """Counts from spec-facts B.4/B.5: 307 variables / 44,453,556 parameters for R50, 562 / 63,497,908 for R101."""
+    """Counts of docs/model-conventions.md#checkpoint-variables: 307 variables / 44,453,556 parameters for R50,
+    562 / 63,497,908 for R101."""
     for blocks, count, params in ((R50_BLOCKS, 307, 44_453_556), (R101_BLOCKS, 562, 63_497_908)):
         arch = small_architecture(blocks=blocks, classes=80)
         arch = type(arch)(blocks, 80, 256, 1024, 256)

@@ -23,7 +23,7 @@ def placed(full_hw, y0, x0, patch):
 @pytest.mark.parametrize(
     ("mask", "counts"),
     [
-        ([[0, 1, 1], [0, 0, 1]], [1, 2, 2, 1]),  # spec-facts A.7 examples
+        ([[0, 1, 1], [0, 0, 1]], [1, 2, 2, 1]),  # the examples of docs/seed-containers.md#legacy-rle
         ([[0, 0, 0], [0, 0, 0]], [6]),
         ([[1, 1, 1], [1, 1, 1]], [0, 6]),
         ([[1, 0], [0, 0]], [0, 1, 3]),

@@ -208,7 +208,7 @@ def test_legacy_annotations_match_the_seed_layout():
     first = annotations[0]
     assert list(first) == ["bbox", "category_id", "category_name", "score", "segmentation"]
     x1, y1, x2, y2 = (float(v) for v in dets.boxes[0])
-    assert first["bbox"] == [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]  # spec-facts A.8
+    assert first["bbox"] == [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]  # docs/seed-containers.md#bbox
     assert first["bbox"] == [10, 5, 19, 15]
     assert (first["category_id"], first["category_name"]) == (4, "ring")
     assert annotations[1]["score"] == 0.81235

@@ -1,4 +1,4 @@
-"""The seed containers' RLE encoder, written down from spec-facts A.7 as the baseline of ``bench compare rle``.
+"""The seed containers' RLE encoder (docs/seed-containers.md#legacy-rle), the baseline of ``bench compare rle``.
 
 It walks every pixel of every full-size mask with ``itertools.groupby`` in Python: seconds per request at 100
 detections. Never use it to serve; the project's encoder must produce exactly the same ``counts``.

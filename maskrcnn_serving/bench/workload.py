@@ -6,7 +6,7 @@ Each call is one ``/invocations`` request of encoded images, minus HTTP: it goes
 ``score_threshold=0`` and ``max_detections=N``.
 
 The ``seed`` encoder replaces the last two stages by the seed containers' response path (full-size masks and the
-``groupby`` RLE of spec-facts A.7) as the baseline of comparisons.
+``groupby`` RLE of docs/seed-containers.md#legacy-rle) as the baseline of comparisons.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ DEFAULT_ENCODER = "legacy"  # the server's default response format
 
 
 def encode_seed_response(detections: Sequence[Detections], img_ids: Sequence[str], times: StageTimes) -> bytes:
-    """The seed containers' response (spec-facts A.6-A.8): full-size masks (postprocess), int-truncated xywh bbox,
-    no score, row-major RLE by ``groupby`` over every pixel of every mask, ``json.dumps`` (encode)."""
+    """The seed containers' response (docs/seed-containers.md#response): full-size masks (postprocess),
+    int-truncated xywh bbox, no score, row-major RLE by ``groupby`` over every pixel of every mask, ``json.dumps``
+    (encode)."""
     responses = []
     for dets, img_id in zip(detections, img_ids, strict=True):
         with times.measure(Stage.POSTPROCESS):

@@ -1,4 +1,4 @@
-"""FPN anchors in tensorpack's unquantized convention (spec-facts C.4).
+"""FPN anchors in tensorpack's unquantized convention (docs/model-conventions.md#anchors).
 
 Anchor (i, j, a) of a level with stride s is ``cell[a] + (j*s, i*s, j*s, i*s)``: centred on (j*s, i*s), no +1.
 Cell anchors for one size S and ratio r = h/w: ``w = sqrt(S*S / r)``, ``h = r * w``, box ``[-w/2, -h/2, w/2, h/2]``.

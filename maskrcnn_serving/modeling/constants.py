@@ -1,4 +1,4 @@
-"""Fixed dimensions of tensorpack's ResNet-FPN Mask R-CNN that both networks share (spec-facts C)."""
+"""Fixed dimensions of tensorpack's ResNet-FPN Mask R-CNN that both networks share (docs/model-conventions.md)."""
 
 RESNET_GROUP_WIDTHS = (64, 128, 256, 512)  # bottleneck widths of ResNet groups 0-3 (outputs are 4x these)
 RESNET_GROUP_STRIDES = (4, 8, 16, 32)  # feature strides of C2..C5

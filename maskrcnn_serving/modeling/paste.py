@@ -1,4 +1,4 @@
-"""Paste 28x28 mask probabilities into the original image (spec-facts C.13).
+"""Paste 28x28 mask probabilities into the original image (docs/model-conventions.md#paste).
 
 Frames: ``box`` is (x1, y1, x2, y2) float in original-image pixels, "fpcoor" convention (pixel (i, j) covers
 [j, j+1) x [i, i+1), its centre is (j + 0.5, i + 0.5)). Outputs are uint8 {0, 1}.

@@ -1,4 +1,4 @@
-"""Test-time resize (tensorpack ``CustomResize``; spec-facts C.2) and the inverse box scale."""
+"""Test-time resize (tensorpack ``CustomResize``; docs/model-conventions.md#preprocessing) and the inverse box scale."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """TF2-native FPN Mask R-CNN: a ``tf.Module`` of plain TF ops, NHWC, several images per call.
 
-The math is tensorpack's inference graph (spec-facts C.2-C.12), shared with the tensorpack backend through
+The math is tensorpack's inference graph (docs/model-conventions.md), shared with the tensorpack backend through
 :mod:`maskrcnn_serving.modeling.tf_ops` and :mod:`~maskrcnn_serving.modeling.anchors`. What differs is only how it
 is computed:
 

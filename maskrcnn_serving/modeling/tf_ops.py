@@ -1,4 +1,4 @@
-"""TensorFlow building blocks of tensorpack's FPN Mask R-CNN inference (spec-facts C.4-C.12).
+"""TensorFlow building blocks of tensorpack's FPN Mask R-CNN inference (docs/model-conventions.md).
 
 Plain TF functions that work in graph mode (the tensorpack backend) and eagerly (tests). Layout NHWC, batch 1.
 Boxes are (x1, y1, x2, y2) float32 in network-input pixels ("fpcoor": continuous coordinates, pixel (i, j)
@@ -167,7 +167,7 @@ def fastrcnn_predictions(
     max_detections: tf.Tensor | int,
     nms_threshold: float,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Per-class NMS in one call (spec-facts C.11).
+    """Per-class NMS in one call (docs/model-conventions.md#per-class-nms).
 
     boxes (N, C+1, 4), scores (N, C+1) softmax with background at 0. Keeps (class, proposal) pairs with score
     strictly above the threshold, offsets each class's boxes by ``class * (max_coord + 1)`` so classes never

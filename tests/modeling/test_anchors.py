@@ -1,4 +1,4 @@
-"""FPN anchors (spec-facts C.4)."""
+"""FPN anchors (docs/model-conventions.md#anchors)."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 from maskrcnn_serving.modeling.anchors import cell_anchors, fpn_anchors, grid_anchors
 
 
-# --- anchors (C.4) ------------------------------------------------------------------------------------------------
+# --- anchors ------------------------------------------------------------------------------------------------------
 def test_cell_anchors_ratio_is_height_over_width():
     cells = cell_anchors(32, (0.5, 1.0, 2.0))
     w = math.sqrt(32 * 32 / 0.5)

@@ -1,4 +1,4 @@
-"""The mask paste (spec-facts C.13): accurate and fast, against per-pixel references."""
+"""The mask paste (docs/model-conventions.md#paste): accurate and fast, against per-pixel references."""
 
 import contextlib
 
@@ -8,7 +8,7 @@ import pytest
 from maskrcnn_serving.modeling.paste import paste_mask_patch, paste_masks
 
 
-# --- mask paste (C.13) --------------------------------------------------------------------------------------------
+# --- mask paste ---------------------------------------------------------------------------------------------------
 def reference_accurate_paste(box, mask, hw, threshold=0.5):
     """Per-pixel transcription of the spec: bilinear between knots 0.5..29.5 of the zero-padded mask, 0 outside."""
     padded = np.pad(mask.astype(np.float64), 1)

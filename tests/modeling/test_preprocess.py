@@ -1,4 +1,4 @@
-"""Test-time resize and the inverse box scale (spec-facts C.2)."""
+"""Test-time resize and the inverse box scale (docs/model-conventions.md#preprocessing)."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image, resized_shape
 
 
-# --- resize (C.2) -------------------------------------------------------------------------------------------------
+# --- resize -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "hw, short, max_size, expected",
     [

@@ -1,5 +1,5 @@
-"""TF building blocks against small hand-checked cases: box decoding, RoIAlign, final predictions (spec-facts
-C.7-C.11)."""
+"""TF building blocks against small hand-checked cases: box decoding, RoIAlign, final predictions
+(docs/model-conventions.md)."""
 
 import math
 
@@ -9,7 +9,7 @@ import tensorflow as tf
 from maskrcnn_serving.modeling import tf_ops
 
 
-# --- box decoding (C.7) -------------------------------------------------------------------------------------------
+# --- box decoding (docs/model-conventions.md#box-decoding) --------------------------------------------------------
 def test_decode_boxes_hand_case_and_clip():
     anchors = tf.constant([[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 20.0]])
     deltas = tf.constant([[0.1, 0.2, math.log(2.0), 0.0], [0.0, 0.0, 10.0, 0.0]])
@@ -33,7 +33,7 @@ def test_fastrcnn_decoding_divides_by_regression_weights():
     np.testing.assert_allclose(out.numpy()[0, 1], [0, 4, 16, 24], rtol=1e-6)  # x1 = -4 clipped to the image
 
 
-# --- RoIAlign (C.9) -----------------------------------------------------------------------------------------------
+# --- RoIAlign (docs/model-conventions.md#roialign) ----------------------------------------------------------------
 def arange_map(size=5):
     return tf.constant(np.arange(size * size, dtype=np.float32).reshape(1, size, size, 1))
 
@@ -66,7 +66,7 @@ def test_multilevel_roi_align_keeps_box_order():
     np.testing.assert_array_equal(out[:, 0, 0, 0], [3, 0, 2, 1])
 
 
-# --- final predictions (C.11) -------------------------------------------------------------------------------------
+# --- final predictions (docs/model-conventions.md#per-class-nms) --------------------------------------------------
 def test_fastrcnn_predictions_per_class_nms_and_strict_threshold():
     # Two overlapping proposals; class 1 scores them 0.9 / 0.8, class 2 scores the second 0.7 (threshold 0.7: dropped).
     boxes = tf.constant(np.tile(np.array([[0, 0, 10, 10], [1, 1, 10, 10]], np.float32)[:, None, :], [1, 3, 1]))

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the pieces that touch client bytes or produce the masks clients decode:
 
 * both RLE codecs: the legacy row-major encoder (``encoding.legacy_rle``) against the seed's own algorithm
-  (spec-facts A.7) and the decoder clients use (``visualize.decode_legacy_rle``); the COCO encoder
+  (docs/seed-containers.md#legacy-rle) and the decoder clients use (``visualize.decode_legacy_rle``); the COCO encoder
   (``encoding.coco_rle_of_patch``, ``encoding.coco_rle``) against pycocotools and ``visualize.decode_coco_rle`` --
   random masks including empty, full, single-pixel, odd sizes and patches that run off the image;
 * the image decoder (``imaging.decode_image``) on random bytes and on mutated valid images, and the request parser

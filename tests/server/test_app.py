@@ -24,12 +24,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 def seed_notebook_request(img_id, file_bytes: bytes) -> str:
-    """The request body exactly as the seed notebook builds it (SM-NB; spec-facts A.5)."""
+    """The request body exactly as the seed notebook builds it (docs/seed-containers.md#request)."""
     return json.dumps({"img_id": img_id, "img_data": base64.b64encode(file_bytes).decode("utf-8")})
 
 
 def seed_notebook_rle_to_binary_mask(rle: dict) -> np.ndarray:
-    """The seed notebook's decoding logic (spec-facts A.7, SM-NB cell 39), rewritten from its description:
+    """The seed notebook's decoding logic (docs/seed-containers.md#legacy-rle), rewritten from its description:
     alternating runs of zeros and ones, starting with zeros, laid out flat and reshaped in C order to ``size``."""
     height, width = rle["size"]
     flat = np.zeros(height * width, dtype=np.uint8)
