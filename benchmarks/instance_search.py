@@ -35,9 +35,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from maskrcnn_serving import wire
 from maskrcnn_serving.backends.base import load_backend
-from maskrcnn_serving.pipeline import Pipeline, StageTimes
+from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.request import RequestOptions
 from maskrcnn_serving.search import database
 from maskrcnn_serving.search.index import InstanceIndex
 from maskrcnn_serving.settings import Settings
@@ -80,29 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     paths = [args.val / "images" / image["file_name"] for image in images]
     backend = load_backend(args.backend, args.model_dir, Settings(precision=args.precision, max_batch_size=1))
     pipeline = Pipeline(backend)
-    options = wire.RequestOptions(score_threshold=pipeline.inference.vis_score_threshold, format="coco",
-                                  embeddings=True)
-    plain = wire.RequestOptions(score_threshold=pipeline.inference.vis_score_threshold, format="coco")
+    options = RequestOptions(score_threshold=pipeline.inference.vis_score_threshold, format="coco", embeddings=True)
+    plain = RequestOptions(score_threshold=pipeline.inference.vis_score_threshold, format="coco")
     work = Path(tempfile.mkdtemp(prefix="instance-search-"))
     report: dict = {"model_dir": str(args.model_dir), "backend": args.backend, "precision": args.precision,
                     "embedding_dim": backend.embedding_dim, "images": len(paths), "query_images": args.queries}
     try:
         # warm-up, then the pipeline without and with embeddings, alternating image by image
-        pipeline.process([wire.ImageRequest("w", paths[0].read_bytes(), options)], StageTimes())
-        pipeline.process([wire.ImageRequest("w", paths[0].read_bytes(), plain)], StageTimes())
+        list(pipeline.run_files([paths[0]], options))
+        list(pipeline.run_files([paths[0]], plain))
         db = work / "instances.db"
         index = InstanceIndex.open(str(db), "instances", dim=backend.embedding_dim,
                                    image_dim=backend.bundle.architecture.fpn_channels, create=True)
 
         def build(path: Path, data: bytes) -> None:
-            result = pipeline.process([wire.ImageRequest(str(path), data, options)], StageTimes())[0]
+            (result,) = pipeline.run_files([data], options)
             index.add_image(str(path), result.image, result.annotations, result.detections.embeddings,
                             result.detections.image_embedding)
 
         steps = {
-            "plain": lambda path, data: pipeline.process([wire.ImageRequest(str(path), data, plain)], StageTimes()),
-            "embeddings": lambda path, data: pipeline.process([wire.ImageRequest(str(path), data, options)],
-                                                              StageTimes()),
+            "plain": lambda path, data: list(pipeline.run_files([data], plain)),
+            "embeddings": lambda path, data: list(pipeline.run_files([data], options)),
             "build": build,
         }
         seconds = dict.fromkeys(steps, 0.0)
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             small = cv2.resize(original, (round(original.shape[1] * SCALE), round(original.shape[0] * SCALE)),
                                interpolation=cv2.INTER_AREA)
             data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes()
-            result = pipeline.process([wire.ImageRequest(str(path), data, options)], StageTimes())[0]
+            (result,) = pipeline.run_files([data], options)
             for annotation, vector, label in zip(result.annotations, result.detections.embeddings,
                                                  result.detections.labels, strict=True):
                 queries.append((str(path), [v / SCALE for v in annotation["bbox"]], vector, int(label)))

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
+from maskrcnn_serving.postprocess import full_masks
 
 
 def main() -> None:
@@ -30,12 +31,12 @@ def main() -> None:
     sources = sorted(args.source.glob("*.jpg"))
     images = [cv2.resize(cv2.imread(str(sources[i % len(sources)])), (640, 480)) for i in range(args.images)]
     options = PredictOptions(score_threshold=0.0, max_detections=100)
-    backend.predict(images[:1], options)[0].masks()  # warm-up: graph optimization happens on the first run
+    full_masks(backend.predict(images[:1], options)[0])  # warm-up: graph optimization happens on the first run
     times, counts = [], []
     for image in images:
         start = time.perf_counter()
         dets = backend.predict([image], options)[0]
-        dets.masks()
+        full_masks(dets)
         times.append(time.perf_counter() - start)
         counts.append(len(dets))
     print(json.dumps({"s_per_image_mean": round(float(np.mean(times)), 3), "s_per_image_min": round(min(times), 3),

@@ -1,4 +1,6 @@
-"""Encoders from :class:`Detections` to COCO-style records (used by ``predict``, ``eval`` and the wire formats)."""
+"""Mask encoders to COCO-style segmentations: the seed's row-major RLE, COCO RLE and polygons of the box-sized
+mask patches that :mod:`maskrcnn_serving.postprocess` pastes (its ``encode_annotations`` puts them in the records
+of every caller), and COCO RLE of full masks."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def xywh(boxes: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-detection encoders working on mask patches (Detections.mask_patches): a mask is ``patch`` (h, w) uint8 {0, 1}
+# Per-detection encoders working on mask patches (postprocess.mask_patches): a mask is ``patch`` (h, w) uint8 {0, 1}
 # placed at rows y0.., cols x0.. of an (H, W) image and 0 elsewhere, so no full-size mask is ever materialized.
 
 

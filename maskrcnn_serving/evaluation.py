@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from maskrcnn_serving import wire
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
+from maskrcnn_serving.request import RequestOptions
 
 
 def category_ids_for(coco: COCO, class_names: Sequence[str]) -> list[int]:
@@ -34,11 +34,11 @@ def category_ids_for(coco: COCO, class_names: Sequence[str]) -> list[int]:
 
 
 def results_options(pipeline: Pipeline, score_threshold: float | None = None,
-                    max_detections: int | None = None) -> wire.RequestOptions:
+                    max_detections: int | None = None) -> RequestOptions:
     """Options for COCO results: the model's own test threshold (``TEST.RESULT_SCORE_THRESH``, low, as
     evaluation needs) unless given, and standard COCO RLE masks (``coco``; ``boxes`` without a mask head)."""
     inference = pipeline.inference
-    return wire.RequestOptions(
+    return RequestOptions(
         score_threshold=inference.score_threshold if score_threshold is None else score_threshold,
         max_detections=max_detections,
         format="coco" if pipeline.backend.has_masks else "boxes",
@@ -77,14 +77,12 @@ def evaluate(
         coco = COCO(str(annotations))
     category_ids = category_ids_for(coco, pipeline.backend.class_names)
     image_ids = sorted(coco.getImgIds())[:limit]
-    options = results_options(pipeline)
+    paths = [images_dir / coco.loadImgs(image_id)[0]["file_name"] for image_id in image_ids]
     results: list[dict] = []
     times = StageTimes()
     start = time.perf_counter()
-    for image_id in tqdm(image_ids, desc="eval", unit="img", disable=not progress):
-        path = images_dir / coco.loadImgs(image_id)[0]["file_name"]
-        item = wire.ImageRequest(str(image_id), path.read_bytes(), options)
-        result = pipeline.process([item], times)[0]
+    files = tqdm(paths, desc="eval", unit="img", disable=not progress)
+    for image_id, result in zip(image_ids, pipeline.run_files(files, results_options(pipeline), times), strict=True):
         results.extend(to_coco_results(result.annotations, image_id, category_ids))
     seconds = time.perf_counter() - start
     report: dict = {}

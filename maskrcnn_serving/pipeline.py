@@ -1,18 +1,24 @@
-"""The one inference pipeline: request items in, detections and response bytes out.
+"""The one inference pipeline: image requests in, detections, annotation records and the caller's answer out.
 
-Every caller goes through it: the HTTP server (and its warm-up), ``predict``, ``eval``, ``index`` and ``bench``.
-The stages, in order, and where they run:
+Every caller goes through it: the HTTP server (:meth:`Pipeline.handle`, with a request its codec
+:mod:`maskrcnn_serving.wire` parsed) and its warm-up, ``predict``, ``eval``, ``index`` (:meth:`Pipeline.run_files`)
+and ``bench``. It knows no protocol: its requests and results are :mod:`maskrcnn_serving.request`'s, its
+post-processing is :mod:`maskrcnn_serving.postprocess`, and a protocol layer gives it, with the images, the
+answer's writer and size budget (:class:`ProtocolRequest`, :class:`ResponseBudget`). The stages, in order, and
+where they run:
 
 =============  ==================================================================  ===============
 stage          work                                                                thread
 =============  ==================================================================  ===============
-decode         base64 and image file bytes -> BGR pixels (:mod:`.imaging`)         the caller's
+decode         image files (bytes, paths, the codec's base64) -> BGR pixels        the caller's
+               (:mod:`.imaging`)
 preprocess     test-time resize (:meth:`Backend.preprocess`)                       the caller's
 queue          waiting for the model (other requests' batches)                     --
 model          the forward calls that ran this request's images                    the scheduler's
 postprocess    class filter, ``max_detections``, mask pasting at box size          the caller's
 search         nearest indexed instances (``neighbours``; :mod:`.search.index`)    the caller's
-encode         RLE / polygons / boxes records and the JSON body (:mod:`.wire`)     the caller's
+encode         RLE / polygons / boxes records (:mod:`.postprocess`), and the       the caller's
+               answer's body (:meth:`ProtocolRequest.encode`)
 =============  ==================================================================  ===============
 
 The caller times each stage directly (:class:`StageTimes`); the model stage is the wall time of the forward calls
@@ -24,17 +30,19 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from maskrcnn_serving import imaging, wire
+from maskrcnn_serving import imaging, postprocess
 from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
-from maskrcnn_serving.errors import SearchUnavailable
+from maskrcnn_serving.errors import SearchUnavailable, ServingError
+from maskrcnn_serving.request import ImageRequest, ImageResult, RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
@@ -74,15 +82,30 @@ class StageTimes:
             self.add(stage, time.perf_counter() - start)
 
 
-@dataclass
-class ImageResult:
-    """One image of a request: its id, its decoded pixels (H, W, 3) BGR, its detections (class filter and
-    ``max_detections`` applied) and its annotations in the requested format."""
+class ResponseBudget(Protocol):
+    """The running size of an answer being made, held to the caller's limit, so that an answer over it is refused
+    (413) before the work that would make it. Sizes are the protocol's (the HTTP codec counts JSON bytes:
+    :class:`maskrcnn_serving.wire.ResponseSize`); the pipeline only says when records are known and made."""
 
-    img_id: str | None
-    image: np.ndarray
-    detections: Detections
-    annotations: list[dict]
+    def add_floor(self, dets: Detections, options: RequestOptions) -> list[int]:
+        """Count the smallest records ``dets`` can have in ``options.format`` (before any mask is pasted), raising
+        when that is already over the limit; returns each record's floor."""
+        ...
+
+    def add_record(self, record: dict, floor: int) -> None:
+        """Replace a record's ``floor`` by its real size, raising when the total goes over the limit."""
+        ...
+
+
+class ProtocolRequest(Protocol):
+    """A request as a protocol layer hands it to :meth:`Pipeline.handle` (the HTTP codec's
+    :class:`maskrcnn_serving.wire.ParsedRequest`): its images, and how its answer is counted and written."""
+
+    images: Sequence[ImageRequest]
+
+    def response_budget(self, limits: Limits) -> ResponseBudget: ...
+
+    def encode(self, results: Sequence[ImageResult], limits: Limits) -> bytes: ...
 
 
 @dataclass
@@ -123,59 +146,64 @@ class Pipeline:
         self.scheduler.close()
 
     # ------------------------------------------------------------------------------------------ requests
-    def default_options(self) -> wire.RequestOptions:
+    def default_options(self) -> RequestOptions:
         """The seed tensorpack container's behaviour: score threshold ``TEST.RESULT_SCORE_THRESH_VIS``, mask
         threshold 0.5, ``TEST.RESULTS_PER_IM`` detections, legacy format (boxes for a model without masks)."""
-        return wire.RequestOptions(
+        return RequestOptions(
             score_threshold=self.inference.vis_score_threshold,
             format="legacy" if self.backend.has_masks else "boxes",
         )
 
-    def parse(
-        self, body: bytes, content_type: str | None, query, custom_attributes: str | None = None
-    ) -> wire.ParsedRequest:
-        """Validate an ``/invocations`` body and its options against this model and server (nothing is decoded
-        yet)."""
-        request = wire.parse_request(
-            body, content_type, query, self.default_options(), self.backend.class_names, self.limits,
-            custom_attributes, self.backend.has_masks,
-        )
-        if self.index is None and any(item.options.neighbours for item in request.images):
-            raise SearchUnavailable("neighbours needs an instance index, and this server has none (start it with "
-                                    "`serve --index DB`).")
-        return request
-
     def handle(
-        self, request: wire.ParsedRequest, deadline: Deadline = NO_DEADLINE, times: StageTimes | None = None
+        self, request: ProtocolRequest, deadline: Deadline = NO_DEADLINE, times: StageTimes | None = None
     ) -> Response:
-        """Run a parsed request through every stage; the body is the HTTP response. ``times`` collects the stage
-        times as they happen (a new one by default)."""
+        """Run a protocol's request through every stage; the body is its answer, written by the request
+        (:meth:`ProtocolRequest.encode`) and held to the response limit while it is made. ``times`` collects the
+        stage times as they happen (a new one by default)."""
         times = times if times is not None else StageTimes()
-        results = self.process(request.images, times, deadline, limit_response=True)
+        results = self.process(request.images, times, deadline, request.response_budget(self.limits))
         deadline.check("it was still encoding its answer")
         with times.measure(Stage.ENCODE):
-            responses = [
-                wire.image_response(result.img_id, result.annotations,
-                                    result.detections.image_embedding if item.options.embeddings else None)
-                for result, item in zip(results, request.images, strict=True)
-            ]
-            body = wire.encode_response(responses, request.is_list, self.limits)
+            body = request.encode(results, self.limits)
         return Response(body, results, times.seconds)
+
+    def run_files(
+        self, files: Iterable[Path | bytes], options: RequestOptions, times: StageTimes | None = None
+    ) -> Iterator[ImageResult]:
+        """Each image file as a request of its own, in order: how ``predict``, ``eval``, ``index`` and the server's
+        warm-up run the model. A path is read in the decode stage and its text is the result's ``img_id`` (None for
+        bytes); a client error about a path names it (``PATH: message``). ``files`` is consumed as the results are:
+        the next file is taken only once the last result has been, so a caller may decide about the next file from
+        what the last one did (``index build`` skips images already indexed), and a progress bar wrapped around
+        ``files`` moves as the work does. ``times`` sums the stage times of every file (a new one by default)."""
+        times = times if times is not None else StageTimes()
+        for file in files:
+            img_id = None if isinstance(file, bytes) else str(file)
+            try:
+                (result,) = self.process([ImageRequest(img_id, file, options)], times)
+            except ServingError as exc:
+                if img_id is None:
+                    raise
+                raise type(exc)(f"{img_id}: {exc.message}") from None
+            yield result
 
     def process(
         self,
-        items: Sequence[wire.ImageRequest],
+        items: Sequence[ImageRequest],
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
-        limit_response: bool = False,
+        budget: ResponseBudget | None = None,
     ) -> list[ImageResult]:
-        """Every stage but the JSON body: each item's detections and annotations. ``limit_response``: refuse (413)
-        annotations that would not fit the response limit as soon as that is known (:meth:`handle`)."""
+        """Every stage but the answer's body: each item's detections and annotations. ``budget``: refuse (413)
+        annotations that would not fit the caller's response limit as soon as that is known (:meth:`handle`)."""
+        if self.index is None and any(item.options.neighbours for item in items):
+            raise SearchUnavailable("neighbours needs an instance index, and this server has none (start it with "
+                                    "`serve --index DB`).")
         images = self.decode(items, times, deadline)
         detections = self.run_model(images, [item.options for item in items], times, deadline)
         with times.measure(Stage.POSTPROCESS):
             detections = [self.select(dets, item.options) for dets, item in zip(detections, items, strict=True)]
-        annotations = self.annotate(items, detections, times, deadline, limit_response)
+        annotations = self.annotate(items, detections, times, deadline, budget)
         self.add_search_fields(items, detections, annotations, times, deadline)
         return [
             ImageResult(item.img_id, image, dets, records)
@@ -183,7 +211,7 @@ class Pipeline:
         ]
 
     # ------------------------------------------------------------------------------------------ stages
-    def predict_options(self, options: wire.RequestOptions) -> PredictOptions:
+    def predict_options(self, options: RequestOptions) -> PredictOptions:
         """What the graph is asked for. With a class filter it returns at least ``TEST.RESULTS_PER_IM``
         detections, so that the filter sees the full list; ``max_detections`` is applied after the filter."""
         graph_max = options.max_detections
@@ -192,21 +220,21 @@ class Pipeline:
         return PredictOptions(options.score_threshold, graph_max, options.embeddings or bool(options.neighbours))
 
     def decode(
-        self, items: Sequence[wire.ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
+        self, items: Sequence[ImageRequest], times: StageTimes, deadline: Deadline = NO_DEADLINE
     ) -> list[np.ndarray]:
         """The items' images as (H, W, 3) BGR uint8, through the decoding gate, within the request's limits."""
         with times.measure(Stage.DECODE):
-            files = [wire.image_bytes(item) for item in items]
+            files = [item.file_bytes() for item in items]
             return imaging.decode_images(files, self.limits.max_image_pixels, deadline, self.limits.tiff)
 
-    def select(self, detections: Detections, options: wire.RequestOptions) -> Detections:
+    def select(self, detections: Detections, options: RequestOptions) -> Detections:
         """The class filter, then ``max_detections`` (the graph already applied the score threshold)."""
-        return wire.filter_detections(detections, options, self.inference.results_per_image)
+        return postprocess.filter_detections(detections, options, self.inference.results_per_image)
 
     def run_model(
         self,
         images: Sequence[np.ndarray],
-        options: Sequence[wire.RequestOptions],
+        options: Sequence[RequestOptions],
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
     ) -> list[Detections]:
@@ -241,24 +269,23 @@ class Pipeline:
 
     def annotate(
         self,
-        items: Sequence[wire.ImageRequest],
+        items: Sequence[ImageRequest],
         detections: Sequence[Detections],
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
-        limit_response: bool = False,
+        budget: ResponseBudget | None = None,
     ) -> list[list[dict]]:
         """postprocess (mask pasting at box size) and encode: each image's annotation records in its format.
 
         One detection at a time, so that memory holds one pasted mask, not all of them (1000 detections of a large
         photo are gigabytes of masks). The response's size is counted as the records are made: its lower bound
         (every record with the smallest mask its format can have) is checked before any mask is pasted, and the
-        running total after each record (with ``limit_response``), so a 413 comes before the work it would throw
+        running total after each record (with a ``budget``), so a 413 comes before the work it would throw
         away. Small boxes first: a mask's encoding grows with its box's side and its pasting with its area, so an
         answer over the limit is found with the least pasting; the records keep the detections' order. The deadline
         is checked per detection."""
-        size = wire.ResponseSize(self.limits) if limit_response else None
         with times.measure(Stage.ENCODE):
-            floors = [size.add_floor(dets, item.options) if size else [0] * len(dets)
+            floors = [budget.add_floor(dets, item.options) if budget else [0] * len(dets)
                       for item, dets in zip(items, detections, strict=True)]
         annotations = []
         for item, dets, floor in zip(items, detections, floors, strict=True):
@@ -268,17 +295,17 @@ class Pipeline:
                 deadline.check("it was still encoding its answer")
                 one = dets.select([index])
                 with times.measure(Stage.POSTPROCESS):
-                    patches = wire.paste_patches(one, item.options)
+                    patches = postprocess.paste_patches(one, item.options)
                 with times.measure(Stage.ENCODE):
-                    (records[index],) = wire.encode_annotations(one, item.options, patches)
-                    if size is not None:
-                        size.add_record(records[index], floor[index])
+                    (records[index],) = postprocess.encode_annotations(one, item.options, patches)
+                    if budget is not None:
+                        budget.add_record(records[index], floor[index])
             annotations.append(records)
         return annotations
 
     def add_search_fields(
         self,
-        items: Sequence[wire.ImageRequest],
+        items: Sequence[ImageRequest],
         detections: Sequence[Detections],
         annotations: Sequence[list[dict]],
         times: StageTimes,
@@ -294,4 +321,4 @@ class Pipeline:
                     deadline.check("it was still searching the index")
                     categories = dets.labels if options.same_class else None
                     neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
-                wire.add_search_fields(records, dets, options, neighbours)
+                postprocess.add_search_fields(records, dets, options, neighbours)

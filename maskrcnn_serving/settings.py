@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from maskrcnn_serving.booleans import parse_bool
 from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 
 MiB = 1 << 20
@@ -24,18 +25,6 @@ PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
 WINOGRAD_MODES = ("auto", "on", "off")
 FRONTS = ("auto", "nginx", "none")  # MODEL_SERVER_FRONT: see maskrcnn_serving/server/front.py
 DEADLINE_FRACTION = 0.9  # of MODEL_SERVER_TIMEOUT, so that the JSON 504 always beats the invocation timeout
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
 
 
 def parse_winograd(text: str) -> str:

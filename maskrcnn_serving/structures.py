@@ -1,13 +1,14 @@
-"""Typed per-image results that every backend returns."""
+"""The typed per-image result that every backend returns: plain arrays in the original image's frame.
+
+Turning it into masks and records is post-processing (:mod:`maskrcnn_serving.postprocess`); nothing here pastes,
+encodes or imports a layer above it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-
-from maskrcnn_serving.modeling.paste import paste_mask_patch, paste_masks
 
 
 @dataclass
@@ -23,7 +24,8 @@ class Detections:
         image_hw: (H, W) of the original image.
         mask_probs: (N, M, M) float32 sigmoid mask probabilities in the frame of each box (M = 28), or None for a
             model without a mask head.
-        accurate_paste: which paste method ``masks()`` uses (``MRCNN.ACCURATE_PASTE``; see modeling/paste.py).
+        accurate_paste: which paste method post-processing uses for these masks (``MRCNN.ACCURATE_PASTE``; see
+            modeling/paste.py).
         embeddings: (N, E) float32 L2-normalised search vectors of the instances, when they were asked for
             (see modeling/embeddings.py); ``image_embedding`` (F,) the image's.
     """
@@ -37,7 +39,6 @@ class Detections:
     accurate_paste: bool = True
     embeddings: np.ndarray | None = None
     image_embedding: np.ndarray | None = None
-    _mask_cache: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -51,27 +52,11 @@ class Detections:
         """Class name of each detection."""
         return [self.class_names[int(k)] for k in self.labels]
 
-    def masks(self, threshold: float = 0.5) -> np.ndarray:
-        """(N, H, W) uint8 {0, 1} full-image masks (cached per threshold). Prefer :meth:`mask_patches` for large
-        images: N full-size masks of a 4000x3000 photo take N x 12 MB."""
-        if self.mask_probs is None:
-            raise ValueError("This model has no mask head (MODE_MASK=False).")
-        if threshold not in self._mask_cache:
-            self._mask_cache[threshold] = paste_masks(
-                self.boxes, self.mask_probs, self.image_hw, threshold, self.accurate_paste
-            )
-        return self._mask_cache[threshold]
-
-    def mask_patches(self, threshold: float = 0.5) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(y0, x0, patch)`` per detection: the mask is ``patch`` at rows y0.., cols x0.., 0 elsewhere."""
-        if self.mask_probs is None:
-            raise ValueError("This model has no mask head (MODE_MASK=False).")
-        for box, prob in zip(self.boxes, self.mask_probs, strict=True):
-            yield paste_mask_patch(box, prob, self.image_hw, threshold, self.accurate_paste)
-
     def select(self, keep: np.ndarray | Sequence[int]) -> Detections:
         """A new Detections with the rows ``keep`` (indices or a boolean mask), order preserved."""
         keep = np.asarray(keep)
+        if keep.size == 0:  # numpy reads an empty list as float64, which cannot index
+            keep = keep.astype(np.intp)
         return Detections(
             boxes=self.boxes[keep],
             scores=self.scores[keep],

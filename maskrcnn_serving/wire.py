@@ -1,8 +1,9 @@
-"""The HTTP wire format of ``POST /invocations``: request parsing, option validation, responses.
+"""The HTTP codec of ``POST /invocations``: a body into the pipeline's requests, its results into a body.
 
-Pure functions of bytes and :class:`Detections`, no Flask; :class:`maskrcnn_serving.pipeline.Pipeline` calls them
-(image bytes are decoded by :mod:`maskrcnn_serving.imaging`). Every client mistake raises a
-:mod:`maskrcnn_serving.errors` class, which fixes the HTTP status.
+Pure functions of bytes, no Flask, no model: the server (:mod:`maskrcnn_serving.server.app`) parses a body here,
+hands the :class:`ParsedRequest` to :meth:`maskrcnn_serving.pipeline.Pipeline.handle`, which runs it (the types are
+:mod:`maskrcnn_serving.request`'s) and asks the request to write its answer (:meth:`ParsedRequest.encode`). Every
+client mistake raises a :mod:`maskrcnn_serving.errors` class, which fixes the HTTP status.
 
 Requests (see docs/openapi.yaml and the README):
 
@@ -13,12 +14,16 @@ Requests (see docs/openapi.yaml and the README):
 Options (``score_threshold``, ``mask_threshold``, ``max_detections``, ``classes``, ``format``) come from, in
 increasing precedence: the server defaults, the ``X-Amzn-SageMaker-Custom-Attributes`` header (query-string
 syntax, as ``InvokeEndpoint(CustomAttributes=...)`` sends it), the URL query, and the JSON fields of an image.
+
+Answers: the JSON body and the response size limit; :class:`ResponseSize` counts the body's size while the
+pipeline makes the records, so that an answer over the limit is refused before the work that would make it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import re
@@ -30,7 +35,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import orjson
 
-from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle, polygons_of_patch
+from maskrcnn_serving.booleans import parse_bool
 from maskrcnn_serving.errors import (
     BadRequest,
     InvalidBase64,
@@ -43,11 +48,11 @@ from maskrcnn_serving.errors import (
     TooManyImages,
     UnsupportedMediaType,
 )
+from maskrcnn_serving.postprocess import encode_annotations
+from maskrcnn_serving.request import FORMATS, MASK_FORMATS, ImageRequest, ImageResult, RequestOptions
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
 
-FORMATS = ("legacy", "coco", "polygon", "boxes")
-MASK_FORMATS = ("legacy", "coco", "polygon")
 OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "classes", "format", "embeddings",
                 "neighbours", "same_class")
 MAX_DETECTIONS_LIMIT = 1000
@@ -59,44 +64,40 @@ RAW_IMAGE_TYPES = frozenset(
     }
 )
 
-@dataclass(frozen=True)
-class RequestOptions:
-    """Validated per-image options.
-
-    score_threshold: keep detections with score strictly above it (applied in the graph, before per-class NMS).
-    mask_threshold: a mask pixel is set where the pasted probability is >= it.
-    max_detections: at most this many detections (None: the model's ``TEST.RESULTS_PER_IM``).
-    classes: keep only these contiguous class ids (None: all).
-    format: one of :data:`FORMATS`.
-    embeddings: add each instance's search vector (``embedding``) and the image's (``image_embedding``).
-    neighbours: add each instance's this many nearest indexed instances (needs the server's index).
-    same_class: search the neighbours among instances of the instance's own class only.
-    """
-
-    score_threshold: float
-    mask_threshold: float = 0.5
-    max_detections: int | None = None
-    classes: frozenset[int] | None = None
-    format: str = "legacy"
-    embeddings: bool = False
-    neighbours: int | None = None
-    same_class: bool = False
-
 
 @dataclass(frozen=True)
-class ImageRequest:
-    """One image of a request: ``img_id`` is echoed as ``str(img_id)`` (None for a raw body without one);
-    ``payload`` is base64 text (JSON requests) or the image file bytes (raw bodies)."""
+class Base64Image:
+    """The base64 text of a JSON request's ``img_data``, decoded when the pipeline reads the file (its decode
+    stage, so that the decoding is timed there and a bad text is refused there): a
+    :class:`maskrcnn_serving.request.FileSource`."""
 
-    img_id: str | None
-    payload: str | bytes
-    options: RequestOptions
+    text: str
+
+    def read_bytes(self) -> bytes:
+        return decode_base64(self.text)
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
+    """The images of one ``/invocations`` body, and how its answer is written: a JSON array when the body was one
+    (``is_list``), else one object. The pipeline runs it through :meth:`Pipeline.handle
+    <maskrcnn_serving.pipeline.Pipeline.handle>`, which calls :meth:`response_budget` and :meth:`encode`."""
+
     images: list[ImageRequest]
     is_list: bool
+
+    def response_budget(self, limits: Limits) -> ResponseSize:
+        """The running size of this request's answer, held to ``limits.max_response_bytes``."""
+        return ResponseSize(limits)
+
+    def encode(self, results: Sequence[ImageResult], limits: Limits) -> bytes:
+        """The JSON body of the answer (413 over ``limits.max_response_bytes``); ``results`` in request order."""
+        responses = [
+            image_response(result.img_id, result.annotations,
+                           result.detections.image_embedding if item.options.embeddings else None)
+            for result, item in zip(results, self.images, strict=True)
+        ]
+        return encode_response(responses, self.is_list, limits)
 
 
 def mimetype_of(content_type: str | None) -> str:
@@ -198,10 +199,12 @@ def parse_options(
 
 
 def _flag(name: str, value: Any, from_text: bool) -> bool:
+    """A JSON boolean, or (text options only) one of the words of :mod:`maskrcnn_serving.booleans`."""
     if isinstance(value, bool):
         return value
-    if from_text and isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
+    if from_text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return parse_bool(value)
     raise BadRequest(f"{name} must be true or false, got {value!r}.")
 
 
@@ -279,7 +282,7 @@ def _parse_json(
             options = parse_options(item, base, class_names, False, has_masks)
         except BadRequest as exc:
             raise type(exc)(where + exc.message) from None
-        images.append(ImageRequest(_img_id(item["img_id"], where), item["img_data"], options))
+        images.append(ImageRequest(_img_id(item["img_id"], where), Base64Image(item["img_data"]), options))
     return ParsedRequest(images, is_list)
 
 
@@ -312,82 +315,7 @@ def decode_base64(text: str) -> bytes:
         raise InvalidBase64(f"img_data is not valid base64: {exc}.") from None
 
 
-def image_bytes(item: ImageRequest) -> bytes:
-    """The image file bytes of one request item (base64-decoded for JSON requests)."""
-    return decode_base64(item.payload) if isinstance(item.payload, str) else item.payload
-
-
 # ----------------------------------------------------------------------------------------------- responses
-
-
-def filter_detections(dets: Detections, options: RequestOptions, default_max: int) -> Detections:
-    """Apply the class filter, then ``max_detections`` (the backend already applied the score threshold)."""
-    keep = np.arange(len(dets))
-    if options.classes is not None:
-        keep = keep[np.isin(dets.labels, sorted(options.classes))]
-    limit = options.max_detections or default_max
-    keep = keep[:limit]
-    return dets if len(keep) == len(dets) else dets.select(keep)
-
-
-def paste_patches(dets: Detections, options: RequestOptions) -> list[tuple[int, int, np.ndarray]] | None:
-    """Mask patches ``(y0, x0, patch)`` of every detection for mask formats (pasted at box size, never full
-    image size), None for ``boxes``."""
-    if options.format not in MASK_FORMATS or not dets.has_masks:
-        return None
-    return list(dets.mask_patches(options.mask_threshold))
-
-
-def encode_annotations(
-    dets: Detections, options: RequestOptions, patches: list[tuple[int, int, np.ndarray]] | None
-) -> list[dict]:
-    """The ``annotations`` list of one image in ``options.format``, in descending score order.
-
-    legacy: seed-compatible (docs/seed-containers.md#response): ``bbox`` [int(x1), int(y1), int(x2-x1), int(y2-y1)]
-        (truncated), row-major uncompressed ``segmentation``, contiguous ``category_id``, ``category_name``, plus
-        ``score``.
-    coco: float xywh ``bbox``, ``segmentation`` compressed column-major COCO RLE with ``counts`` a str.
-    polygon: float xywh ``bbox``, ``segmentation`` a list of COCO polygons (outer contours, no holes).
-    boxes: float xywh ``bbox`` only.
-    """
-    fmt = options.format
-    height, width = dets.image_hw
-    annotations = []
-    for index in range(len(dets)):
-        x1, y1, x2, y2 = (float(v) for v in dets.boxes[index])
-        label = int(dets.labels[index])
-        if fmt == "legacy":
-            bbox: list = [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]
-        else:
-            bbox = [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)]
-        record: dict[str, Any] = {
-            "bbox": bbox,
-            "category_id": label,
-            "category_name": dets.class_names[label],
-            "score": round(float(dets.scores[index]), 5),
-        }
-        if patches is not None:
-            y0, x0, patch = patches[index]
-            if fmt == "legacy":
-                record["segmentation"] = legacy_rle(y0, x0, patch, (height, width))
-            elif fmt == "coco":
-                record["segmentation"] = coco_rle_of_patch(y0, x0, patch, (height, width))
-            else:
-                record["segmentation"] = polygons_of_patch(y0, x0, patch)
-        annotations.append(record)
-    return annotations
-
-
-def add_search_fields(
-    annotations: list[dict], dets: Detections, options: RequestOptions, neighbours: Sequence[Sequence] | None
-) -> None:
-    """Add ``embedding`` (float32 values, L2-normalised) and ``neighbours`` (each a ``search.index.Neighbour``) to
-    each annotation, where the options ask for them."""
-    for index, record in enumerate(annotations):
-        if options.embeddings:
-            record["embedding"] = dets.embeddings[index]
-        if neighbours is not None:
-            record["neighbours"] = [neighbour.to_json() for neighbour in neighbours[index]]
 
 
 def image_response(img_id: str | None, annotations: list[dict], image_embedding: np.ndarray | None = None) -> dict:
@@ -427,7 +355,11 @@ class ResponseSize:
     refused (413) before the work that would make it: :meth:`add_floor` counts every record of an image with the
     smallest segmentation its format can have (before any mask is pasted), :meth:`add_record` replaces a record's
     floor by its real size as it is made. Never over the final size (separators and ``img_id`` are not counted),
-    so it only refuses answers :func:`encode_response` would refuse too."""
+    so it only refuses answers :func:`encode_response` would refuse too.
+
+    It counts JSON bytes, so it lives in the codec; the pipeline only knows its interface
+    (:class:`maskrcnn_serving.pipeline.ResponseBudget`) and gets it from the request it runs
+    (:meth:`ParsedRequest.response_budget`), so it never imports this module."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits

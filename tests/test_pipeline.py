@@ -1,5 +1,6 @@
 """The one inference pipeline on the session's demo backends: stages timed by the caller, options, class filter,
-deadlines, batching of a multi-image request, and the same answers as the backend called directly."""
+deadlines, batching of a multi-image request, the same answers as the backend called directly, and image files run
+one by one (``run_files``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from maskrcnn_serving import wire
+from maskrcnn_serving import postprocess, wire
 from maskrcnn_serving.backends.base import PredictOptions
 from maskrcnn_serving.deadline import Deadline
-from maskrcnn_serving.errors import DeadlineExceeded, NotAnImage
+from maskrcnn_serving.errors import DeadlineExceeded, NotAnImage, SearchUnavailable
 from maskrcnn_serving.pipeline import STAGES, Pipeline, StageTimes
+from maskrcnn_serving.request import ImageRequest, RequestOptions
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def pipeline(tensorpack_backend):
 
 def request(pipeline, files, **options):
     defaults = pipeline.default_options()
-    items = [wire.ImageRequest(str(i), data, wire.parse_options(options, defaults, pipeline.backend.class_names, False))
+    items = [ImageRequest(str(i), data, wire.parse_options(options, defaults, pipeline.backend.class_names, False))
              for i, data in enumerate(files)]
     return wire.ParsedRequest(items, is_list=len(items) > 1)
 
@@ -58,10 +60,10 @@ def test_answers_equal_the_backend_called_directly(pipeline, tensorpack_backend,
 
 def test_class_filter_asks_the_graph_for_the_full_list(pipeline, example_images):
     limit = pipeline.inference.results_per_image
-    assert pipeline.predict_options(wire.RequestOptions(0.3, max_detections=5)) == PredictOptions(0.3, 5)
-    filtered = wire.RequestOptions(0.3, max_detections=5, classes=frozenset({1}))
+    assert pipeline.predict_options(RequestOptions(0.3, max_detections=5)) == PredictOptions(0.3, 5)
+    filtered = RequestOptions(0.3, max_detections=5, classes=frozenset({1}))
     assert pipeline.predict_options(filtered) == PredictOptions(0.3, limit)
-    many = wire.RequestOptions(0.3, max_detections=limit + 50, classes=frozenset({1}))
+    many = RequestOptions(0.3, max_detections=limit + 50, classes=frozenset({1}))
     assert pipeline.predict_options(many) == PredictOptions(0.3, limit + 50)
     data = example_images[0].read_bytes()
     everything = pipeline.handle(request(pipeline, [data], score_threshold=0.0, format="boxes")).images[0]
@@ -121,12 +123,13 @@ def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(pipelin
     result = pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())[0]
     options = wire.parse_options({"format": fmt, "score_threshold": 0.0}, pipeline.default_options(),
                                  pipeline.backend.class_names, False)
-    at_once = wire.encode_annotations(result.detections, options, wire.paste_patches(result.detections, options))
+    at_once = postprocess.encode_annotations(result.detections, options,
+                                             postprocess.paste_patches(result.detections, options))
     assert len(result.detections) > 20
     assert json.dumps(result.annotations) == json.dumps(at_once)
     sizes = []
-    real = wire.paste_patches
-    monkeypatch.setattr(wire, "paste_patches", lambda dets, opts: sizes.append(len(dets)) or real(dets, opts))
+    real = postprocess.paste_patches
+    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: sizes.append(len(dets)) or real(dets, opts))
     pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())
     assert sizes == [1] * len(result.detections)
 
@@ -140,8 +143,8 @@ def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_paste
 
     data = example_images[1].read_bytes()
     pasted = []
-    real = wire.paste_patches
-    monkeypatch.setattr(wire, "paste_patches", lambda dets, opts: pasted.append(1) or real(dets, opts))
+    real = postprocess.paste_patches
+    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: pasted.append(1) or real(dets, opts))
     probe = Pipeline(tensorpack_backend)
     try:
         full = probe.handle(request(probe, [data], score_threshold=0.0, max_detections=200))
@@ -165,14 +168,71 @@ def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_paste
 def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch):
     data = example_images[1].read_bytes()
     parsed = request(pipeline, [data], score_threshold=0.0, max_detections=100)
-    real = wire.paste_patches
+    real = postprocess.paste_patches
 
     def slow(dets, options):
         time.sleep(0.05)
         return real(dets, options)
 
-    monkeypatch.setattr(wire, "paste_patches", slow)
+    monkeypatch.setattr(postprocess, "paste_patches", slow)
     start = time.perf_counter()
     with pytest.raises(DeadlineExceeded, match="encoding"):
         pipeline.handle(parsed, Deadline.after(0.5))
     assert time.perf_counter() - start < 1.0
+
+
+def test_run_files_runs_each_file_as_its_own_request_in_order(pipeline, example_images):
+    """Paths (read when reached; the path's text is the id) and bytes (no id) give the answers of one-image requests;
+    the files are taken one at a time, as the results are; the stage times add up over the files."""
+    options = RequestOptions(0.0, max_detections=4, format="coco")
+    data = example_images[1].read_bytes()
+    taken = []
+
+    def files():
+        for file in (example_images[0], data):
+            taken.append(file)
+            yield file
+
+    times = StageTimes()
+    results = pipeline.run_files(files(), options, times)
+    first = next(results)
+    assert taken == [example_images[0]] and first.img_id == str(example_images[0])
+    second = next(results)
+    assert taken == [example_images[0], data] and second.img_id is None
+    assert next(results, None) is None
+    for result, source in ((first, example_images[0].read_bytes()), (second, data)):
+        alone = pipeline.process([ImageRequest("x", source, options)], StageTimes())[0]
+        assert json.dumps(result.annotations) == json.dumps(alone.annotations) and len(result.annotations) == 4
+        assert np.array_equal(result.image, alone.image)
+    assert times.seconds["model"] > 0 and set(times.seconds) == set(STAGES)
+
+
+def test_run_files_names_the_file_it_refuses(pipeline, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(NotAnImage, match=f"^{bad}: "):
+        list(pipeline.run_files([bad], pipeline.default_options()))
+    with pytest.raises(NotAnImage) as info:
+        list(pipeline.run_files([b"not an image"], pipeline.default_options()))
+    assert not info.value.message.startswith("None")
+
+
+def test_neighbours_need_the_pipelines_index(pipeline):
+    """Checked before any work: no image is decoded for a request the pipeline cannot answer."""
+    parsed = request(pipeline, [b"not an image"], neighbours=3)
+    with pytest.raises(SearchUnavailable, match="serve --index"):
+        pipeline.handle(parsed)
+
+
+def test_the_pipeline_knows_no_protocol():
+    """The HTTP codec (wire.py) is above the pipeline: the pipeline never imports it, even to type its requests."""
+    import ast
+    from pathlib import Path
+
+    import maskrcnn_serving.pipeline as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    names = {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert "maskrcnn_serving.wire" not in imported and "maskrcnn_serving.wire" not in names

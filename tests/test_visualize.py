@@ -13,6 +13,7 @@ from assertions import LEGACY_RLE_EXAMPLES
 from maskrcnn_serving import encoding, visualize
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle
+from maskrcnn_serving.postprocess import full_masks
 
 
 def random_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -193,11 +194,11 @@ def test_draw_detections_of_the_demo_model(tensorpack_backend, example_images):
     drawn = visualize.draw_detections(image, detections)
     assert drawn.shape == image.shape
     changed = (drawn != image).any(axis=2)
-    masks = detections.masks().astype(bool)
+    masks = full_masks(detections).astype(bool)
     assert changed[masks.any(axis=0)].mean() > 0.9
     # Drawing from patches and from the full masks gives the same picture.
     full = visualize.draw_instances(
-        image, detections.boxes, detections.labels, detections.names, detections.scores, list(detections.masks())
+        image, detections.boxes, detections.labels, detections.names, detections.scores, list(full_masks(detections))
     )
     np.testing.assert_array_equal(drawn, full)
 

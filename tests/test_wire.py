@@ -1,4 +1,5 @@
-"""Request parsing, option validation and response encoding (no model, no HTTP)."""
+"""The HTTP codec: request parsing, option validation, the answer's JSON body and its size (no model, no HTTP
+server)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import json
 
 import numpy as np
 import pytest
+from assertions import SHAPE_NAMES as NAMES
+from assertions import shape_detections
 
 from maskrcnn_serving import wire
 from maskrcnn_serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from maskrcnn_serving.postprocess import encode_annotations, paste_patches
+from maskrcnn_serving.request import ImageResult, RequestOptions
 from maskrcnn_serving.settings import Limits
-from maskrcnn_serving.structures import Detections
 
-NAMES = ("BG", "circle", "rectangle", "triangle", "ring")
-DEFAULTS = wire.RequestOptions(score_threshold=0.5)
+DEFAULTS = RequestOptions(score_threshold=0.5)
 LIMITS = Limits()
 
 
@@ -32,7 +35,7 @@ def test_seed_request_schema():
     assert not parsed.is_list
     (item,) = parsed.images
     assert item.img_id == "17"  # echoed as str(img_id), as the seed does
-    assert wire.image_bytes(item) == b"hello"
+    assert item.file_bytes() == b"hello"  # the base64 is decoded when the pipeline reads the file
     assert item.options == DEFAULTS
 
 
@@ -46,7 +49,7 @@ def test_list_form_with_per_image_options():
 def test_raw_image_body_with_query_options():
     parsed = parse(b"\xff\xd8rest", "image/jpeg", {"img_id": "x", "format": "boxes", "max_detections": "3"})
     (item,) = parsed.images
-    assert (item.img_id, item.payload, item.options.format, item.options.max_detections) == (
+    assert (item.img_id, item.file, item.options.format, item.options.max_detections) == (
         "x", b"\xff\xd8rest", "boxes", 3
     )
     assert parse(b"bytes", "application/x-image").images[0].img_id is None
@@ -188,60 +191,6 @@ def test_base64_is_as_lenient_as_the_seed():
 # ------------------------------------------------------------------------------------------------ responses
 
 
-def make_detections(with_masks: bool = True) -> Detections:
-    probs = np.zeros((3, 28, 28), dtype=np.float32)
-    probs[:, 4:24, 4:24] = 0.9
-    return Detections(
-        boxes=np.array([[10.7, 5.2, 30.1, 20.9], [0.0, 0.0, 12.5, 9.99], [40.0, 30.0, 63.9, 47.5]], np.float32),
-        scores=np.array([0.97, 0.81234567, 0.6], np.float32),
-        labels=np.array([4, 1, 4]),
-        class_names=NAMES,
-        image_hw=(48, 64),
-        mask_probs=probs if with_masks else None,
-    )
-
-
-def test_legacy_annotations_match_the_seed_layout():
-    dets = make_detections()
-    options = wire.RequestOptions(score_threshold=0.5)
-    annotations = wire.encode_annotations(dets, options, wire.paste_patches(dets, options))
-    first = annotations[0]
-    assert list(first) == ["bbox", "category_id", "category_name", "score", "segmentation"]
-    x1, y1, x2, y2 = (float(v) for v in dets.boxes[0])
-    assert first["bbox"] == [int(x1), int(y1), int(x2 - x1), int(y2 - y1)]  # docs/seed-containers.md#bbox
-    assert first["bbox"] == [10, 5, 19, 15]
-    assert (first["category_id"], first["category_name"]) == (4, "ring")
-    assert annotations[1]["score"] == 0.81235
-    full = dets.masks(0.5)
-    for annotation, mask in zip(annotations, full, strict=True):
-        counts = annotation["segmentation"]["counts"]
-        assert annotation["segmentation"]["size"] == [48, 64]
-        decoded = np.repeat(np.arange(len(counts)) % 2, counts).reshape(48, 64)
-        assert np.array_equal(decoded, mask)
-
-
-def test_coco_polygon_and_boxes_annotations():
-    dets = make_detections()
-    for fmt in ("coco", "polygon", "boxes"):
-        options = wire.RequestOptions(score_threshold=0.5, format=fmt)
-        annotations = wire.encode_annotations(dets, options, wire.paste_patches(dets, options))
-        assert annotations[0]["bbox"] == [10.7, 5.2, 19.4, 15.7]
-        if fmt == "coco":
-            assert isinstance(annotations[0]["segmentation"]["counts"], str)
-        elif fmt == "polygon":
-            assert all(len(p) >= 6 for p in annotations[0]["segmentation"])
-        else:
-            assert "segmentation" not in annotations[0]
-
-
-def test_filter_classes_then_max_detections():
-    dets = make_detections()
-    options = wire.RequestOptions(score_threshold=0.5, classes=frozenset({4}), max_detections=1)
-    kept = wire.filter_detections(dets, options, default_max=100)
-    assert kept.labels.tolist() == [4] and kept.scores.tolist() == pytest.approx([0.97])
-    assert len(wire.filter_detections(dets, wire.RequestOptions(score_threshold=0.5), 2)) == 2
-
-
 def test_response_size_limit_suggests_smaller_formats():
     responses = [wire.image_response("1", [{"bbox": [0, 0, 1, 1], "segmentation": {"counts": list(range(500))}}])]
     with pytest.raises(PayloadTooLarge) as info:
@@ -250,6 +199,50 @@ def test_response_size_limit_suggests_smaller_formats():
     assert "format=coco" in info.value.message and "max_detections" in info.value.message
     body = wire.encode_response(responses, True, Limits(max_response_bytes=10_000))
     assert json.loads(body)[0]["img_id"] == "1"
+
+
+def test_the_parsed_request_writes_its_answer_in_its_own_shape():
+    """An object for an object, an array for an array; ``image_embedding`` only where the image asked for
+    embeddings; no ``img_id`` for a raw body that had none."""
+    dets = shape_detections()
+    dets.image_embedding = np.array([0.5, 0.25], np.float32)
+    items = parse([{"img_id": "a", "img_data": ""}, {"img_id": 7, "img_data": "", "embeddings": True}]).images
+    results = [ImageResult(item.img_id, np.zeros((48, 64, 3), np.uint8), dets, [{"bbox": [1, 2, 3, 4]}])
+               for item in items]
+    answer = json.loads(wire.ParsedRequest(items, is_list=True).encode(results, LIMITS))
+    assert answer == [{"img_id": "a", "annotations": [{"bbox": [1, 2, 3, 4]}]},
+                      {"img_id": "7", "annotations": [{"bbox": [1, 2, 3, 4]}], "image_embedding": [0.5, 0.25]}]
+    raw = parse(b"\xff\xd8", "image/jpeg")
+    (result,) = [ImageResult(item.img_id, results[0].image, dets, [{"bbox": [1, 2, 3, 4]}]) for item in raw.images]
+    assert json.loads(raw.encode([result], LIMITS)) == {"annotations": [{"bbox": [1, 2, 3, 4]}]}
+    with pytest.raises(PayloadTooLarge):
+        raw.encode([result], Limits(max_response_bytes=20))
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "coco", "polygon", "boxes"])
+def test_the_response_size_floor_is_never_over_the_real_size(fmt):
+    """The floor counts each record with the smallest segmentation of its format, before any mask is pasted; the
+    real records then replace their floors. Never over the body's size, so it refuses only what the body's own
+    check would, and earlier."""
+    dets = shape_detections()
+    options = RequestOptions(score_threshold=0.5, format=fmt)
+    records = encode_annotations(dets, options, paste_patches(dets, options))
+    body = len(wire.encode_response([wire.image_response(None, records)], False, LIMITS))
+    size = wire.ParsedRequest([], is_list=False).response_budget(LIMITS)
+    floors = size.add_floor(dets, options)
+    assert len(floors) == 3 and 0 < size.total == sum(floors) <= body
+    for record, floor in zip(records, floors, strict=True):
+        assert len(json.dumps(record, separators=(",", ":"))) >= floor
+        size.add_record(record, floor)
+    assert size.total <= body < size.total + 40  # the separators and "annotations" are not counted
+    tight = wire.ResponseSize(Limits(max_response_bytes=sum(floors) - 1))
+    with pytest.raises(PayloadTooLarge, match="at least"):
+        tight.add_floor(dets, options)
+    if fmt != "boxes":  # a real mask is larger than the smallest one
+        running = wire.ResponseSize(Limits(max_response_bytes=sum(floors)))
+        floors = running.add_floor(dets, options)
+        with pytest.raises(PayloadTooLarge, match="more than"):
+            running.add_record(records[0], floors[0])
 
 
 def test_search_options_from_json_query_and_custom_attributes():
@@ -271,3 +264,15 @@ def test_search_options_from_json_query_and_custom_attributes():
 def test_bad_search_options_are_400(bad):
     with pytest.raises(BadRequest):
         parse({"img_id": 1, "img_data": "aGk=", **bad})
+
+
+@pytest.mark.parametrize(("word", "value"), [("on", True), ("OFF", False), (" Yes ", True), ("0", False)])
+def test_flag_words_in_text_are_the_settings_words(word, value):
+    """Text flags (query, custom attributes) read the words of maskrcnn_serving.booleans, as the settings do;
+    JSON flags must be JSON booleans."""
+    assert parse(b"x", "image/png", {"embeddings": word}).images[0].options.embeddings is value
+    assert parse(b"x", "image/png", custom=f"same_class={word}").images[0].options.same_class is value
+    with pytest.raises(BadRequest, match="embeddings must be true or false"):
+        parse({"img_id": 1, "img_data": "", "embeddings": word})
+    with pytest.raises(BadRequest, match="same_class must be true or false"):
+        parse(b"x", "image/png", {"same_class": word + "x"})

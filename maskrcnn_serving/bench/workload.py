@@ -1,9 +1,10 @@
 """One benchmark configuration: the serving pipeline with fixed request options, timed request by request.
 
-Each call is one ``/invocations`` request of encoded images, minus HTTP: it goes through
-:class:`maskrcnn_serving.pipeline.Pipeline` exactly as the server does, and reports the pipeline's own stage times
-(decode, preprocess, queue, model, postprocess, encode). A fixed detection count is obtained with
-``score_threshold=0`` and ``max_detections=N``.
+Each call is one ``/invocations`` request of encoded images, minus HTTP: the pipeline's image requests made from
+the payload bytes, run by :meth:`maskrcnn_serving.pipeline.Pipeline.handle` exactly as the server runs them, with
+the answer written by the server's codec (:class:`maskrcnn_serving.wire.ParsedRequest`: the JSON body is part of
+the encode stage). It reports the pipeline's own stage times (decode, preprocess, queue, model, postprocess,
+encode). A fixed detection count is obtained with ``score_threshold=0`` and ``max_detections=N``.
 
 The ``seed`` encoder replaces the last two stages by the seed containers' response path (full-size masks and the
 ``groupby`` RLE of docs/seed-containers.md#legacy-rle) as the baseline of comparisons.
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from maskrcnn_serving import wire
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.pipeline import Pipeline, Stage, StageTimes
+from maskrcnn_serving.postprocess import full_masks
+from maskrcnn_serving.request import FORMATS, ImageRequest, RequestOptions
 from maskrcnn_serving.structures import Detections
 
-ENCODERS: tuple[str, ...] = (*wire.FORMATS, "seed")
+ENCODERS: tuple[str, ...] = (*FORMATS, "seed")
 DEFAULT_ENCODER = "legacy"  # the server's default response format
 
 
@@ -32,7 +35,7 @@ def encode_seed_response(detections: Sequence[Detections], img_ids: Sequence[str
     responses = []
     for dets, img_id in zip(detections, img_ids, strict=True):
         with times.measure(Stage.POSTPROCESS):
-            masks = dets.masks(0.5)
+            masks = full_masks(dets, 0.5)
         with times.measure(Stage.ENCODE):
             annotations = []
             for box, label, mask in zip(dets.boxes.tolist(), dets.labels.tolist(), masks, strict=True):
@@ -76,7 +79,7 @@ class Workload:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
         self.pipeline = pipeline
         self.encoder = encoder
-        self.options = wire.RequestOptions(
+        self.options = RequestOptions(
             score_threshold=pipeline.inference.score_threshold if score_threshold is None else score_threshold,
             mask_threshold=mask_threshold,
             max_detections=max_detections,
@@ -89,8 +92,7 @@ class Workload:
 
     def run(self, payloads: Sequence[bytes]) -> CallResult:
         """One request holding ``payloads`` (encoded image files; a list request when there are several)."""
-        items = [wire.ImageRequest(f"image-{i}", data, self.options) for i, data in enumerate(payloads)]
-        request = wire.ParsedRequest(items, is_list=len(items) > 1)
+        items = [ImageRequest(f"image-{i}", data, self.options) for i, data in enumerate(payloads)]
         times = StageTimes()
         start = time.perf_counter()
         if self.encoder == "seed":
@@ -99,6 +101,6 @@ class Workload:
             body = encode_seed_response(detections, [item.img_id for item in items], times)
             counts = [len(d) for d in detections]
         else:
-            response = self.pipeline.handle(request, times=times)
+            response = self.pipeline.handle(wire.ParsedRequest(items, is_list=len(items) > 1), times=times)
             body, counts = response.body, [len(r.detections) for r in response.images]
         return CallResult(time.perf_counter() - start, dict(times.seconds), body, counts)

@@ -59,11 +59,11 @@ def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _request_options(pipeline, score_threshold: float | None):
-    from maskrcnn_serving import wire
+    from maskrcnn_serving.request import RequestOptions
 
     threshold = pipeline.inference.vis_score_threshold if score_threshold is None else score_threshold
-    return wire.RequestOptions(score_threshold=threshold, format="coco" if pipeline.backend.has_masks else "boxes",
-                               embeddings=True)
+    return RequestOptions(score_threshold=threshold, format="coco" if pipeline.backend.has_masks else "boxes",
+                          embeddings=True)
 
 
 def _check_db(db: str) -> None:
@@ -91,21 +91,10 @@ def _open_index(args: argparse.Namespace, pipeline=None, create: bool = False):
         raise SystemExit(f"error: {exc}") from None
 
 
-def _process(pipeline, path: Path, options):
-    from maskrcnn_serving import wire
-    from maskrcnn_serving.errors import ServingError
-    from maskrcnn_serving.pipeline import StageTimes
-
-    try:
-        return pipeline.process([wire.ImageRequest(str(path), path.read_bytes(), options)], StageTimes())[0]
-    except ServingError as exc:
-        raise SystemExit(f"error: {path}: {exc.message}") from None
-
-
 def run_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from maskrcnn_serving.commands.predict import collect_images
+    from maskrcnn_serving.commands.predict import collect_images, exit_on_refused
 
     _check_db(args.db)
     files = collect_images(args.inputs)
@@ -115,14 +104,18 @@ def run_build(args: argparse.Namespace) -> int:
     index = _open_index(args, pipeline, create=True)
     options = _request_options(pipeline, args.score_threshold)
     added = skipped = 0
-    for path in tqdm(files, desc="index", unit="img"):
-        key = str(path.resolve())
-        if index.has_image(key):
-            skipped += 1
-            continue
-        result = _process(pipeline, path, options)
-        added += index.add_image(key, result.image, result.annotations, result.detections.embeddings,
-                                 result.detections.image_embedding)
+
+    def not_indexed():  # read lazily by run_files: each check sees the images added before it
+        nonlocal skipped
+        for path in tqdm(files, desc="index", unit="img"):
+            if index.has_image(str(path.resolve())):
+                skipped += 1
+            else:
+                yield path
+
+    for result in exit_on_refused(pipeline.run_files(not_indexed(), options)):
+        added += index.add_image(str(Path(result.img_id).resolve()), result.image, result.annotations,
+                                 result.detections.embeddings, result.detections.image_embedding)
     index.flush()
     print(f"{added} instances from {len(files) - skipped} images added to {args.collection!r} in {args.db} "
           f"({skipped} images already indexed; {index.count()} instances in all)")
@@ -132,7 +125,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     import cv2
 
-    from maskrcnn_serving.commands.predict import collect_images, visualization_paths
+    from maskrcnn_serving.commands.predict import collect_images, exit_on_refused, visualization_paths
 
     if not 1 <= args.k <= 1000:
         raise SystemExit("error: --k must be in 1..1000")
@@ -145,8 +138,8 @@ def run_search(args: argparse.Namespace) -> int:
     options = _request_options(pipeline, args.score_threshold)
     vis_paths = visualization_paths(files, args.vis_dir) if args.vis_dir is not None else None
     report = []
-    for number, path in enumerate(files):
-        result = _process(pipeline, path, options)
+    for number, result in enumerate(exit_on_refused(pipeline.run_files(files, options))):
+        path = files[number]
         dets = result.detections
         neighbours = index.search(dets.embeddings, args.k, dets.labels if args.same_class else None)
         instances = []
@@ -178,11 +171,12 @@ def _neighbours_figure(index, result, neighbours):
     import numpy as np
     from pycocotools import mask as mask_utils
 
+    from maskrcnn_serving.postprocess import full_masks
     from maskrcnn_serving.visualize import instance_crop, neighbour_strip
 
     rows = []
     images: dict[str, np.ndarray | None] = {}
-    masks = result.detections.masks() if result.detections.has_masks else None
+    masks = full_masks(result.detections) if result.detections.has_masks else None
     for number, (annotation, found) in enumerate(zip(result.annotations, neighbours, strict=True)):
         query = instance_crop(result.image, annotation["bbox"], None if masks is None else masks[number],
                               annotation["category_id"])

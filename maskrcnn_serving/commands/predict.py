@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 from tqdm import tqdm
 
 from maskrcnn_serving.commands import add_model_arguments, open_pipeline, settings_from_args
 from maskrcnn_serving.errors import ServingError
+
+if TYPE_CHECKING:  # the pipeline (and TensorFlow) load only when a command runs
+    from maskrcnn_serving.request import ImageResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -61,10 +66,17 @@ def visualization_paths(files: list[Path], vis_dir: Path) -> list[Path]:
     return [vis_dir / f.resolve().relative_to(root).with_suffix(".png") for f in files]
 
 
+def exit_on_refused(results: Iterator[ImageResult]) -> Iterator[ImageResult]:
+    """``results`` (of :meth:`Pipeline.run_files <maskrcnn_serving.pipeline.Pipeline.run_files>`), ending the
+    command with ``error: PATH: message`` at the first file the pipeline refuses (not an image, too large...)."""
+    try:
+        yield from results
+    except ServingError as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from maskrcnn_serving import wire
     from maskrcnn_serving.evaluation import results_options, to_coco_results
-    from maskrcnn_serving.pipeline import StageTimes
     from maskrcnn_serving.visualize import draw_detections
 
     files = collect_images(args.inputs)
@@ -77,14 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if vis_threshold is None:
         vis_threshold = pipeline.inference.vis_score_threshold
     results = []
-    times = StageTimes()
-    for index, path in enumerate(tqdm(files, desc="predict", unit="img")):
-        item = wire.ImageRequest(str(path), path.read_bytes(), options)
-        try:
-            result = pipeline.process([item], times)[0]
-        except ServingError as exc:
-            raise SystemExit(f"error: {path}: {exc.message}") from None
-        results.extend(to_coco_results(result.annotations, str(path)))
+    images = pipeline.run_files(tqdm(files, desc="predict", unit="img"), options)
+    for index, result in enumerate(exit_on_refused(images)):
+        results.extend(to_coco_results(result.annotations, result.img_id))
         if vis_paths is not None:
             vis_paths[index].parent.mkdir(parents=True, exist_ok=True)
             shown = result.detections.select(result.detections.scores > vis_threshold)

@@ -5,8 +5,9 @@ Routes: ``GET /ping`` (200 only once the model is loaded AND warmed up, else 503
 needs to prepare requests and draw answers), and the web page (``GET /``, ``GET /static/<name>``: :mod:`.web`).
 SageMaker forwards only ``/ping`` and ``/invocations``; the other routes are for local use and operators.
 
-The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), and the worker's
-:class:`~maskrcnn_serving.pipeline.Pipeline` (owned by :class:`~.runtime.ModelRunner`) does the rest. Errors become
+The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), the HTTP codec
+(:mod:`maskrcnn_serving.wire`) parses it, and the worker's :class:`~maskrcnn_serving.pipeline.Pipeline` (owned by
+:class:`~.runtime.ModelRunner`) runs it and has the codec write the answer. Errors become
 HTTP responses in one handler, from the classes of :mod:`maskrcnn_serving.errors`; every request is measured per
 stage and logged as one JSON line with its request id.
 """
@@ -24,6 +25,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from maskrcnn_serving import wire
 from maskrcnn_serving.deadline import Deadline
 from maskrcnn_serving.errors import InternalError, NotFound, NotReady, ServingError, error_body, error_for_status
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
@@ -201,7 +203,9 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         times = StageTimes()
         g.stages = times.seconds  # logged even when a later stage fails
         body = read_body(request.stream, request.content_length, limits.max_request_bytes, settings.client_timeout)
-        parsed = pipeline.parse(body, request.content_type, request.args, request.headers.get(CUSTOM_ATTRIBUTES_HEADER))
+        parsed = wire.parse_request(body, request.content_type, request.args, pipeline.default_options(),
+                                    pipeline.backend.class_names, pipeline.limits,
+                                    request.headers.get(CUSTOM_ATTRIBUTES_HEADER), pipeline.backend.has_masks)
         result = pipeline.handle(parsed, deadline, times)
         for name, seconds in result.stages.items():
             metrics.STAGE_SECONDS.labels(name).observe(seconds)

@@ -14,9 +14,9 @@ import time
 import cv2
 import numpy as np
 
-from maskrcnn_serving import wire
 from maskrcnn_serving.backends.base import Backend, load_backend
-from maskrcnn_serving.pipeline import Pipeline, StageTimes
+from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.request import RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.server.guards import apply_memory_headroom, configure_memory_return
 from maskrcnn_serving.settings import Settings
@@ -34,12 +34,13 @@ def warmup_image(short_edge: int) -> np.ndarray:
     return image
 
 
-def warmup_items(pipeline: Pipeline) -> list[wire.ImageRequest]:
-    """One PNG at the test size, score threshold 0 so that the mask head and the encoders run on real detections
-    too (its answer is not sent anywhere, so it is not held to the response size limit)."""
+def warm_up(pipeline: Pipeline) -> None:
+    """Run one PNG at the test size, score threshold 0 so that the mask head and the encoders run on real
+    detections too (its answer is not sent anywhere, so it is not held to the response size limit)."""
     png = cv2.imencode(".png", warmup_image(pipeline.inference.short_edge_size))[1].tobytes()
-    options = wire.RequestOptions(score_threshold=0.0, format=pipeline.default_options().format)
-    return [wire.ImageRequest(None, png, options)]
+    options = RequestOptions(score_threshold=0.0, format=pipeline.default_options().format)
+    for _ in pipeline.run_files([png], options):
+        pass
 
 
 class ModelRunner:
@@ -93,7 +94,7 @@ class ModelRunner:
                                                                    "instances": index.count()}})
             self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits, index)
             start = time.perf_counter()
-            self.pipeline.process(warmup_items(self.pipeline), StageTimes())
+            warm_up(self.pipeline)
             self.warmup_seconds = time.perf_counter() - start
             # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
             apply_memory_headroom(settings.worker_memory_headroom_mb)

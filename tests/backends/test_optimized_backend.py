@@ -18,6 +18,7 @@ from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
 from maskrcnn_serving.modeling.tf2_network import MaskRCNN
 from maskrcnn_serving.pipeline import Pipeline
+from maskrcnn_serving.postprocess import full_masks
 from maskrcnn_serving.settings import Settings
 
 ALL = PredictOptions(score_threshold=0.0, max_detections=30)
@@ -144,7 +145,7 @@ def test_tiny_and_extreme_images(optimized_backend):
     for shape in ((1, 1, 3), (8, 900, 3), (700, 5, 3)):
         dets = optimized_backend.predict([np.full(shape, 127, np.uint8)])[0]
         assert dets.image_hw == shape[:2]
-        assert dets.masks().shape == (len(dets), *shape[:2])
+        assert full_masks(dets).shape == (len(dets), *shape[:2])
     assert optimized_backend.predict([]) == []
 
 

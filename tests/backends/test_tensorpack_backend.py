@@ -8,6 +8,7 @@ from checkpoint_factory import R101_BLOCKS, fc6_row_order_model_dirs
 
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
 from maskrcnn_serving.model_dir import load_model_dir
+from maskrcnn_serving.postprocess import full_masks
 
 
 def read(path):
@@ -24,7 +25,7 @@ def test_demo_model_detects_shapes(tensorpack_backend, example_images):
         assert np.all(np.diff(dets.scores) <= 0) and np.all(dets.scores > 0.05)
         assert np.all(dets.boxes[:, :2] >= 0) and np.all(dets.boxes[:, 2] <= w) and np.all(dets.boxes[:, 3] <= h)
         assert set(dets.labels.tolist()) <= {1, 2, 3, 4}
-        masks = dets.masks()
+        masks = full_masks(dets)
         assert masks.shape == (len(dets), h, w) and masks.dtype == np.uint8
         confident = dets.scores > 0.9
         assert masks[confident].reshape(int(confident.sum()), -1).sum(axis=1).min() > 50
@@ -56,7 +57,7 @@ def test_tiny_and_extreme_images(tensorpack_backend):
     for shape in ((1, 1, 3), (8, 900, 3), (700, 5, 3)):
         dets = tensorpack_backend.predict([np.full(shape, 127, np.uint8)])[0]
         assert dets.image_hw == shape[:2]
-        assert dets.masks().shape == (len(dets), *shape[:2])
+        assert full_masks(dets).shape == (len(dets), *shape[:2])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_r101_checkpoint_builds_and_runs(r101_model_dirs, r101_tensorpack_backen
     backend = r101_tensorpack_backend  # the same files, built once per session
     assert len(backend.bundle.weights) == len(bundle.weights) == 562  # every variable of tensorpack's R101-FPN graph
     dets = backend.predict([np.zeros((64, 80, 3), np.uint8)], PredictOptions(score_threshold=0.0, max_detections=5))[0]
-    assert len(dets) == 5 and dets.masks().shape == (5, 64, 80)
+    assert len(dets) == 5 and full_masks(dets).shape == (5, 64, 80)
 
 
 def test_eval_on_demo_fixture_reaches_the_reference(tensorpack_val_report):

@@ -32,6 +32,7 @@ from maskrcnn_serving import imaging, wire
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle
 from maskrcnn_serving.errors import ServingError
+from maskrcnn_serving.request import FORMATS, RequestOptions
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.visualize import decode_coco_rle, decode_legacy_rle
 
@@ -308,7 +309,7 @@ REQUEST_ITEMS = st.fixed_dictionaries(
     },
 )
 CLASS_NAMES = ("BG", "circle", "rectangle", "triangle", "ring")
-DEFAULTS = wire.RequestOptions(score_threshold=0.5)
+DEFAULTS = RequestOptions(score_threshold=0.5)
 
 
 def _check_parse(body: bytes, content_type: str, query: dict, attributes: str | None = None) -> None:
@@ -320,13 +321,13 @@ def _check_parse(body: bytes, content_type: str, query: dict, attributes: str | 
     for item in parsed.images:
         options = item.options
         assert 0 <= options.score_threshold <= 1 and 0 < options.mask_threshold <= 1
-        assert options.format in wire.FORMATS
+        assert options.format in FORMATS
         assert options.classes is None or options.classes <= set(range(1, len(CLASS_NAMES)))
         # what is echoed must be encodable: a lone surrogate in img_id failed in the response encoder (a 500)
         wire.encode_response([wire.image_response(item.img_id, [])], False, Limits())
         assert options.max_detections is None or 1 <= options.max_detections <= wire.MAX_DETECTIONS_LIMIT
         try:  # base64 errors are 4xx too
-            wire.image_bytes(item)
+            item.file_bytes()
         except ServingError as exc:
             assert exc.status == 400
 

@@ -15,7 +15,8 @@ PACKAGE = REPO / "maskrcnn_serving"
 # The modules that handle a request's bytes between the socket and the backend.
 REQUEST_PATH = ("server/app.py", "server/runtime.py", "server/guards.py", "server/gunicorn_worker.py",
                 "server/metrics.py", "server/logs.py", "server/web.py", "pipeline.py", "scheduler.py", "deadline.py",
-                "wire.py", "imaging.py", "errors.py", "encoding.py", "structures.py", "settings.py")
+                "wire.py", "request.py", "postprocess.py", "imaging.py", "errors.py", "encoding.py", "structures.py",
+                "settings.py", "booleans.py")
 
 
 def _modules() -> list[Path]:

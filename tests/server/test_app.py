@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from maskrcnn_serving.postprocess import full_masks
 from maskrcnn_serving.server.app import create_app
 from maskrcnn_serving.server.runtime import ModelRunner
 from maskrcnn_serving.settings import Settings
@@ -101,7 +102,7 @@ def test_seed_request_legacy_masks_equal_coco_masks(client, tensorpack_backend, 
         total += assert_legacy_equals_coco(legacy.json, coco.json, path.stem)
         dets = tensorpack_backend.predict([cv2.imread(str(path), cv2.IMREAD_COLOR)],
                                           runner_default_options(tensorpack_backend))[0]
-        full = dets.masks(0.5)
+        full = full_masks(dets, 0.5)
         assert len(full) == len(legacy.json["annotations"])
         for mask, annotation in zip(full, legacy.json["annotations"], strict=True):
             assert np.array_equal(seed_notebook_rle_to_binary_mask(annotation["segmentation"]), mask)
