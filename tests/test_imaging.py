@@ -16,9 +16,9 @@ from PIL import Image
 
 from maskrcnn_serving import deadline as deadline_module
 from maskrcnn_serving import imaging
-from maskrcnn_serving.bench import hostile
 from maskrcnn_serving.errors import DeadlineExceeded, ImageTooComplex, NotAnImage, TooManyPixels, UnsupportedImageFormat
 from maskrcnn_serving.settings import Limits
+from testsupport import hostile
 
 LIMITS = Limits()
 
