@@ -148,6 +148,28 @@ def test_formats_outside_the_allow_list_are_400(data):
     _refused(data, NotAnImage)
 
 
+def test_the_allow_list_is_the_table_the_gate_reads(bgr, monkeypatch):
+    """``SERVED_FORMATS`` is what the gate consults: a format taken out of it is no longer an image."""
+    bmp = encode_image(bgr, ".bmp")
+    assert imaging.read_header(bmp).format == "BMP"
+    monkeypatch.delitem(imaging.SERVED_FORMATS, "BMP")
+    _refused(bmp, NotAnImage)
+
+
+@pytest.mark.parametrize(("marker", "kind"), [(0xC1, None), (0xC2, None), (0xC3, "Lossless"), (0xC7, "Hierarchical"),
+                                              (0xC9, "Arithmetic-coded"), (0xCF, "Arithmetic-coded")])
+def test_jpeg_frame_kinds_outside_the_served_ones_are_415(bgr, marker, kind):
+    """The frame header's marker names the JPEG's kind: baseline, extended and progressive Huffman JPEGs are read,
+    the others are refused by name before anything is decoded."""
+    jpeg = encode_image(bgr, ".jpg")
+    start = jpeg.index(b"\xff\xc0")
+    patched = jpeg[: start + 1] + bytes([marker]) + jpeg[start + 2 :]
+    if kind is None:
+        assert (imaging.read_header(patched).width, imaging.read_header(patched).height) == (40, 24)
+    else:
+        assert _refused(patched, UnsupportedImageFormat).startswith(f"{kind} JPEGs are not accepted")
+
+
 @pytest.mark.parametrize("size", [(1, 1_100_000), (1_100_000, 1), (2, 1 << 20 | 1)])
 def test_a_side_over_the_decoders_limit_is_422(size):
     """Defect 4: a 70-byte BMP declaring 1 x 1,100,000 made OpenCV's CV_IO_MAX_IMAGE_HEIGHT assertion a 500."""
