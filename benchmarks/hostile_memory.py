@@ -8,8 +8,8 @@ memory (warm, peak during the catalogue, and after it).
     .venv/bin/python benchmarks/hostile_memory.py --front none
     .venv/bin/python benchmarks/hostile_memory.py --env MALLOC_ARENA_MAX=2
 
-The catalogue is :func:`maskrcnn_serving.bench.hostile.catalogue` (request-level cases) and
-:func:`~maskrcnn_serving.bench.hostile.raw_http_cases` (raw HTTP), sent one at a time. The worker's peak RSS is its
+The catalogue is :func:`testsupport.hostile.catalogue` (request-level cases) and
+:func:`~testsupport.hostile.raw_http_cases` (raw HTTP), sent one at a time. The worker's peak RSS is its
 ``VmHWM``, reset (``clear_refs``) after the warm-up, so it covers the whole catalogue; "final" is its ``VmRSS``
 after the last round and ``--settle`` seconds idle. Every request must end within the server's request deadline,
 and none may be a 5xx.
@@ -29,11 +29,13 @@ import cv2
 import numpy as np
 import requests
 
-from maskrcnn_serving.bench.hostile import catalogue, raw_exchange, raw_http_cases
-from maskrcnn_serving.bench.server import ServerProcess, status_kb, worker_pids
 from maskrcnn_serving.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # testsupport/ lives in the checkout: pip does not install it
+
+from testsupport.hostile import catalogue, raw_exchange, raw_http_cases  # noqa: E402
+from testsupport.server import ServerProcess, status_kb, worker_pids  # noqa: E402
 
 
 def run_round(url: str, cases, raw_cases, front: str, timeout: float) -> list[dict]:
@@ -115,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     photo = cv2.imread(str(REPO / "examples" / "images" / "1001_00000.jpg"), cv2.IMREAD_COLOR)
     scene = np.ascontiguousarray(photo[100:220, 60:260])
-    cases, raw_cases = catalogue(scene, photo), raw_http_cases()
     env = dict(item.split("=", 1) for item in args.env)
+    settings = Settings.from_env(env)  # the server's limits and deadline (``--env``; ``--flag`` values are not read)
+    cases, raw_cases = catalogue(scene, photo, limits=settings.limits), raw_http_cases()
     log_path = Path(args.output or "hostile").with_suffix(".server.log")
     front = None if args.front == "default" else args.front
     server = ServerProcess(args.model_dir, log_path, workers=1, flags=args.flag, env=env, front=front).start()
-    deadline = Settings.from_env(env).deadline_seconds or float("inf")
+    deadline = settings.deadline_seconds or float("inf")
     try:
         server.wait_ready()
         (worker,) = worker_pids(server.process.pid)

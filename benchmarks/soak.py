@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from maskrcnn_serving.bench.server import ServerProcess
-from maskrcnn_serving.bench.server import worker_pids as server_worker_pids
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # testsupport/ lives in the checkout: pip does not install it
+
+from testsupport.server import ServerProcess  # noqa: E402
+from testsupport.server import worker_pids as server_worker_pids  # noqa: E402
 
 
 @dataclass

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -38,8 +38,6 @@ import numpy as np
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline, exceeded
 from maskrcnn_serving.errors import ImageTooComplex, NotAnImage, TooManyPixels, UnsupportedImageFormat
 
-# The formats served to clients, by their magic bytes; TIFF only for trusted local files (``tiff=True``).
-SERVED_FORMATS = ("JPEG", "PNG", "WebP", "BMP")
 # OpenCV's CV_IO_MAX_IMAGE_WIDTH / _HEIGHT: a longer side is refused by its decoders (with an exception).
 MAX_SIDE = 1 << 20
 # Progressive JPEGs normally have about 10 scans (libjpeg's default progression: 10 for colour, 6 for gray), and
@@ -51,8 +49,6 @@ MAX_JPEG_SCANS = 64
 DECODE_PASSES_PER_PIXEL = 16
 # Threads that run decodes under a deadline (per process; created on first use).
 DECODE_THREADS = 8
-
-_NOT_AN_IMAGE = "The data is not an image in a supported format (JPEG, PNG, WebP, BMP)."
 
 
 @dataclass(frozen=True)
@@ -98,15 +94,13 @@ def read_header(data: bytes, tiff: bool = False) -> ImageHeader:
     if image_format == "TIFF":
         if not tiff:
             raise UnsupportedImageFormat(
-                "TIFF images are not accepted (their decoder allocates before any size check); send JPEG, PNG, "
-                "WebP or BMP."
+                f"TIFF images are not accepted (their decoder allocates before any size check); send {_SERVED_NAMES}."
             )
         return _tiff_header(data)
-    readers = {"JPEG": _jpeg_header, "PNG": _png_header, "WebP": _webp_header, "BMP": _bmp_header}
-    if image_format not in readers:
-        raise NotAnImage(_NOT_AN_IMAGE)
+    if image_format not in SERVED_FORMATS:
+        raise NotAnImage(f"The data is not an image in a supported format ({', '.join(SERVED_FORMATS)}).")
     try:
-        header = readers[image_format](data)
+        header = SERVED_FORMATS[image_format](data)
     except (IndexError, struct.error):  # a field beyond the end of the data
         raise NotAnImage(f"The {image_format} image is truncated.") from None
     if header.width <= 0 or header.height <= 0:
@@ -120,6 +114,8 @@ def read_header(data: bytes, tiff: bool = False) -> ImageHeader:
 # 0x00 (a stuffed 0xFF in entropy-coded data), nor RSTn / TEM (markers without a segment, which libjpeg passes over
 # inside and outside scans). One 0xFF then one byte: linear time on any input.
 _JPEG_MARKER = re.compile(rb"\xff([\x02-\xcf\xd8-\xfe])")
+# The frame headers (SOFn): the kinds served, and the other kinds, refused by name. Every other marker in C0-CF is
+# a table segment (C4 DHT, CC DAC) or reserved (C8).
 _SOF_SERVED = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive; Huffman-coded
 _SOF_REFUSED = {0xC3: "lossless", 0xC5: "hierarchical", 0xC6: "hierarchical", 0xC7: "hierarchical",
                 0xC9: "arithmetic-coded", 0xCA: "arithmetic-coded", 0xCB: "arithmetic-coded",
@@ -156,10 +152,10 @@ def _jpeg_header(data: bytes) -> ImageHeader:
                     f"The JPEG image has more than {MAX_JPEG_SCANS} scans (progressive JPEGs normally have about 10); "
                     "re-encode it."
                 )
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+        elif marker in _SOF_SERVED or marker in _SOF_REFUSED:  # SOFn
             if size is not None:
                 raise NotAnImage("The JPEG image has two frame headers.")
-            if marker in _SOF_REFUSED:
+            if marker not in _SOF_SERVED:
                 raise UnsupportedImageFormat(f"{_SOF_REFUSED[marker].capitalize()} JPEGs are not accepted; send a "
                                              "baseline or progressive JPEG.")
             precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 2)
@@ -264,6 +260,14 @@ def _bmp_header(data: bytes) -> ImageHeader:
 def _tiff_header(data: bytes) -> ImageHeader:
     """Trusted local files only: the size is whatever the decoder finds (no limit applies to them)."""
     return ImageHeader("TIFF", 1, 1, 1, data)
+
+
+# The allow-list: the formats served to clients (as :func:`identify` names them) and the reader of each one's header.
+# TIFF is identified too, but decoded only for trusted local files (``tiff=True``); anything else is not an image.
+SERVED_FORMATS: dict[str, Callable[[bytes], ImageHeader]] = {
+    "JPEG": _jpeg_header, "PNG": _png_header, "WebP": _webp_header, "BMP": _bmp_header,
+}
+_SERVED_NAMES = ", ".join(list(SERVED_FORMATS)[:-1]) + " or " + list(SERVED_FORMATS)[-1]  # "JPEG, PNG, WebP or BMP"
 
 
 # ----------------------------------------------------------------------------------------------------- decode

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskrcnn_serving.booleans import parse_bool
-from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 
 MiB = 1 << 20
 PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
@@ -119,16 +118,19 @@ class Settings:
                          flag=True)
     max_batch_size: int = _setting(
         8, "MASKRCNN_MAX_BATCH_SIZE", int, "Optimized backend: images per graph call, at most.", flag=True)
+    # The network's own padding multiple; the optimized backend refuses a step that is not a multiple of it
+    # (backends/optimized.py: check_bucket_step, also run by ``serve`` before it starts).
     bucket_step: int = _setting(
-        SIZE_MULTIPLE, "MASKRCNN_BUCKET_STEP", int,
-        "Optimized backend: resized images pad to a multiple of this to share a graph call.", flag=True)
+        32, "MASKRCNN_BUCKET_STEP", int,
+        "Optimized backend: resized images pad to a multiple of this (itself a multiple of 32) to share a graph "
+        "call.", flag=True)
     max_batch_delay_ms: float = _setting(
         10.0, "MASKRCNN_MAX_BATCH_DELAY_MS", float,
         "Milliseconds a lone image waits for others to share its graph call (batching backends).", flag=True)
 
     def __post_init__(self) -> None:
         positive = ("workers", "threads", "timeout", "max_request_bytes", "max_response_bytes", "max_image_pixels",
-                    "max_images", "max_batch_size")
+                    "max_images", "max_batch_size", "bucket_step")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,8 +144,6 @@ class Settings:
             raise ValueError(f"front must be one of {', '.join(FRONTS)}, not {self.front!r}")
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, not {self.winograd!r}")
-        if self.bucket_step < SIZE_MULTIPLE or self.bucket_step % SIZE_MULTIPLE:
-            raise ValueError(f"bucket_step must be a positive multiple of {SIZE_MULTIPLE}, got {self.bucket_step}")
 
     # ------------------------------------------------------------------------------------------ reading
     @classmethod
@@ -187,12 +187,6 @@ class Settings:
         if self.request_deadline is not None:
             return self.request_deadline if self.request_deadline > 0 else None
         return max(0.5, min(self.timeout * DEADLINE_FRACTION, self.timeout - 1.0))
-
-    @property
-    def masks_bucket_padding(self) -> bool:
-        """Whether the optimized network must mask the padding of a batch: buckets coarser than the network's
-        multiple of 32 pad images beyond what tensorpack pads; buckets of 32 pad exactly as it does."""
-        return self.bucket_step > SIZE_MULTIPLE
 
 
 def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:

@@ -1,5 +1,5 @@
 """The session's real servers (``live_server`` and ``gunicorn_server`` fixtures in conftest.py): ``maskrcnn-serving
-serve`` with 2 workers on the demo model (:class:`maskrcnn_serving.bench.server.ServerProcess`), behind nginx (the
+serve`` with 2 workers on the demo model (:class:`testsupport.server.ServerProcess`), behind nginx (the
 images' setup) and with gunicorn alone; otherwise the same settings. While the first starts, it is probed with
 ``/ping`` and ``/invocations`` so that tests can check what a client sees before the warm-up has finished."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from maskrcnn_serving.bench.server import ServerProcess
+from testsupport.server import ServerProcess
 
 WORKERS = 2
 # Small enough that a legacy answer with many detections trips it (the 413 test), large enough for normal answers.

@@ -16,9 +16,9 @@ from PIL import Image
 
 from maskrcnn_serving import deadline as deadline_module
 from maskrcnn_serving import imaging
-from maskrcnn_serving.bench import hostile
 from maskrcnn_serving.errors import DeadlineExceeded, ImageTooComplex, NotAnImage, TooManyPixels, UnsupportedImageFormat
 from maskrcnn_serving.settings import Limits
+from testsupport import hostile
 
 LIMITS = Limits()
 
@@ -146,6 +146,28 @@ def test_formats_outside_the_allow_list_are_400(data):
     """Defect 4: Pillow's DDS, FTEX and SPIDER plugins raised unexpected errors on these (500s). The gate reads magic
     bytes: anything that is not JPEG, PNG, WebP or BMP is 400 not_an_image."""
     _refused(data, NotAnImage)
+
+
+def test_the_allow_list_is_the_table_the_gate_reads(bgr, monkeypatch):
+    """``SERVED_FORMATS`` is what the gate consults: a format taken out of it is no longer an image."""
+    bmp = encode_image(bgr, ".bmp")
+    assert imaging.read_header(bmp).format == "BMP"
+    monkeypatch.delitem(imaging.SERVED_FORMATS, "BMP")
+    _refused(bmp, NotAnImage)
+
+
+@pytest.mark.parametrize(("marker", "kind"), [(0xC1, None), (0xC2, None), (0xC3, "Lossless"), (0xC7, "Hierarchical"),
+                                              (0xC9, "Arithmetic-coded"), (0xCF, "Arithmetic-coded")])
+def test_jpeg_frame_kinds_outside_the_served_ones_are_415(bgr, marker, kind):
+    """The frame header's marker names the JPEG's kind: baseline, extended and progressive Huffman JPEGs are read,
+    the others are refused by name before anything is decoded."""
+    jpeg = encode_image(bgr, ".jpg")
+    start = jpeg.index(b"\xff\xc0")
+    patched = jpeg[: start + 1] + bytes([marker]) + jpeg[start + 2 :]
+    if kind is None:
+        assert (imaging.read_header(patched).width, imaging.read_header(patched).height) == (40, 24)
+    else:
+        assert _refused(patched, UnsupportedImageFormat).startswith(f"{kind} JPEGs are not accepted")
 
 
 @pytest.mark.parametrize("size", [(1, 1_100_000), (1_100_000, 1), (2, 1 << 20 | 1)])

@@ -7,6 +7,9 @@ threads (:mod:`maskrcnn_serving.pipeline`):
 * :meth:`Backend.forward` (one thread at a time): run the network on a batch of prepared images that share a
   :attr:`PreparedImage.batch_key` and one :class:`PredictOptions`, at most :attr:`Backend.max_batch_size` of them.
 
+Tools that inspect the network rather than run it (the GPU kernel audit, :mod:`maskrcnn_serving.gpu_audit`) get the
+TensorFlow graph of a forward call from :meth:`Backend.inference_graph`.
+
 Which images share a forward call is decided in exactly one place, :class:`maskrcnn_serving.scheduler.Scheduler`.
 """
 
@@ -16,8 +19,9 @@ import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +30,9 @@ from maskrcnn_serving.modeling.constants import embedding_dim
 from maskrcnn_serving.modeling.preprocess import boxes_to_original, resize_image
 from maskrcnn_serving.settings import Settings
 from maskrcnn_serving.structures import Detections
+
+if TYPE_CHECKING:  # each backend imports TensorFlow itself; this module does not
+    import tensorflow as tf
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,24 @@ class PreparedImage:
     batch_key: Hashable = None
 
 
+@dataclass(frozen=True)
+class InferenceGraph:
+    """The TensorFlow graph of one forward call, for tools that inspect the network instead of running it.
+
+    graph: a TF1 session graph, or the graph of a traced ``tf.function`` (its nested and XLA-compiled functions are
+        in the graph's function library).
+    outputs: every tensor (or op) a forward call may fetch, search vectors included: the ops a call runs are
+        their transitive inputs.
+    precision: the dtype name the network computes in (``float32``, ``float16``, ...).
+    details: what else shaped the graph, for reports (e.g. the batch size it was traced for).
+    """
+
+    graph: tf.Graph
+    outputs: Sequence[tf.Tensor | tf.Operation]
+    precision: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Backend(ABC):
     """A loaded model that turns BGR images into :class:`Detections`.
 
@@ -69,14 +94,22 @@ class Backend(ABC):
     name: str = ""
     #: Images per forward call, at most (1: the backend runs one image at a time).
     max_batch_size: int = 1
+    #: The ``Settings.precision`` values the backend computes in (a backend with just one ignores the setting).
+    precisions: tuple[str, ...] = ("float32",)
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
 
     @classmethod
     @abstractmethod
-    def from_bundle(cls, bundle: ModelBundle, settings: Settings) -> Backend:
-        """Build the backend from an already validated model bundle."""
+    def from_bundle(cls, bundle: ModelBundle, settings: Settings, for_gpu: bool | None = None) -> Backend:
+        """Build the backend from an already validated model bundle. ``for_gpu``: configure the network as for a
+        machine with (True) or without (False) a GPU, whatever this machine has; None: as for this machine."""
+
+    @classmethod  # noqa: B027 - most backends have no setting to refuse
+    def check_settings(cls, settings: Settings) -> None:
+        """Raise ValueError for settings this backend cannot run with, without building anything (default: none).
+        ``from_bundle`` refuses them too; ``serve`` calls this before it starts any worker."""
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -120,6 +153,11 @@ class Backend(ABC):
         notebooks). Servers and batch jobs go through :class:`maskrcnn_serving.pipeline.Pipeline` instead."""
         options = options or PredictOptions()
         return [self.forward([self.preprocess(image)], options)[0] for image in images]
+
+    @abstractmethod
+    def inference_graph(self, batch_size: int = 1) -> InferenceGraph:
+        """The graph one forward call of ``batch_size`` images runs, with every output a request may ask for
+        (traced on first use where the backend traces). ValueError if the backend cannot take ``batch_size``."""
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to free
         """Free the network (sessions, compiled functions). The backend cannot be used afterwards."""
@@ -167,14 +205,16 @@ def load_backend(
     model_dir: str | Path | None = None,
     settings: Settings | None = None,
     environ: Mapping[str, str] | None = None,
+    for_gpu: bool | None = None,
 ) -> Backend:
     """Load ``model_dir`` (None: ``SM_MODEL_DIR`` or ``/opt/ml/model``) with the backend registered as ``name``.
 
     ``environ``: where the model config's overrides (``CONFIG__*``, ``RESNET_ARCH``), ``SM_MODEL_DIR`` and, when
     ``settings`` is None, the ``MASKRCNN_*`` settings are read (default: the process environment).
-    ``settings``: how the backend computes (precision, batch size, ...).
+    ``settings``: how the backend computes (precision, batch size, ...); ValueError if the backend cannot run with
+    them. ``for_gpu``: configure as for a machine with or without a GPU (see :meth:`Backend.from_bundle`).
     """
     backend_class = get_backend_class(name)
     environ = os.environ if environ is None else environ
     settings = settings if settings is not None else Settings.from_env(environ)
-    return backend_class.from_bundle(load_model_dir(model_dir, environ), settings)
+    return backend_class.from_bundle(load_model_dir(model_dir, environ), settings, for_gpu)

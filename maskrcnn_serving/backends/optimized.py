@@ -6,12 +6,13 @@ image: FrozenBN folded into the convolutions, several images per graph call, no 
 bfloat16 / float16 compute and XLA. It uses no GPU-only op, so it runs on CPU and GPU.
 
 Size buckets: a graph call takes B images zero-padded to one size. Each resized image's bucket is its size rounded
-up to a multiple of ``bucket_step`` (default 32, the multiple the network pads to anyway, so no work is wasted);
-only images of the same bucket share a call
+up to a multiple of ``bucket_step`` (default 32, the multiple the network pads to anyway, so no work is wasted; it
+must be a multiple of that, :func:`check_bucket_step`); only images of the same bucket share a call
 (:meth:`OptimizedBackend.batch_key`). The traced graph has dynamic height and width, so a new size never
 retraces: one trace per batch size (1..max_batch_size). With XLA on, each (batch, bucket) shape compiles once;
 use a coarser ``bucket_step`` (e.g. 128) there to bound the number of compilations. Because the network masks the
-padding (see tf2_network), the detections of an image do not depend on its bucket or its batch.
+padding where buckets are coarser than 32 (:func:`masks_bucket_padding`, see tf2_network), the detections of an
+image do not depend on its bucket or its batch.
 
 Settings (:class:`maskrcnn_serving.settings.Settings`, from the environment or flags): ``MASKRCNN_PRECISION``
 (float32 | bfloat16 | float16 | mixed: float16 on GPU, bfloat16 on CPUs with AVX512-BF16 or AMX),
@@ -33,8 +34,9 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
+from maskrcnn_serving.backends.base import Backend, InferenceGraph, PredictOptions, PreparedImage
 from maskrcnn_serving.model_dir import ModelBundle
+from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
 from maskrcnn_serving.modeling.tf2_network import MaskRCNN
 from maskrcnn_serving.settings import PRECISIONS, Settings
 from maskrcnn_serving.structures import Detections
@@ -89,10 +91,24 @@ def resolve_winograd(mode: str, dtype_name: str, for_gpu: bool | None = None) ->
     return mode == "on"
 
 
+def check_bucket_step(step: int) -> None:
+    """ValueError unless ``step`` is a positive multiple of the network's size multiple (32): every side of a
+    batch must be padded to a size the network takes as it is."""
+    if step < SIZE_MULTIPLE or step % SIZE_MULTIPLE:
+        raise ValueError(f"bucket_step must be a positive multiple of {SIZE_MULTIPLE}, got {step}")
+
+
+def masks_bucket_padding(step: int) -> bool:
+    """Whether the network must mask the padding of a batch in buckets of ``step``: buckets coarser than the
+    network's multiple of 32 pad images beyond what tensorpack pads; buckets of 32 pad exactly as it does."""
+    return step > SIZE_MULTIPLE
+
+
 class OptimizedBackend(Backend):
     """TF2-native batched Mask R-CNN."""
 
     name = "optimized"
+    precisions = PRECISIONS
 
     def __init__(self, bundle: ModelBundle, network: MaskRCNN, settings: Settings, dtype_name: str) -> None:
         super().__init__(bundle)
@@ -104,8 +120,13 @@ class OptimizedBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
+    def check_settings(cls, settings: Settings) -> None:
+        check_bucket_step(settings.bucket_step)
+
+    @classmethod
     def from_bundle(cls, bundle: ModelBundle, settings: Settings, for_gpu: bool | None = None) -> OptimizedBackend:
         """``for_gpu``: configure as for a machine with (True) or without (False) a GPU; None detects it."""
+        cls.check_settings(settings)
         dtype_name = resolve_precision(settings.precision, for_gpu)
         use_winograd = resolve_winograd(settings.winograd, dtype_name, for_gpu)
         if dtype_name == "float16" and not _has_gpu(for_gpu):
@@ -116,7 +137,7 @@ class OptimizedBackend(Backend):
                  use_winograd, settings.xla, settings.max_batch_size, settings.bucket_step)
         network = MaskRCNN(
             bundle, _DTYPES[dtype_name], jit_compile=settings.xla, winograd=use_winograd,
-            masked_padding=settings.masks_bucket_padding,
+            masked_padding=masks_bucket_padding(settings.bucket_step),
         )
         return cls(bundle, network, settings, dtype_name)
 
@@ -140,6 +161,13 @@ class OptimizedBackend(Backend):
                 function = tf.function(self.network.detect)
                 self._functions[key] = function.get_concrete_function(*signature, with_embeddings=with_embeddings)
             return self._functions[key]
+
+    def inference_graph(self, batch_size: int = 1) -> InferenceGraph:
+        """The traced function of :meth:`detect_function` with the search vectors (every op a request may run,
+        through its nested and XLA-compiled functions)."""
+        graph = self.detect_function(batch_size, with_embeddings=True).graph
+        return InferenceGraph(graph, [*graph.outputs, *graph.control_outputs], self.dtype_name,
+                              {"batch_size": batch_size, "winograd": self.network.winograd})
 
     def batch_key(self, resized: np.ndarray) -> tuple[int, int]:
         """The padded (H, W) a resized image runs at: each side rounded up to a multiple of ``bucket_step``."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import tensorflow as tf
-
-from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
+from maskrcnn_serving.backends.base import Backend, InferenceGraph, PredictOptions, PreparedImage
 from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.modeling.tensorpack_network import TensorpackGraph, build_session
 from maskrcnn_serving.settings import Settings
@@ -25,16 +23,20 @@ class TensorpackBackend(Backend):
         self._session = session
         self.tensors = tensors
 
-
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, settings: Settings | None = None) -> TensorpackBackend:
+    def from_bundle(
+        cls, bundle: ModelBundle, settings: Settings | None = None, for_gpu: bool | None = None
+    ) -> TensorpackBackend:
+        """The graph computes in float32, NHWC, on any device: the settings and ``for_gpu`` change nothing."""
         session, tensors = build_session(bundle)
         return cls(bundle, session, tensors)
 
-    @property
-    def inference_graph(self) -> tuple[tf.Graph, list[tf.Tensor]]:
-        """The session graph and every tensor a forward call may fetch (for modeling/kernel_audit.py)."""
-        return self._session.graph, [*self.tensors.outputs, self.tensors.embeddings, self.tensors.image_embedding]
+    def inference_graph(self, batch_size: int = 1) -> InferenceGraph:
+        """The session graph and every tensor a forward call may fetch; the graph takes one image."""
+        if batch_size != 1:
+            raise ValueError(f"the tensorpack backend runs one image per call, not {batch_size}")
+        outputs = [*self.tensors.outputs, self.tensors.embeddings, self.tensors.image_embedding]
+        return InferenceGraph(self._session.graph, outputs, self.description["precision"])
 
     def forward(self, batch: Sequence[PreparedImage], options: PredictOptions) -> list[Detections]:
         if len(batch) != 1:

@@ -11,5 +11,7 @@ Modules:
     loadgen    ``bench http``: closed-loop and open-loop load against a URL or a SageMaker endpoint
     plots      PNG figures (matplotlib, Agg backend)
     report     tables for people
-    server     a real ``maskrcnn-serving serve`` in a child process, for load tests, soaks and HTTP tests
+
+The live server and the hostile-input catalogue that the tests and benchmarks/ use are test material, in the
+repository's ``testsupport/`` package (not installed).
 """

@@ -1,6 +1,6 @@
 """``maskrcnn-serving inspect``: validate a model directory and print what the server would load, without a graph;
 ``--gpu-audit``: build the backend's inference graph and list the ops that would not run on a GPU
-(:mod:`maskrcnn_serving.modeling.kernel_audit`)."""
+(:mod:`maskrcnn_serving.gpu_audit`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.commands import add_model_arguments, settings_from_args
+from maskrcnn_serving.settings import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "their dtypes (they would run on the CPU), ops XLA could not compile (MASKRCNN_XLA=1), and what stays on the "
         "host by design. Exit status 1 when an op would leave the GPU.",
     )
-    audit.add_argument("--precision", default=None, choices=("float32", "bfloat16", "float16", "mixed"),
+    audit.add_argument("--precision", default=None, choices=PRECISIONS,
                        help="Optimized backend precision (default: $MASKRCNN_PRECISION or float32; mixed = float16).")
     audit.add_argument("--batch-size", type=int, default=1, help="Images per graph call to trace (default 1).")
     audit.add_argument("--json", type=Path, default=None, help="Also write the audit as JSON here.")
@@ -61,14 +62,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_gpu_audit(args: argparse.Namespace) -> int:
-    from maskrcnn_serving.modeling.kernel_audit import audit_backend, load_backend_for_gpu
+    """The backend of the settings (environment and flags), configured as on a GPU machine whatever this one has
+    (``mixed`` precision means float16, ``MASKRCNN_WINOGRAD=auto`` no Winograd), audited through its graph."""
+    from maskrcnn_serving.backends.base import get_backend_class, load_backend
+    from maskrcnn_serving.gpu_audit import audit_backend
 
     try:
-        backend = load_backend_for_gpu(args.backend, args.model_dir, precision=args.precision)
+        settings = settings_from_args(args, precision=args.precision)
+        backend_class = get_backend_class(settings.backend)
+        if args.precision is not None and args.precision not in backend_class.precisions:
+            raise ValueError(f"the {settings.backend} backend computes in {' or '.join(backend_class.precisions)} "
+                             f"only, not {args.precision}")
+        backend = load_backend(settings.backend, settings.model_dir, settings, for_gpu=True)
+        report = audit_backend(backend, batch_size=args.batch_size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = audit_backend(backend, batch_size=args.batch_size)
     document = report.to_json()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

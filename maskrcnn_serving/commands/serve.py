@@ -297,7 +297,7 @@ def _check_main() -> int:
 
     settings = Settings.from_env(os.environ)
     try:
-        get_backend_class(settings.backend)
+        get_backend_class(settings.backend).check_settings(settings)
         bundle = load_model_dir(settings.model_dir)
         if settings.index:
             from maskrcnn_serving.search.index import InstanceIndex

@@ -29,7 +29,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from maskrcnn_serving.model_dir import ModelBundle
-from maskrcnn_serving.modeling.constants import SIZE_MULTIPLE
+from maskrcnn_serving.modeling.constants import MASK_SIZE, SIZE_MULTIPLE
 from maskrcnn_serving.modeling.tf2_network import MaskRCNN
 
 
@@ -109,7 +109,7 @@ class ServingModule(tf.Module):
             "labels": tf.TensorSpec([k], tf.int32),
         }
         if self.has_masks:
-            spec["masks"] = tf.TensorSpec([k, 28, 28], tf.float32)
+            spec["masks"] = tf.TensorSpec([k, MASK_SIZE, MASK_SIZE], tf.float32)
         return spec
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])

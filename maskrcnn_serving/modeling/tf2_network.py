@@ -37,6 +37,7 @@ from maskrcnn_serving.modeling.constants import (
     BN_EPSILON,
     BOX_RESOLUTION,
     MASK_RESOLUTION,
+    MASK_SIZE,
     RESNET_GROUP_STRIDES,
     SIZE_MULTIPLE,
 )
@@ -373,8 +374,7 @@ class MaskRCNN(tf.Module):
         kernel = tf.gather(self.params["maskrcnn/conv/W"][0, 0], labels - 1, axis=1)  # (C, D)
         bias = tf.gather(self.params["maskrcnn/conv/b"], labels - 1)
         logits = tf.einsum("dhwyxc,cd->dhwyx", tf.cast(blocks, tf.float32), kernel) + bias[:, None, None, None, None]
-        size = 2 * MASK_RESOLUTION
-        return tf.sigmoid(tf.reshape(tf.transpose(logits, [0, 1, 3, 2, 4]), [-1, size, size]))
+        return tf.sigmoid(tf.reshape(tf.transpose(logits, [0, 1, 3, 2, 4]), [-1, MASK_SIZE, MASK_SIZE]))
 
     def _upsample_deconv_relu(self, x: tf.Tensor) -> tf.Tensor:
         """ReLU of ``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one fused matmul + bias + ReLU: every input

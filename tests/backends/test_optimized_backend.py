@@ -13,7 +13,12 @@ from assertions import assert_same_detections, box_iou
 
 from maskrcnn_serving.backends import optimized
 from maskrcnn_serving.backends.base import PredictOptions, load_backend
-from maskrcnn_serving.backends.optimized import OptimizedBackend, resolve_precision, resolve_winograd
+from maskrcnn_serving.backends.optimized import (
+    OptimizedBackend,
+    masks_bucket_padding,
+    resolve_precision,
+    resolve_winograd,
+)
 from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
 from maskrcnn_serving.modeling.tf2_network import MaskRCNN
@@ -99,7 +104,8 @@ def winograd_backend(demo_model_dir):
     buckets of 128 (14 of 32), which halves the time of the eval below."""
     bundle = load_model_dir(demo_model_dir, environ={})
     settings = Settings(max_batch_size=4, bucket_step=128)
-    network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1, masked_padding=settings.masks_bucket_padding)
+    network = MaskRCNN(bundle, winograd=True, winograd_min_channels=1,
+                       masked_padding=masks_bucket_padding(settings.bucket_step))
     assert network.masked_padding
     return OptimizedBackend(bundle, network, settings, "float32")
 
@@ -180,9 +186,17 @@ def test_settings_from_environment_and_validation():
     )
     assert (settings.precision, settings.xla, settings.max_batch_size, settings.bucket_step) == ("mixed", True, 3, 32)
     assert resolve_precision("float32") == "float32"
-    for bad in ({"precision": "int8"}, {"bucket_step": 48}, {"max_batch_size": 0}):
+    for bad in ({"precision": "int8"}, {"max_batch_size": 0}):
         with pytest.raises(ValueError):
             Settings(**bad)
+    # The buckets' rule is the network's: checked by the backend (and by ``serve`` before it starts, test_serve.py).
+    OptimizedBackend.check_settings(Settings(bucket_step=128))
+    for environ in ({"MASKRCNN_BUCKET_STEP": "48"}, {"MASKRCNN_BUCKET_STEP": "16"}):
+        with pytest.raises(ValueError, match="bucket_step must be a positive multiple of 32"):
+            OptimizedBackend.check_settings(Settings.from_env(environ))
+    with pytest.raises(ValueError, match="bucket_step must be a positive multiple of 32, got 48"):
+        load_backend("optimized", DEMO, Settings(bucket_step=48), environ={})  # refused before the network is built
+    assert not masks_bucket_padding(32) and masks_bucket_padding(64)
 
 
 @pytest.mark.parametrize(("gpu", "bf16_cpu", "expected"),

@@ -45,3 +45,14 @@ def test_serve_refuses_a_model_dir_it_cannot_load(tmp_path):
     )
     assert result.returncode == 2
     assert "cannot load the model" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_serve_refuses_a_bucket_step_the_network_cannot_take(demo_model_dir):
+    """The rule is the optimized backend's, and ``serve`` checks it before it starts anything."""
+    result = subprocess.run(
+        [sys.executable, "-m", "maskrcnn_serving.cli", "serve", "--model-dir", str(demo_model_dir), "--backend",
+         "optimized", "--bucket-step", "48", "--host", "127.0.0.1", "--port", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert "bucket_step must be a positive multiple of 32, got 48" in result.stderr

@@ -29,7 +29,7 @@ import pytest
 import requests
 from PIL import Image
 
-from maskrcnn_serving.bench.server import ServerProcess, clean_environment, free_port, serve_command
+from testsupport.server import ServerProcess, clean_environment, free_port, serve_command
 
 WORKERS = 2
 DEADLINE_SECONDS = 4.0

@@ -217,7 +217,7 @@ def test_decoder_on_random_bytes_after_each_magic_refuses_cleanly(magic, rest):
 
 def _segments(data: bytes) -> list[tuple[int, int]]:
     """(start, end) of the JPEG marker segments / PNG chunks of a well-formed file (best effort)."""
-    from maskrcnn_serving.bench import hostile
+    from testsupport import hostile
 
     if data[:2] == b"\xff\xd8":
         try:
@@ -276,7 +276,7 @@ def test_decoder_on_mutated_images_refuses_cleanly(name, data):
                 offset = frames[0] + 5 if frames else 2
             corrupted[offset : offset + 4] = data.draw(st.sampled_from(EXTREME_SIZES))
         elif operation == "repeat_scan" and corrupted[:2] == b"\xff\xd8":
-            from maskrcnn_serving.bench import hostile
+            from testsupport import hostile
 
             try:
                 corrupted = bytearray(hostile.jpeg_repeated_scan(bytes(corrupted), data.draw(st.integers(1, 80))))

@@ -1,4 +1,4 @@
-"""The hostile-input catalogue (docs/reliability.md; built by :mod:`maskrcnn_serving.bench.hostile`), each case sent
+"""The hostile-input catalogue (docs/reliability.md; built by :mod:`testsupport.hostile`), each case sent
 to both of the session's real servers -- ``live_server`` (nginx in front of gunicorn, as the images run it) and
 ``gunicorn_server`` (gunicorn alone) -- with its documented answer. Afterwards, per server: zero 5xx in its own
 metrics, no worker replaced, ``/ping`` 200, every request answered within the request deadline, and each worker's
@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import requests
 
-from maskrcnn_serving.bench.hostile import Case, catalogue, png, raw_exchange, raw_http_cases
-from maskrcnn_serving.bench.server import status_kb
-from maskrcnn_serving.bench.server import worker_pids as server_worker_pids
 from maskrcnn_serving.settings import Limits, Settings
+from testsupport.hostile import Case, catalogue, png, raw_exchange, raw_http_cases
+from testsupport.server import status_kb
+from testsupport.server import worker_pids as server_worker_pids
 
 LIMITS = Limits()
 DEADLINE_SECONDS = Settings().deadline_seconds  # the session servers' request deadline (the default: 63 s)

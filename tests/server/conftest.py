@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from maskrcnn_serving import cli
-from maskrcnn_serving.bench.server import ServerProcess
 from maskrcnn_serving.search import database
+from testsupport.server import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn_serving.bench.server import ServerProcess, children, gunicorn_master_pid
 from maskrcnn_serving.commands import serve
 from maskrcnn_serving.server import front
 from maskrcnn_serving.settings import Settings
+from testsupport.server import ServerProcess, children, gunicorn_master_pid
 
 NGINX = front.find_nginx()
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")

@@ -32,8 +32,8 @@ import pytest
 import requests
 from pycocotools import mask as mask_utils
 
-from maskrcnn_serving.bench.server import ServerProcess, ping
 from maskrcnn_serving.modeling.preprocess import resized_shape
+from testsupport.server import ServerProcess, ping
 
 # pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from maskrcnn_serving.settings import Limits, MiB, Settings
+
 # ---------------------------------------------------------------------------------------------------------- TIFF
 
 
@@ -229,8 +231,6 @@ def large_photo(image: np.ndarray, width: int = 8100, height: int = 6075, qualit
 # benchmarks/hostile_memory.py sends it to a 1-worker server and measures its memory and the longest request.
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-MAX_IMAGES = 16  # the server's default MODEL_SERVER_MAX_IMAGES
-MAX_REQUEST_BYTES = 6 * 1024 * 1024  # the server's default MODEL_SERVER_MAX_REQUEST_BYTES
 
 
 def png(image: np.ndarray) -> bytes:
@@ -276,14 +276,19 @@ class Case:
     kind: str = "input"
 
 
-def catalogue(scene: np.ndarray, photo: np.ndarray | None = None, large_images: bool = True) -> list[Case]:
+def catalogue(
+    scene: np.ndarray, photo: np.ndarray | None = None, large_images: bool = True, limits: Limits | None = None
+) -> list[Case]:
     """The request-level catalogue for a small BGR crop ``scene`` (every model call on it is cheap) and a larger
     ``photo`` (default ``scene``) for the cases that need a real photo's size (``large_images=False``: empty
-    stand-ins for those, which take seconds to encode; enough for the cases' names)."""
+    stand-ins for those, which take seconds to encode; enough for the cases' names). ``limits``: those of the server
+    the cases go to (default: the server's defaults); the cases about a limit are sized from them."""
     import base64
     import re
 
     photo = scene if photo is None else photo
+    limits = Settings().limits if limits is None else limits
+    max_images, max_pixels = limits.max_images, limits.max_image_pixels
     rgb = Image.fromarray(scene[:, :, ::-1])
     gray = cv2.cvtColor(scene, cv2.COLOR_BGR2GRAY)
     gray_as_bgr = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
@@ -317,7 +322,10 @@ def catalogue(scene: np.ndarray, photo: np.ndarray | None = None, large_images: 
     def costly(build, *args) -> bytes:  # files that take a while to build: stand-ins when only names are wanted
         return build(*args) if large_images else b"II*\x00"
 
-    big_blank = b64(costly(png_declaring, 7000, 5000))  # 35 M pixels, under the per-image limit
+    # 70 % of the pixel limit each (7000x5000 at the default 50 M): one is served, all of them are over the total.
+    blank_hw = (7000, max_pixels * 7 // 10 // 7000)
+    big_blank = b64(costly(png_declaring, *blank_hw))
+    bomb_hw = (10000, max_pixels * 6 // 5 // 10000)  # 20 % over the pixel limit (10000x6000 at the default)
     scene_webp = cv2.imencode(".webp", scene)[1].tobytes()
 
     def enlarged(width: int, height: int, quality: int = 90) -> bytes:
@@ -414,24 +422,24 @@ def catalogue(scene: np.ndarray, photo: np.ndarray | None = None, large_images: 
              raw(jpeg_repeated_scan(p12, 40, smallest_scan(p12)), "image/jpeg", params=boxes), 200,
              kind="decode-time"),
         Case("progressive JPEG of 48 MP (10 scans)", raw(p48, "image/jpeg", params=boxes), 200, kind="decode-time"),
-        Case("16 progressive JPEGs of 2 MP, 60 scans each (within the count, over the request's work)",
+        Case(f"{max_images} progressive JPEGs of 2 MP, 60 scans each (within the count, over the request's work)",
              {"json": [{"img_id": i, "img_data": b64(jpeg_repeated_scan(mid_progressive, 50,
                                                                         smallest_scan(mid_progressive)))}
-                       for i in range(MAX_IMAGES)]}, 422, "image_too_complex", kind="decode-time"),
+                       for i in range(max_images)]}, 422, "image_too_complex", kind="decode-time"),
         # -------------------------------------------------------------------------------------- sizes and shapes
         Case("1x1 image", raw(png(scene[:1, :1])), same_as=png(scene[:1, :1])),
         Case("1x3000 image", raw(png(np.tile(scene[:1, :200], (1, 15, 1))))),
         Case("3000x1 image", raw(png(np.tile(scene[:200, :1], (15, 1, 1))))),
         Case("2x5000 image", raw(png(np.zeros((2, 5000, 3), np.uint8)))),
-        Case("decompression bomb: PNG declaring 10000x6000", raw(costly(png_declaring, 10000, 6000)), 422,
+        Case("decompression bomb: PNG declaring {}x{}".format(*bomb_hw), raw(costly(png_declaring, *bomb_hw)), 422,
              "too_many_pixels", kind="pixels"),
         Case("decompression bomb: JPEG declaring 65500x65500", raw(jpeg_with_sof(scene_jpeg, 65500, 65500),
                                                                    "image/jpeg"), 422, "too_many_pixels",
              kind="pixels"),
         Case("decompression bomb: BMP declaring 30000x30000", raw(bmp_declaring(30000, 30000), "image/bmp"), 422,
              "too_many_pixels", kind="pixels"),
-        Case("16 images of 35 M pixels each in one list (over the total)",
-             {"json": [{"img_id": i, "img_data": big_blank} for i in range(MAX_IMAGES)]}, 422, "too_many_pixels",
+        Case(f"{max_images} images of {blank_hw[0] * blank_hw[1] // 10**6} M pixels each in one list (over the total)",
+             {"json": [{"img_id": i, "img_data": big_blank} for i in range(max_images)]}, 422, "too_many_pixels",
              kind="pixels"),
         Case("BMP declaring 5000x5000 with no pixel data", raw(bmp_declaring(5000, 5000), "image/bmp"), 400,
              "not_an_image"),
@@ -516,7 +524,7 @@ def catalogue(scene: np.ndarray, photo: np.ndarray | None = None, large_images: 
         Case("classes an object", doc(classes={"a": 1}), 400, "invalid_request"),
         Case("classes nested list", doc(classes=[[1]]), 400, "invalid_request"),
         Case("format a number", doc(format=3), 400, "invalid_request"),
-        Case("too many images in a list", {"json": [{"img_id": i, "img_data": "x"} for i in range(MAX_IMAGES + 1)]},
+        Case("too many images in a list", {"json": [{"img_id": i, "img_data": "x"} for i in range(max_images + 1)]},
              413, "too_many_images"),
         # ------------------------------------------------------------------------------- option values in range
         Case("score_threshold -0.1", doc(score_threshold=-0.1), 400, "invalid_request"),
@@ -558,10 +566,10 @@ def catalogue(scene: np.ndarray, photo: np.ndarray | None = None, large_images: 
                                             "headers": {"Content-Type": "application/json; charset=utf-16"}},
              same_as=scene_png),
         # ------------------------------------------------------------------------------------------- body limits
-        Case("declared body over the limit", raw(b"\xff" * (MAX_REQUEST_BYTES + 1), "image/jpeg"), 413,
+        Case("declared body over the limit", raw(b"\xff" * (limits.max_request_bytes + 1), "image/jpeg"), 413,
              "request_too_large"),
-        Case("chunked body over the limit", raw(Chunks([b"\xff" * (1 << 20)] * 7), "image/jpeg"), 413,
-             "request_too_large"),
+        Case("chunked body over the limit", raw(Chunks([b"\xff" * MiB] * (limits.max_request_bytes // MiB + 1)),
+                                                "image/jpeg"), 413, "request_too_large"),
         Case("chunked body within the limit", raw(Chunks([scene_png[:1000], scene_png[1000:]])), same_as=scene_png),
     ]
     for case in cases:

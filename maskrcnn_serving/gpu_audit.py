@@ -20,6 +20,10 @@ What it reports (:class:`GpuAuditReport`):
 
 The registry is what TensorFlow's placer consults, so the audit is exact about kernels; it cannot see what only a
 real device shows (memory, speed, cuDNN algorithm choice). ``benchmarks/gpu_check.sh`` measures those on a GPU.
+
+Any backend can be audited: it gives the graph of one forward call (:meth:`Backend.inference_graph
+<maskrcnn_serving.backends.base.Backend.inference_graph>`); load it with ``load_backend(..., for_gpu=True)`` to audit
+the configuration it would have on a GPU machine (e.g. ``mixed`` precision as float16, no Winograd).
 """
 
 from __future__ import annotations
@@ -29,14 +33,12 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, kernel_def_pb2, op_def_pb2
 from tensorflow.python.framework import kernels, op_def_registry
 
-if TYPE_CHECKING:
-    from maskrcnn_serving.backends.base import Backend
+from maskrcnn_serving.backends.base import Backend
 
 GPU_DEVICE_TYPES = ("GPU", "DEFAULT")
 XLA_GPU_DEVICE_TYPE = "XLA_GPU_JIT"
@@ -431,46 +433,14 @@ def audit_graph(
     )
 
 
-# ------------------------------------------------------------------------------------------------ the backends
-
-
-def load_backend_for_gpu(
-    backend_name: str,
-    model_dir: str | os.PathLike | None,
-    precision: str | None = None,
-    xla: bool | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Backend:
-    """The backend configured as it would be on a GPU machine, whatever this machine has: for ``optimized``,
-    ``mixed`` precision means float16 and ``MASKRCNN_WINOGRAD=auto`` means no Winograd (cuDNN picks its own
-    algorithms); settings not given come from ``environ`` (default ``os.environ``: ``MASKRCNN_XLA`` etc.)."""
-    from maskrcnn_serving.backends.base import get_backend_class
-    from maskrcnn_serving.model_dir import load_model_dir
-    from maskrcnn_serving.settings import Settings
-
-    bundle = load_model_dir(model_dir, environ)
-    if backend_name == "optimized":
-        from maskrcnn_serving.backends.optimized import OptimizedBackend
-
-        settings = Settings.from_env(os.environ if environ is None else environ, precision=precision, xla=xla)
-        return OptimizedBackend.from_bundle(bundle, settings, for_gpu=True)
-    if precision not in (None, "float32"):
-        raise ValueError(f"the {backend_name} backend computes in float32 only, not {precision}")
-    return get_backend_class(backend_name).from_bundle(bundle)
+# ------------------------------------------------------------------------------------------------ a backend
 
 
 def audit_backend(backend: Backend, batch_size: int = 1) -> GpuAuditReport:
-    """Audit the graph one ``predict`` call of ``backend`` runs: for ``optimized``, the traced concrete function of
-    ``detect_function(batch_size, with_embeddings=True)`` (with its nested and XLA-compiled functions: every op a
-    request may run); for ``tensorpack``, its session graph from every fetchable output back."""
-    if backend.name == "optimized":
-        function = backend.detect_function(batch_size, with_embeddings=True)  # every op a request may run
-        outputs = list(function.graph.outputs) + list(function.graph.control_outputs)
-        report = audit_graph(function.graph, outputs, "optimized", backend.network.compute_dtype.name)
-        report.details["batch_size"] = batch_size
-        report.details["winograd"] = backend.network.winograd
-        return report
-    if backend.name == "tensorpack":
-        graph, outputs = backend.inference_graph
-        return audit_graph(graph, outputs, "tensorpack", "float32")
-    raise ValueError(f"no GPU audit for the {backend.name!r} backend")
+    """Audit the graph one forward call of ``backend`` on ``batch_size`` images runs, search vectors included (every
+    op a request may run); the report's details are what shaped the graph (:class:`InferenceGraph
+    <maskrcnn_serving.backends.base.InferenceGraph>`)."""
+    inference = backend.inference_graph(batch_size)
+    report = audit_graph(inference.graph, inference.outputs, backend.name, inference.precision)
+    report.details.update(inference.details)
+    return report
