@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from maskrcnn_serving.commands import add_model_arguments
+from maskrcnn_serving.commands import add_model_arguments, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn_serving.checkpoint import describe
     from maskrcnn_serving.model_dir import load_model_dir
 
-    bundle = load_model_dir(args.model_dir)
+    bundle = load_model_dir(settings_from_args(args).model_dir)
     arch, cfg, inference = bundle.architecture, bundle.config, bundle.inference
     summary = {
         "model_dir": str(bundle.model_dir),
@@ -64,7 +64,7 @@ def run_gpu_audit(args: argparse.Namespace) -> int:
     from maskrcnn_serving.modeling.kernel_audit import audit_backend, load_backend_for_gpu
 
     try:
-        backend = load_backend_for_gpu(args.backend, args.model_dir, precision=args.precision)
+        backend = load_backend_for_gpu(args.backend, settings_from_args(args).model_dir, precision=args.precision)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
