@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,6 +184,7 @@ def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
     is free (the kernel's parent-death signal, server/process.py)."""
     server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=2, front="nginx").start()
     processes: dict[int, str] = {}
+    left_behind: list[Path] = []  # serve's temporary directories, which a killed serve cannot remove
     try:
         server.wait_ready(timeout=240)
         processes.update((pid, _command(pid)) for pid in _descendants(server.process.pid))
@@ -192,6 +194,10 @@ def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
         server_workers = server.worker_pids()
         assert server_workers < set(processes) and len(server_workers) == 2
         assert set(processes) == {master, *nginx, *server_workers}, processes
+        socket_path = processes[master].split("--bind unix:", 1)[1].split()[0]
+        metrics_dir = next(entry.split(b"=", 1)[1].decode() for entry in Path(f"/proc/{master}/environ").read_bytes()
+                           .split(b"\0") if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+        left_behind += [Path(socket_path).parent, Path(metrics_dir)]
         killed = time.monotonic()
         server.process.kill()  # serve alone: not its process group
         server.process.wait(timeout=10)
@@ -215,3 +221,5 @@ def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
         server.stop(graceful=False)
         for pid in filter(_running, processes):  # whatever a failure left behind
             os.kill(pid, signal.SIGKILL)
+        for directory in left_behind:
+            shutil.rmtree(directory, ignore_errors=True)
