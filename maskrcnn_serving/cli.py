@@ -15,17 +15,13 @@ import importlib
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
 
 import maskrcnn_serving
 from maskrcnn_serving.errors import ModelLoadError
+from maskrcnn_serving.native_stderr import native_stderr_captured
 
 # Modules under maskrcnn_serving.commands; each defines register(subparsers) -> None.
 COMMANDS = ("predict", "evaluate", "inspect", "serve", "bench", "export", "index")
-# How much of the captured native output a failed command shows.
-NATIVE_LOG_TAIL_BYTES = 16384
-_terminal_streams: list = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,33 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"maskrcnn_serving.commands.{name}").register(subparsers)
     return parser
-
-
-@contextlib.contextmanager
-def native_stderr_captured() -> Iterator[Callable[[], str]]:
-    """Send what native code writes to file descriptor 2 into a temporary file, while Python's ``sys.stderr``
-    (progress bars, messages, logs set up inside the block) writes to the terminal. Yields a function that returns
-    the captured tail. The terminal stream stays open afterwards: handlers created inside may still hold it."""
-    sys.stderr.flush()
-    terminal = os.dup(2)
-    capture = tempfile.TemporaryFile()
-    python_stderr = sys.stderr
-    sys.stderr = open(terminal, "w", buffering=1, encoding=python_stderr.encoding, errors="replace")  # noqa: SIM115
-    _terminal_streams.append(sys.stderr)  # kept open for good: log handlers made inside may still write to it
-    os.dup2(capture.fileno(), 2)
-
-    def tail() -> str:
-        capture.flush()
-        capture.seek(max(0, capture.seek(0, os.SEEK_END) - NATIVE_LOG_TAIL_BYTES))
-        return capture.read().decode(errors="replace")
-
-    try:
-        yield tail
-    finally:
-        sys.stderr.flush()
-        os.dup2(terminal, 2)
-        sys.stderr = python_stderr
-        capture.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ does (EXIF orientation applied, grayscale expanded, alpha dropped, 16-bit scaled
    processes), and an image that decodes to another size than its header declared is refused.
 3. **Refusals are 4xx.** Every decoder failure is 400 ``not_an_image``; too many pixels 422 ``too_many_pixels``;
    too much decoding work 422 ``image_too_complex``; OpenCV's out-of-memory error stays ``cv2.error`` for
-   :func:`maskrcnn_serving.server.guards.translate_resource_error` (422 ``insufficient_memory``).
+   :func:`maskrcnn_serving.errors.to_serving_error` (422 ``insufficient_memory``).
 4. **Within the deadline.** With a deadline, each decode runs on a decoder thread and the request waits for it at
    most until its deadline (504); the work of one decode is bounded by 2 and 3, so an abandoned decode ends soon.
 """
@@ -308,7 +308,7 @@ def _decode(header: ImageHeader) -> np.ndarray:
     try:
         image = cv2.imdecode(np.frombuffer(header.data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:
-        if exc.code == cv2.Error.StsNoMem:  # out of memory: guards.translate_resource_error answers 422
+        if exc.code == cv2.Error.StsNoMem:  # out of memory: errors.to_serving_error answers 422
             raise
         if "CV_IO_MAX_IMAGE" in str(exc):  # the decoder's own size limit (OPENCV_IO_MAX_IMAGE_PIXELS, ...)
             raise TooManyPixels(

@@ -73,10 +73,10 @@ class ModelBundle:
         return weight.reshape(channels, resolution, resolution, out_dim).transpose(1, 2, 0, 3).reshape(-1, out_dim)
 
 
-def resolve_model_dir(model_dir: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
-    """The explicit directory, else ``SM_MODEL_DIR``, else SageMaker's ``/opt/ml/model``."""
-    environ = os.environ if environ is None else environ
-    return Path(model_dir or environ.get("SM_MODEL_DIR") or DEFAULT_MODEL_DIR)
+def resolve_model_dir(model_dir: str | Path | None) -> Path:
+    """The directory, or SageMaker's ``/opt/ml/model`` for None. ``SM_MODEL_DIR`` is read with the other settings
+    (``Settings.model_dir``): callers pass that."""
+    return Path(model_dir or DEFAULT_MODEL_DIR)
 
 
 def _cross_check(config: ModelConfig, arch: Architecture, source: str) -> None:
@@ -121,9 +121,11 @@ def _class_names(config: ModelConfig, arch: Architecture) -> tuple[str, ...]:
 
 
 def load_model_dir(model_dir: str | Path | None = None, environ: Mapping[str, str] | None = None) -> ModelBundle:
-    """Load and validate a model directory; raise :class:`ModelLoadError` with a fixable message otherwise."""
+    """Load and validate a model directory (None: ``/opt/ml/model``); raise :class:`ModelLoadError` with a fixable
+    message otherwise. ``environ``: where the model config's overrides (``CONFIG__*``, ``RESNET_ARCH``) are read
+    (default: the process environment)."""
     environ = os.environ if environ is None else environ
-    directory = resolve_model_dir(model_dir, environ)
+    directory = resolve_model_dir(model_dir)
     config = load_config(directory if directory.is_dir() else None, environ)
     checkpoint_path = find_checkpoint(directory)
     tensors = read_checkpoint(checkpoint_path)

@@ -25,13 +25,10 @@ from dataclasses import dataclass, field
 
 from maskrcnn_serving.backends.base import PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline, exceeded
+from maskrcnn_serving.errors import SchedulerClosedError
 from maskrcnn_serving.structures import Detections
 
 ForwardFn = Callable[[Sequence[PreparedImage], PredictOptions], list[Detections]]
-
-
-class SchedulerClosedError(RuntimeError):
-    """The scheduler was closed; no new work is accepted."""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Every runtime setting of the server and the backends, typed, read once.
 
 One :class:`Settings` object holds what the ``SM_*``, ``MODEL_SERVER_*`` and ``MASKRCNN_*`` environment variables
-and the command-line flags say. Each field declares its variable, its parser and its help text, so the environment,
-the flags of ``maskrcnn-serving serve`` and the documentation cannot disagree. ``serve`` resolves the settings in
-the gunicorn master (flags win over the environment) and hands them to the workers as environment variables
-(:meth:`Settings.to_env`), which each worker reads back with :meth:`Settings.from_env`.
+(and prometheus_client's ``PROMETHEUS_MULTIPROC_DIR``) and the command-line flags say. Each field declares its
+variable, its parser and its help text, so the environment, the flags of ``maskrcnn-serving serve`` and the
+documentation cannot disagree. ``serve`` resolves the settings (flags win over the environment) and hands them to its
+children as environment variables (:meth:`Settings.to_env`), which each child reads back once with
+:meth:`Settings.from_env`; gunicorn's workers inherit their master's (:mod:`maskrcnn_serving.server.process`). No
+other module reads these variables.
 
 The model's own configuration (tensorpack keys, ``config.json``, ``CONFIG__*``) is not here: see
 :mod:`maskrcnn_serving.config`.
@@ -107,6 +109,10 @@ class Settings:
         "or a Milvus URL; see docs/instance-search.md.", flag=True)
     index_collection: str = _setting(
         "instances", "MODEL_SERVER_INDEX_COLLECTION", str, "Index name in the --index database.", flag=True)
+    metrics_dir: str | None = _setting(
+        None, "PROMETHEUS_MULTIPROC_DIR", _optional_str,
+        "Directory where every worker writes its Prometheus samples for GET /metrics to sum (prometheus_client's "
+        "own variable, read when it loads); serve makes a fresh one for its run when it is unset.")
     precision: str = _setting(
         "float32", "MASKRCNN_PRECISION", str,
         "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "

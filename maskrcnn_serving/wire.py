@@ -223,10 +223,7 @@ def parse_request(
 ) -> ParsedRequest:
     """Parse an ``/invocations`` body into images with validated options (no image is decoded yet)."""
     if len(body) > limits.max_request_bytes:
-        raise RequestTooLarge(
-            f"The request body is over the limit of {limits.max_request_bytes} bytes. Send a smaller "
-            "image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES."
-        )
+        raise RequestTooLarge.over_limit(limits.max_request_bytes)
     base = defaults
     if custom_attributes:
         base = parse_options(dict(parse_qsl(custom_attributes)), base, class_names, True, has_masks)

@@ -16,6 +16,7 @@ from checkpoint_factory import (
 from maskrcnn_serving.checkpoint import expected_variables, find_checkpoint, is_training_name
 from maskrcnn_serving.errors import ModelLoadError
 from maskrcnn_serving.model_dir import load_model_dir
+from maskrcnn_serving.settings import Settings
 
 
 def zero_weights(arch, dtype=np.float32):
@@ -197,4 +198,5 @@ def test_training_names():
 def test_sm_model_dir_is_the_default(small_dir):
     tmp_path, arch, weights = small_dir
     write_npz(tmp_path / "model.npz", weights)
-    assert load_model_dir(None, environ={"SM_MODEL_DIR": str(tmp_path)}).architecture == arch
+    assert load_model_dir(Settings.from_env({"SM_MODEL_DIR": str(tmp_path)}).model_dir,
+                          environ={}).architecture == arch

@@ -28,7 +28,7 @@ def test_every_variable_is_read_and_round_trips_through_the_environment():
         "MODEL_SERVER_INDEX_COLLECTION": "photos", "MODEL_SERVER_FRONT": "none",
         "MODEL_SERVER_MEMORY_RETURN_MB": "64", "MASKRCNN_PRECISION": "bfloat16", "MASKRCNN_WINOGRAD": "0",
         "MASKRCNN_XLA": "yes", "MASKRCNN_MAX_BATCH_SIZE": "4", "MASKRCNN_BUCKET_STEP": "128",
-        "MASKRCNN_MAX_BATCH_DELAY_MS": "2.5",
+        "MASKRCNN_MAX_BATCH_DELAY_MS": "2.5", "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
     }
     settings = Settings.from_env(environ)
     assert {spec.metadata["env"] for spec in dataclasses.fields(Settings)} == set(environ)

@@ -122,7 +122,12 @@ class Backend(ABC):
     @property
     def embedding_dim(self) -> int:
         """Length of an instance's search vector (``embeddings=True``): FPN channels + classes + 1."""
-        architecture = self.bundle.architecture
+        return self.embedding_dim_of(self.bundle)
+
+    @staticmethod
+    def embedding_dim_of(bundle: ModelBundle) -> int:
+        """:attr:`embedding_dim` of ``bundle``'s model, without building the network (``serve``'s model check)."""
+        architecture = bundle.architecture
         return embedding_dim(architecture.fpn_channels, architecture.num_categories)
 
     @property
@@ -207,14 +212,15 @@ def load_backend(
     environ: Mapping[str, str] | None = None,
     for_gpu: bool | None = None,
 ) -> Backend:
-    """Load ``model_dir`` (None: ``SM_MODEL_DIR`` or ``/opt/ml/model``) with the backend registered as ``name``.
+    """Load ``model_dir`` (None: the settings' ``model_dir``, ``SM_MODEL_DIR`` or ``/opt/ml/model``) with the backend
+    registered as ``name``.
 
-    ``environ``: where the model config's overrides (``CONFIG__*``, ``RESNET_ARCH``), ``SM_MODEL_DIR`` and, when
-    ``settings`` is None, the ``MASKRCNN_*`` settings are read (default: the process environment).
+    ``environ``: where the model config's overrides (``CONFIG__*``, ``RESNET_ARCH``) and, when ``settings`` is None,
+    the settings are read (default: the process environment).
     ``settings``: how the backend computes (precision, batch size, ...); ValueError if the backend cannot run with
     them. ``for_gpu``: configure as for a machine with or without a GPU (see :meth:`Backend.from_bundle`).
     """
     backend_class = get_backend_class(name)
     environ = os.environ if environ is None else environ
     settings = settings if settings is not None else Settings.from_env(environ)
-    return backend_class.from_bundle(load_model_dir(model_dir, environ), settings, for_gpu)
+    return backend_class.from_bundle(load_model_dir(model_dir or settings.model_dir, environ), settings, for_gpu)

@@ -194,10 +194,10 @@ def _open(settings, environ: dict[str, str], label: str):
     return open_pipeline(settings, environ=environ)
 
 
-def _model_description(pipeline, model_dir: str | None, options: dict, config_overrides: list) -> dict:
+def _model_description(pipeline, options: dict, config_overrides: list) -> dict:
     bundle = pipeline.backend.bundle
     return {
-        "dir": str(model_dir) if model_dir else os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
+        "dir": str(bundle.model_dir),
         "backend": pipeline.backend.name,
         "backend_options": options,
         "compute": pipeline.backend.description,
@@ -255,7 +255,7 @@ def run_model(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     report = bench_model(workload, bench_settings, progress)
-    report["model"] = _model_description(pipeline, args.model_dir, options, args.config)
+    report["model"] = _model_description(pipeline, options, args.config)
     report["model"]["format"] = args.format
     report["detections"] = args.detections
     report["score_threshold"] = args.score_threshold

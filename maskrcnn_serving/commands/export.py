@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+from maskrcnn_serving.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn_serving.model_dir import load_model_dir
     from maskrcnn_serving.modeling.saved_model import export_saved_model
 
-    bundle = load_model_dir(args.model_dir)
+    bundle = load_model_dir(Settings.from_env(os.environ, model_dir=args.model_dir).model_dir)
     try:
         output = export_saved_model(bundle, args.output)
     except FileExistsError as exc:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from maskrcnn_serving.checkpoint import describe
     from maskrcnn_serving.model_dir import load_model_dir
 
-    bundle = load_model_dir(args.model_dir)
+    bundle = load_model_dir(settings_from_args(args).model_dir)
     arch, cfg, inference = bundle.architecture, bundle.config, bundle.inference
     summary = {
         "model_dir": str(bundle.model_dir),

@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from maskrcnn_serving.errors import DatabaseError
+
 log = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("http", "https", "tcp", "grpc")
 START_TIMEOUT_SECONDS = 60.0
-
-
-class DatabaseError(Exception):
-    """The ``--db`` value cannot be used; the message says why. Nothing was written."""
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from maskrcnn_serving.search.database import DatabaseError, connect
+from maskrcnn_serving.errors import DatabaseError, DimensionMismatch
+from maskrcnn_serving.search.database import connect
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ HNSW_EF = 64
 MAX_TEXT = 65535  # Milvus VARCHAR limit
 MAX_PATH = 4096
 _INSTANCE_FIELDS = ["image", "bbox", "category", "category_id", "score"]
-
-
-class DimensionMismatch(DatabaseError):
-    """The collection holds vectors of another length than this model's."""
 
 
 @dataclass(frozen=True)

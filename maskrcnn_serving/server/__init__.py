@@ -1,5 +1,7 @@
 """The HTTP server (``maskrcnn-serving serve``): SageMaker's serving contract over the inference pipeline.
 
+* :mod:`.process`: the processes of ``serve``: the model check, gunicorn and nginx, supervised, dying with it;
+* :mod:`.front`: nginx in front of gunicorn (its config from the settings);
 * :mod:`.app`: the Flask app of one worker: routes, errors -> HTTP (one handler), request logs and metrics;
 * :mod:`.runtime`: the model lifecycle of one worker: load, warm up, readiness, the pipeline it serves;
 * :mod:`.guards`: what keeps one request's trouble inside that request (body reading, memory);

@@ -7,9 +7,9 @@ SageMaker forwards only ``/ping`` and ``/invocations``; the other routes are for
 
 The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), the HTTP codec
 (:mod:`maskrcnn_serving.wire`) parses it, and the worker's :class:`~maskrcnn_serving.pipeline.Pipeline` (owned by
-:class:`~.runtime.ModelRunner`) runs it and has the codec write the answer. Errors become
-HTTP responses in one handler, from the classes of :mod:`maskrcnn_serving.errors`; every request is measured per
-stage and logged as one JSON line with its request id.
+:class:`~.runtime.ModelRunner`) runs it and has the codec write the answer. Errors become HTTP responses in one
+handler, through :func:`maskrcnn_serving.errors.to_serving_error`; every request is measured per stage and logged as
+one JSON line with its request id.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from werkzeug.exceptions import HTTPException
 
 from maskrcnn_serving import wire
 from maskrcnn_serving.deadline import Deadline
-from maskrcnn_serving.errors import InternalError, NotFound, NotReady, ServingError, error_body, error_for_status
+from maskrcnn_serving.errors import InternalError, NotFound, NotReady, ServingError, error_body, to_serving_error
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
 from maskrcnn_serving.server import metrics
-from maskrcnn_serving.server.guards import read_body, translate_resource_error
+from maskrcnn_serving.server.guards import read_body
 from maskrcnn_serving.server.runtime import ModelRunner
 from maskrcnn_serving.server.web import register_page
 from maskrcnn_serving.settings import Limits, MiB, Settings
@@ -91,9 +91,9 @@ def error_response(error: ServingError) -> Response:
     return response
 
 
-def create_app(settings: Settings | None = None, runner: ModelRunner | None = None) -> Flask:
-    """The Flask app of one worker. Without ``runner``, starts loading ``settings.model_dir`` in the background."""
-    settings = settings or Settings.from_env(os.environ)
+def create_app(settings: Settings, runner: ModelRunner | None = None) -> Flask:
+    """The Flask app of one worker with the server's ``settings`` (read once, by the gunicorn master: see
+    :mod:`.process`). Without ``runner``, starts loading ``settings.model_dir`` in the background."""
     if runner is None:
         runner = ModelRunner(settings).start(background=True)
     app = Flask("maskrcnn_serving", static_folder=None)  # the page's files: server/web.py, by exact name only
@@ -133,24 +133,19 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
 
     @app.errorhandler(Exception)
     def _handle_error(exc: Exception) -> Response:
-        if isinstance(exc, HTTPException):  # werkzeug's own: unknown route, wrong method
-            error = error_for_status(exc.code or 500)(exc.description or exc.name or "error")
-            response = error_response(error)
-            for name, value in exc.get_headers():  # e.g. Allow on 405
+        request_id = g.get("request_id", "-")
+        error = to_serving_error(exc, request_id)
+        response = error_response(error)
+        if isinstance(exc, HTTPException):  # werkzeug's own (unknown route, wrong method): keep e.g. Allow on 405
+            for name, value in exc.get_headers():
                 if name.lower() != "content-type":
                     response.headers[name] = value
-            return response
-        error = exc if isinstance(exc, ServingError) else translate_resource_error(exc)
-        if error is None:
-            request_id = g.get("request_id", "-")
+        elif isinstance(error, InternalError) and error is not exc:  # a fault: the details go to the log only
             log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id}})
-            error = InternalError(
-                f"Internal server error; the server log has the details under request id {request_id}."
-            )
-        elif not isinstance(exc, ServingError):  # out of memory: this request fails, the worker lives
-            log.warning("resource exhausted", exc_info=exc, extra={"fields": {"request_id": g.get("request_id")}})
+        elif error is not exc:  # out of memory: this request fails, the worker lives
+            log.warning("resource exhausted", exc_info=exc, extra={"fields": {"request_id": request_id}})
         g.log_fields = {**g.get("log_fields", {}), "error_code": error.code}
-        return error_response(error)
+        return response
 
     def _require_ready(wait: float) -> None:
         if not runner.wait_ready(wait):
@@ -185,7 +180,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
 
     @app.get("/metrics")
     def metrics_route() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(settings.metrics_dir)
         return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
     @app.get("/model")

@@ -3,13 +3,15 @@
 nginx owns the client connections and hands gunicorn (on a unix socket) only complete, valid requests: it reads
 headers and bodies (chunked too) itself, so a slow or stalled client holds an nginx connection (thousands are cheap)
 instead of one of gunicorn's few request threads; it enforces the body limit (413) and the header and line limits,
-with the server's timeouts; it answers its own errors in the server's JSON format (:mod:`maskrcnn_serving.errors`);
+with the server's timeouts; it answers its own errors in the server's JSON format (each of its error statuses goes
+through :func:`maskrcnn_serving.errors.to_serving_error`, as gunicorn's and the app's do);
 and it buffers each answer, so slow readers cost no thread either. Settings come from :class:`Settings`; the config
 is ``nginx.conf.template`` beside this module.
 
 * :func:`choose`: which front ``MODEL_SERVER_FRONT`` asks for (``auto``: nginx when it is installed);
 * :func:`render_config`: the nginx config for the server's settings;
-* :class:`NginxFront`: nginx as a child process of ``serve`` (start, graceful stop, liveness).
+* :class:`NginxFront`: nginx as a child process of ``serve`` (start, graceful stop, liveness); the supervisor is
+  :mod:`maskrcnn_serving.server.process`.
 """
 
 from __future__ import annotations
@@ -22,21 +24,18 @@ import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from maskrcnn_serving.errors import (
-    BadGateway,
-    BadHttpRequest,
     ClientTimeout,
-    DeadlineExceeded,
-    HeadersTooLarge,
-    InternalError,
-    MethodNotAllowed,
-    NotFound,
+    FrontError,
+    HttpStatusError,
     RequestTooLarge,
     ServingError,
     error_body,
+    to_serving_error,
 )
 from maskrcnn_serving.settings import Settings
 
@@ -48,10 +47,6 @@ BODY_BUFFER_BYTES = 256 * 1024  # bodies beyond this are spooled to a temp file 
 RESPONSE_BUFFER_BYTES = 64 * 1024
 UPSTREAM_TIMEOUT_MARGIN = 5  # seconds over MODEL_SERVER_TIMEOUT before nginx gives up on gunicorn
 ERROR_PAGE_PREFIX = "/__maskrcnn_errors/"  # internal locations of nginx's own JSON answers
-
-
-class FrontError(RuntimeError):
-    """The requested front cannot run (nginx missing, or its config refused)."""
 
 
 def find_nginx() -> str | None:
@@ -83,28 +78,29 @@ def nginx_version(binary: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(1).split(".")) if match else (0,)
 
 
-# nginx's own answers -> the error the client gets (status, code and message from errors.py). nginx says 494 for a
-# header field over large_client_header_buffers; 414 for a request line over them.
+# What nginx's own error statuses tell the client; the error (its code, and the status sent) is the one
+# errors.to_serving_error gives for the status. nginx says 494 for a header field over large_client_header_buffers,
+# 414 for a request line over them.
+NGINX_MESSAGES = {
+    400: "The request is not valid HTTP (refused by the server's HTTP front).",
+    404: "No such route.",
+    405: "The method is not allowed.",
+    411: "The request has a body but no length.",
+    414: "The request line is too long.",
+    494: "A request header field is too long.",
+    500: "Internal server error in the HTTP front.",
+    501: "The request uses a transfer coding the server does not support.",
+    502: "No server worker could answer the request (one died or is restarting); retry it.",
+    504: "The request did not finish in time; the server's worker did not answer.",
+    505: "The HTTP version is not supported.",
+}
+
+
 def _error_pages(settings: Settings) -> list[tuple[int, ServingError]]:
-    return [
-        (400, BadHttpRequest("The request is not valid HTTP (refused by the server's HTTP front).")),
-        (404, NotFound("No such route.")),
-        (405, MethodNotAllowed("The method is not allowed.")),
-        (408, ClientTimeout(
-            "The request stopped arriving before it was complete (MODEL_SERVER_CLIENT_TIMEOUT seconds without "
-            "data).")),
-        (411, BadHttpRequest("The request has a body but no length.")),
-        (413, RequestTooLarge(
-            f"The request body is over the limit of {settings.max_request_bytes} bytes. Send a smaller image (or "
-            "fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES.")),
-        (414, BadHttpRequest("The request line is too long.")),
-        (494, HeadersTooLarge("A request header field is too long.")),
-        (500, InternalError("Internal server error in the HTTP front.")),
-        (501, BadHttpRequest("The request uses a transfer coding the server does not support.")),
-        (502, BadGateway("No server worker could answer the request (one died or is restarting); retry it.")),
-        (504, DeadlineExceeded("The request did not finish in time; the server's worker did not answer.")),
-        (505, BadHttpRequest("The HTTP version is not supported.")),
-    ]
+    """nginx's error statuses and the error answered for each (the stalled request and the body limit have their
+    errors' own messages, as the workers answer them)."""
+    pages = [(status, to_serving_error(HttpStatusError(status, message))) for status, message in NGINX_MESSAGES.items()]
+    return [*pages, (408, ClientTimeout.stalled()), (413, RequestTooLarge.over_limit(settings.max_request_bytes))]
 
 
 def _nginx_string(text: str) -> str:
@@ -174,8 +170,10 @@ class NginxFront:
         if result.returncode != 0:
             raise FrontError(f"nginx refused its config: {result.stderr.strip()[-2000:]}")
 
-    def start(self) -> NginxFront:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> NginxFront:
+        """Start nginx; ``preexec_fn`` runs in the child before nginx is executed (the supervisor makes nginx die
+        with it)."""
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
         return self
 
     def poll(self) -> int | None:

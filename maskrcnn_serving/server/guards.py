@@ -8,9 +8,9 @@
   -- their main loop keeps the heartbeat -- so without this a stuck request would hang until the client gives up.)
 * **Memory.** ``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB`` (off by default) caps each worker's data segment at its
   size after the warm-up plus the headroom (``RLIMIT_DATA``), so an allocation that would push the container into the
-  kernel's OOM killer (which kills a whole worker, or the master) fails inside the one request that made it.
-  :func:`translate_resource_error` turns such failures (``MemoryError``, OpenCV's "insufficient memory", TensorFlow's
-  ``ResourceExhaustedError``) into a 422 ``insufficient_memory`` JSON answer. The first line of defence stays the
+  kernel's OOM killer (which kills a whole worker, or the master) fails inside the one request that made it, and
+  :func:`maskrcnn_serving.errors.to_serving_error` answers such failures (``MemoryError``, OpenCV's "insufficient
+  memory", TensorFlow's ``ResourceExhaustedError``) 422 ``insufficient_memory``. The first line of defence stays the
   pixel limit (``MODEL_SERVER_MAX_IMAGE_PIXELS``), checked before anything is decoded.
 * **Memory given back.** After a request, a worker that holds more than its warm size (measured after the warm-up)
   plus ``MODEL_SERVER_MEMORY_RETURN_MB`` asks the allocator to give its free pages back to the kernel
@@ -21,7 +21,8 @@
   (bounded in bytes and time, like nginx's lingering close) before the 413, so that a client that sends its whole
   body before reading (Python's ``http.client``, curl) gets the JSON error instead of a reset connection. A body
   that stops arriving for ``MODEL_SERVER_CLIENT_TIMEOUT`` seconds (the socket timeout of
-  :mod:`maskrcnn_serving.server.gunicorn_worker`) is a 408.
+  :mod:`maskrcnn_serving.server.gunicorn_worker`) is a 408, a malformed or cut one a 400 (``to_serving_error`` with
+  ``reading_body``).
 """
 
 from __future__ import annotations
@@ -35,24 +36,13 @@ import threading
 import time
 from typing import BinaryIO
 
-from maskrcnn_serving.errors import ClientTimeout, InsufficientMemory, MalformedBody, RequestTooLarge, ServingError
+from maskrcnn_serving.errors import RequestTooLarge, to_serving_error
 
 log = logging.getLogger("maskrcnn_serving.guards")
 
 # An oversized body is read and thrown away up to this many bytes (then the connection is closed unread).
 DRAIN_MAX_BYTES = 64 << 20
 _DRAIN_CHUNK = 1 << 16
-
-
-def body_read_error(exc: OSError) -> ServingError:
-    """The answer when reading the request body fails: 408 when the client stalled (the socket timeout), 400 when
-    the body is malformed or cut short (gunicorn raises a bad chunk size or an early close as ``IOError``)."""
-    if isinstance(exc, TimeoutError):
-        return ClientTimeout(
-            "The request body stopped arriving before it was complete (MODEL_SERVER_CLIENT_TIMEOUT seconds without "
-            "data)."
-        )
-    return MalformedBody(f"The request body is malformed or incomplete ({type(exc).__name__}).")
 
 
 def drain(stream: BinaryIO, max_bytes: int, max_seconds: float) -> int:
@@ -70,46 +60,23 @@ def drain(stream: BinaryIO, max_bytes: int, max_seconds: float) -> int:
 
 
 def read_body(stream: BinaryIO, declared: int | None, limit: int, drain_seconds: float) -> bytes:
-    """The request body, at most ``limit`` bytes; 413 (after draining) when it is declared or found larger."""
-    too_large = RequestTooLarge(
-        f"The request body has {declared if declared is not None else 'more than ' + str(limit)} bytes; the limit "
-        f"is {limit}. Send a smaller image (or fewer images per request), or raise MODEL_SERVER_MAX_REQUEST_BYTES."
-    )
+    """The request body, at most ``limit`` bytes; 413 (after draining) when it is declared or found larger, 408 when
+    it stalls, 400 when it is malformed or cut short (gunicorn raises a bad chunk size or an early close as
+    ``IOError``)."""
     try:
         if declared is not None and declared > limit:
             drain(stream, DRAIN_MAX_BYTES, drain_seconds)
-            raise too_large
+            raise RequestTooLarge.over_limit(limit, declared)
         body = stream.read(limit + 1)
     except OSError as exc:  # a stalled client (the socket timeout), a malformed chunk, an early close
-        raise body_read_error(exc) from None
+        raise to_serving_error(exc, reading_body=True) from None
     if len(body) > limit:
         drain(stream, DRAIN_MAX_BYTES, drain_seconds)
-        raise too_large
+        raise RequestTooLarge.over_limit(limit)
     return body
 
 
 # ----------------------------------------------------------------------------------------------------- memory
-
-
-def translate_resource_error(exc: BaseException) -> ServingError | None:
-    """The JSON error for an exhausted resource (None for anything else, which stays a 500)."""
-    if isinstance(exc, MemoryError) or _is_cv2_out_of_memory(exc) or _is_tf_resource_exhausted(exc):
-        return InsufficientMemory(
-            "Processing this image needs more memory than this worker may use. Send a smaller image (fewer pixels) "
-            "or fewer images per request."
-        )
-    return None
-
-
-def _is_cv2_out_of_memory(exc: BaseException) -> bool:
-    import cv2
-
-    return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
-
-
-def _is_tf_resource_exhausted(exc: BaseException) -> bool:
-    # Checked by name: the server must not import TensorFlow just to classify an error.
-    return any(cls.__name__ == "ResourceExhaustedError" for cls in type(exc).__mro__)
 
 
 def _data_segment_bytes() -> int:

@@ -8,7 +8,8 @@
   to a request with a body the connection is closed (the rest of the body may be unread).
 * **JSON everywhere.** Requests gunicorn refuses before the app sees them (a request line or headers over its
   limits, malformed HTTP) are answered with the server's JSON error body instead of gunicorn's HTML page, with the
-  same 4xx status. An unsupported ``Transfer-Encoding`` (gunicorn: 501) is answered 400: it is the client's error.
+  error :func:`maskrcnn_serving.errors.to_serving_error` gives for gunicorn's status (the same 4xx; an unsupported
+  ``Transfer-Encoding``, gunicorn's 501, is the client's error: 400).
 * **Bounded chunked framing.** gunicorn reads a chunk-size line (and the trailer section) by searching a growing
   buffer for its end, with no length limit: quadratic time, and a line of any length (a chunk size followed by a
   24 MB extension took 33 s of CPU, outside the body limit). :class:`BoundedChunkedReader` reads those lines in
@@ -16,11 +17,14 @@
   trailer parse errors (invalid names, NUL, obs-fold, too many or too long fields: exceptions the body reader's
   caller never expected, so 500s) into an ``OSError`` like its other framing errors, which
   :func:`maskrcnn_serving.server.guards.read_body` answers 400 ``malformed_body``.
+
+The worker's settings are the server's, read once by the gunicorn master (its application,
+:class:`maskrcnn_serving.server.process.GunicornApplication`, carries them into every worker it forks).
 """
 
 from __future__ import annotations
 
-import os
+from http import HTTPStatus
 
 from gunicorn import util
 from gunicorn.http import message as gunicorn_message
@@ -28,20 +32,19 @@ from gunicorn.http.body import ChunkedReader
 from gunicorn.http.errors import InvalidChunkSize, NoMoreData, ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
-from maskrcnn_serving.errors import error_body, error_for_status
+from maskrcnn_serving.errors import HttpStatusError, MalformedChunkedBody, error_body, to_serving_error
 from maskrcnn_serving.server import guards
-from maskrcnn_serving.settings import Settings
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
-    """Drop-in for ``gunicorn.util.write_error``: the same status line, a JSON body."""
-    if status_int == 501:
-        status_int, reason = 400, "Bad Request"
-    message = "Internal server error." if status_int >= 500 else (mesg or reason)
-    body = error_body(error_for_status(status_int).code, message)
+    """Drop-in for ``gunicorn.util.write_error``: the server's error for gunicorn's status, as JSON. gunicorn's
+    message is shown when the answer is a 4xx (it says what is wrong with the request), never for a 5xx (it may hold
+    internals)."""
+    error = to_serving_error(HttpStatusError(status_int, mesg or reason))
+    body = error_body(error.code, error.message if error.status < 500 else "Internal server error.")
     head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode("latin-1")
     util.write_nonblock(sock, head + body)
 
@@ -69,10 +72,6 @@ def _close_after_body_errors(app):
 MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions (nginx reads chunk lines of any length)
 MAX_CHUNK_FRAMING_BYTES = 1 << 20  # chunk-size lines and trailers of one body together
 MAX_TRAILER_BYTES = 8190  # the trailer section (gunicorn's limit for one header field)
-
-
-class MalformedChunkedBody(OSError):
-    """Chunked framing over its limits, or a malformed trailer section."""
 
 
 class BoundedChunkedReader(ChunkedReader):
@@ -141,7 +140,7 @@ class GuardedThreadWorker(ThreadWorker):
     docstring)."""
 
     def init_process(self) -> None:
-        self.client_timeout = Settings.from_env(os.environ).client_timeout
+        self.client_timeout = self.app.settings.client_timeout  # the master's settings (module docstring)
         util.write_error = write_json_error  # the one function gunicorn's handle_error writes its pages with
         gunicorn_message.ChunkedReader = BoundedChunkedReader  # the name Request.set_body_reader instantiates
         super().init_process()

@@ -9,7 +9,9 @@ from typing import Any
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, pid, message, and any ``extra={"fields": {...}}``."""
+    """One JSON object per line: time (UTC), level, logger, pid, message, and any ``extra={"fields": {...}}``."""
+
+    converter = time.gmtime  # the time is written with a Z
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -29,7 +31,6 @@ def configure_logging(level: str = "INFO") -> None:
     """Structured (JSON lines) logs on stderr for the server process and its workers."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
-    handler.formatter.converter = time.gmtime
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,13 +1,13 @@
 """Prometheus metrics of the server (``GET /metrics``), correct across gunicorn worker processes.
 
-With several workers, ``maskrcnn-serving serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any
-worker starts; each worker then writes its samples there and ``/metrics`` aggregates all of them, whichever worker
-answers. Without that variable (a single process, tests) the process's default registry is used.
+``maskrcnn-serving serve`` gives its processes a metrics directory (``Settings.metrics_dir``, the variable
+``PROMETHEUS_MULTIPROC_DIR``, which prometheus_client reads when it is first imported to choose where samples are
+kept: so it is in the gunicorn master's environment from its start, see :mod:`.process`). Each worker then writes its
+samples there and :func:`render` sums all of them, whichever worker answers. Without a directory (a single process,
+tests) the process's default registry is used.
 """
 
 from __future__ import annotations
-
-import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,10 +37,17 @@ IMAGES = Counter("maskrcnn_images", "Images run through the model.")
 DETECTIONS = Counter("maskrcnn_detections", "Detections returned to clients.")
 
 
-def render() -> tuple[bytes, str]:
-    """The Prometheus text exposition of every worker's metrics, and its content type."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def render(directory: str | None) -> tuple[bytes, str]:
+    """The Prometheus text exposition and its content type: of every process that wrote to ``directory`` (the
+    settings' ``metrics_dir``), or of this process when None."""
+    if directory:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=directory)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def forget_process(pid: int, directory: str) -> None:
+    """A worker ``pid`` exited: drop its live-only samples from ``directory`` (gauges of live processes; its counts
+    and histograms stay in the sums). The gunicorn master calls it when a worker exits."""
+    multiprocess.mark_process_dead(pid, directory)

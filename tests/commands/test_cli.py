@@ -1,6 +1,6 @@
 """The ``maskrcnn-serving`` entry point: load errors, and TensorFlow's native start-up noise kept out of sight."""
 
-from maskrcnn_serving import cli
+from maskrcnn_serving import cli, native_stderr
 
 
 def test_cli_reports_load_errors(tmp_path, example_images, capsys):
@@ -15,7 +15,7 @@ def test_native_stderr_is_captured_while_python_stderr_reaches_the_terminal(capf
     import sys
 
     before = sys.stderr
-    with cli.native_stderr_captured() as native_tail:
+    with native_stderr.native_stderr_captured() as native_tail:
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")  # what TensorFlow's C++ code does
         print("predict: 100%", file=sys.stderr)
         assert "oneDNN" in native_tail()

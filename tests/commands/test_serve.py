@@ -8,6 +8,7 @@ import pytest
 
 from maskrcnn_serving import cli
 from maskrcnn_serving.commands import serve
+from maskrcnn_serving.server import process
 from maskrcnn_serving.settings import Settings
 
 
@@ -24,10 +25,11 @@ def test_flags_win_over_the_environment_and_reach_the_workers():
                                                                                                   1000)
     assert settings.xla is True and settings.model_dir == "/models/a"
     assert settings.deadline_seconds == 27.0  # 90 % of the timeout
-    env = serve.worker_environment(settings, environ)
+    env = process.worker_environment(settings, environ)
     assert Settings.from_env(env) == settings  # what each worker reads back after the fork
     assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # workers sharing a GPU never take all of it
-    assert "TF_FORCE_GPU_ALLOW_GROWTH" not in serve.worker_environment(settings, {"TF_FORCE_GPU_ALLOW_GROWTH": "false"})
+    assert "TF_FORCE_GPU_ALLOW_GROWTH" not in process.worker_environment(settings,
+                                                                         {"TF_FORCE_GPU_ALLOW_GROWTH": "false"})
 
 
 def test_malformed_settings_are_refused_before_anything_starts(capsys):

@@ -1,6 +1,6 @@
 """Unit tests of the guards' logic (the end-to-end behaviour is in test_faults.py on a real server): deadline
-derivation, the scheduler's deadlines (queueing, one batch at a time), body reading and draining, error translation,
-gunicorn's JSON error pages."""
+derivation, the scheduler's deadlines (queueing, one batch at a time), body reading and draining, gunicorn's JSON
+error pages. The translation of errors is tested in tests/test_errors.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from maskrcnn_serving.backends.base import PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
-from maskrcnn_serving.errors import DeadlineExceeded
+from maskrcnn_serving.errors import DeadlineExceeded, to_serving_error
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.server import guards
 from maskrcnn_serving.server.gunicorn_worker import write_json_error
@@ -135,19 +135,6 @@ def test_deadline_checks_name_the_stage():
         Deadline.after(-1.0).check("decoding")
 
 
-def test_resource_errors_become_422_and_others_stay_500():
-    assert guards.translate_resource_error(MemoryError()).status == 422
-    assert guards.translate_resource_error(MemoryError()).code == "insufficient_memory"
-    assert guards.translate_resource_error(ValueError("x")) is None
-    assert guards.translate_resource_error(RuntimeError("out of memory?")) is None
-
-
-def test_body_read_errors():
-    assert guards.body_read_error(TimeoutError()).status == 408
-    malformed = guards.body_read_error(OSError("Invalid chunk size"))
-    assert malformed.status == 400 and malformed.code == "malformed_body"
-
-
 def test_bodies_over_the_limit_are_drained_before_the_413():
     assert guards.read_body(io.BytesIO(b"x" * 10), 10, 10, 1.0) == b"x" * 10
     for declared in (None, 30):  # chunked (no length), or a declared length over the limit
@@ -218,7 +205,7 @@ def test_malformed_chunked_framing_is_a_400_in_linear_time(framing, monkeypatch)
     start = time.process_time()
     outcome = _chunked_body(framing, pieces=max(1, len(framing) // 8192), monkeypatch=monkeypatch)
     assert isinstance(outcome, OSError), outcome
-    error = guards.body_read_error(outcome)
+    error = to_serving_error(outcome, reading_body=True)
     assert error.status == 400 and error.code == "malformed_body"
     assert time.process_time() - start < 2.0
 

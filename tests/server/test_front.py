@@ -1,20 +1,17 @@
 """The HTTP front (server/front.py): which front ``serve`` chooses, the nginx config rendered from the settings
-(checked by the real nginx), and ``serve`` supervising nginx and gunicorn (nginx dying stops the server). What nginx
-does to hostile requests is in tests/reliability/test_hostile_inputs.py, against the session's servers."""
+(checked by the real nginx), and what the session's servers run. Supervising nginx and gunicorn is tested in
+test_process.py; what nginx does to hostile requests in tests/reliability/test_hostile_inputs.py, against the
+session's servers."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from maskrcnn_serving.commands import serve
 from maskrcnn_serving.server import front
 from maskrcnn_serving.settings import Settings
 from testsupport.server import ServerProcess, children, gunicorn_master_pid
@@ -67,14 +64,6 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
     assert front.listen_address("::1", 80) == "[::1]:80"
 
 
-def test_serve_gives_the_decoders_and_the_allocator_their_settings_at_start():
-    """OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when it loads, and glibc MALLOC_ARENA_MAX when the process
-    starts: ``serve`` starts the gunicorn master with them (the user's MALLOC_ARENA_MAX wins)."""
-    assert serve.process_environment(Settings(max_image_pixels=1234), {}) == {
-        "OPENCV_IO_MAX_IMAGE_PIXELS": "1234", "MALLOC_ARENA_MAX": "2"}
-    assert serve.process_environment(Settings(), {"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
-
-
 def _environ(pid: int) -> dict[str, str]:
     entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
@@ -92,27 +81,6 @@ def test_the_session_servers_say_which_front_they_run(live_server, gunicorn_serv
     nginx = [pid for pid in children(live_server.process.pid) if pid != gunicorn_master_pid(live_server.process.pid)]
     assert len(nginx) == 1 and b"nginx" in Path(f"/proc/{nginx[0]}/cmdline").read_bytes()
     assert children(gunicorn_server.process.pid) == [gunicorn_master_pid(gunicorn_server.process.pid)]
-
-
-@needs_nginx
-def test_serve_stops_when_nginx_dies(tmp_path, demo_model_dir):
-    """nginx killed under a running server: ``serve`` stops gunicorn and exits 1 instead of running unreachable."""
-    server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=1, front="nginx").start()
-    try:
-        deadline = time.monotonic() + 120
-        while "serving through nginx" not in server.log():
-            assert server.alive() and time.monotonic() < deadline, server.log()[-3000:]
-            time.sleep(0.2)
-        master = gunicorn_master_pid(server.process.pid)
-        nginx = [pid for pid in children(server.process.pid) if pid != master]
-        assert len(nginx) == 1
-        os.kill(nginx[0], signal.SIGKILL)
-        assert server.process.wait(timeout=60) == 1
-        assert '"message": "nginx exited"' in server.log()
-        with pytest.raises(ProcessLookupError):
-            os.kill(master, 0)
-    finally:
-        server.stop(graceful=False)
 
 
 def test_serve_without_a_model_never_starts_nginx(tmp_path):
