@@ -18,13 +18,6 @@ def coco_rle(masks: np.ndarray) -> list[dict]:
     return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in encoded]
 
 
-def xywh(boxes: np.ndarray) -> np.ndarray:
-    """(N, 4) xyxy -> (N, 4) xywh floats."""
-    out = np.array(boxes, dtype=np.float64, copy=True)
-    out[:, 2:] -= out[:, :2]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Per-detection encoders working on mask patches (postprocess.mask_patches): a mask is ``patch`` (h, w) uint8 {0, 1}
 # placed at rows y0.., cols x0.. of an (H, W) image and 0 elsewhere, so no full-size mask is ever materialized.

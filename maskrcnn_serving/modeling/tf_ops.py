@@ -85,11 +85,6 @@ def fpn_levels(boxes: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(level, 2.0, 5.0) - 2.0
 
 
-def fpn_level_indices(boxes: tf.Tensor) -> tf.Tensor:
-    """:func:`fpn_levels` as int32 indices."""
-    return tf.cast(fpn_levels(boxes), tf.int32)
-
-
 def multilevel_roi_align(
     features: Sequence[tf.Tensor],
     boxes: tf.Tensor,

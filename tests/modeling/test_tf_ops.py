@@ -56,7 +56,9 @@ def test_fpn_level_assignment():
     sides = np.array([10, 56, 111, 112, 224, 447, 448, 2000], np.float32)
     boxes = tf.constant(np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], axis=1))
     # floor(4 + log2(side / 224 + 1e-6)) clamped to [2, 5], minus 2.
-    np.testing.assert_array_equal(tf_ops.fpn_level_indices(boxes).numpy(), [0, 0, 0, 1, 2, 2, 3, 3])
+    levels = tf_ops.fpn_levels(boxes)
+    assert levels.dtype == tf.float32  # float, so that on a GPU it stays in device memory
+    np.testing.assert_array_equal(levels.numpy(), [0, 0, 0, 1, 2, 2, 3, 3])
 
 
 def test_multilevel_roi_align_keeps_box_order():
