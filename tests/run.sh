@@ -22,7 +22,7 @@ installed buildah || missing+=(buildah)
 installed debootstrap || missing+=(debootstrap)
 if [[ ${#missing[@]} -gt 0 && "$(id -u)" == 0 ]] && command -v apt-get > /dev/null; then
     echo "installing ${missing[*]} (apt-get)" >&2
-    apt-get update -qq
+    apt-get update -qq || echo "apt-get update failed; trying the package lists there are" >&2
     for package in "${missing[@]}"; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" > /dev/null \
             || echo "could not install $package" >&2
