@@ -5,7 +5,8 @@
 #
 # Options:
 #   -c, --container DIR    folder holding the Dockerfile (default: container-serving; e.g.
-#                          container-serving-optimized). The build context is always the repository root.
+#                          container-serving-optimized, which starts from container-serving's image: that one is
+#                          built first, under the same tag, and not pushed). The build context is the repository root.
 #   -r, --repository NAME  ECR repository (default: maskrcnn-serving, plus the folder's suffix after
 #                          "container-serving", e.g. maskrcnn-serving-optimized)
 #   --platform P           docker build platform (default: linux/amd64, what SageMaker instances run)
@@ -18,10 +19,12 @@
 # The last line printed is the pushed image URI, for the notebook / `aws sagemaker create-model`.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=build_tools/images.sh
+source "$repo_root/build_tools/images.sh"
 container="container-serving"
 repository=""
 platform="linux/amd64"
@@ -51,24 +54,17 @@ tag="${2:-$(git -C "$repo_root" describe --always --dirty 2>/dev/null || echo la
 [[ "$tag" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "'$tag' is not a valid image tag"
 
 # The container folder, as given (relative to the current directory) or relative to the repository root.
-if [[ -d "$container" ]]; then
-    container_dir="$(cd "$container" && pwd)"
-elif [[ -d "$repo_root/$container" ]]; then
-    container_dir="$repo_root/$container"
-else
-    die "container folder '$container' not found"
-fi
+container_dir="$(container_dir "$container")"
+[[ -n "$container_dir" ]] || die "container folder '$container' not found"
 dockerfile="$container_dir/Dockerfile"
 [[ -f "$dockerfile" ]] || die "no Dockerfile in $container_dir"
 if [[ -z "$repository" ]]; then
-    folder="$(basename "$container_dir")"
-    repository="maskrcnn-serving${folder#container-serving}"
+    repository="$(repository_name "$container_dir")"
 fi
 [[ "$repository" =~ ^[a-z0-9]+([._/-][a-z0-9]+)*$ ]] || die "'$repository' is not a valid ECR repository name"
 
 local_image="$repository:$tag"
-echo "building $local_image from $dockerfile" >&2
-docker build --platform "$platform" ${build_args[@]+"${build_args[@]}"} -f "$dockerfile" -t "$local_image" "$repo_root"
+build_container docker "$container_dir" "$local_image" --platform "$platform" ${build_args[@]+"${build_args[@]}"}
 if [[ "$build_only" -eq 1 ]]; then
     echo "$local_image"
     exit 0

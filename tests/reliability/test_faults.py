@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from live_server import nginx_missing
 from PIL import Image
 
 from testsupport.server import ServerProcess, clean_environment, free_port, serve_command
@@ -170,6 +171,8 @@ def read_only_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def fault_server(read_only_model_dir, tmp_path_factory):
+    if nginx_missing():
+        pytest.skip(nginx_missing())
     before = _snapshot(read_only_model_dir)
     server = fault_server_process(read_only_model_dir, tmp_path_factory.mktemp("fault_server") / "server.log").start()
     try:

@@ -1,8 +1,9 @@
 """The hostile-input catalogue (docs/reliability.md; built by :mod:`testsupport.hostile`), each case sent
-to both of the session's real servers -- ``live_server`` (nginx in front of gunicorn, as the images run it) and
-``gunicorn_server`` (gunicorn alone) -- with its documented answer. Afterwards, per server: zero 5xx in its own
-metrics, no worker replaced, ``/ping`` 200, every request answered within the request deadline, and each worker's
-peak memory during the catalogue under its warm size + 1.5 GB and its final memory within 1 GB of it.
+to the session's real servers -- ``live_server`` (nginx in front of gunicorn, as the images run it),
+``gunicorn_server`` (gunicorn alone) and ``image_server`` (the tensorpack image itself, built and run as SageMaker
+runs it where buildah can: tests/image_server.py) -- with its documented answer. Afterwards, per server: zero 5xx
+in its own metrics, no worker replaced, ``/ping`` 200, every request answered within the request deadline, and each
+worker's peak memory during the catalogue under its warm size + 1.5 GB and its final memory within 1 GB of it.
 
 Where an input is served (odd pixel formats, EXIF rotation, URL-safe base64, ...), the answer must equal the answer
 for a reference encoding of the pixels the server should have decoded, so "200" also means "the right image".
@@ -27,19 +28,18 @@ import requests
 from maskrcnn_serving.settings import Limits, Settings
 from testsupport.hostile import Case, catalogue, png, raw_exchange, raw_http_cases
 from testsupport.server import status_kb
-from testsupport.server import worker_pids as server_worker_pids
 
 LIMITS = Limits()
 DEADLINE_SECONDS = Settings().deadline_seconds  # the session servers' request deadline (the default: 63 s)
 PEAK_GROWTH_BOUND_MB = 1536  # over the warm size, during the catalogue
 FINAL_GROWTH_BOUND_MB = 1024  # over the warm size, after it
-FRONTS = ("nginx", "none")
+SERVERS = {"nginx": "live_server", "gunicorn": "gunicorn_server", "image": "image_server"}
 
 
-@pytest.fixture(scope="module", params=FRONTS, ids=["nginx", "gunicorn"])
+@pytest.fixture(scope="module", params=list(SERVERS))
 def server(request):
-    """The session server with this front: nginx (the images' setup) or gunicorn alone."""
-    return request.getfixturevalue("live_server" if request.param == "nginx" else "gunicorn_server")
+    """A session server: from the venv behind nginx (the images' setup) or with gunicorn alone, or the image's."""
+    return request.getfixturevalue(SERVERS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def session() -> requests.Session:
 def baseline(server) -> dict:
     """Before the catalogue: the workers, their warm RSS, and their peak-RSS counters reset (clear_refs 5), so
     that VmHWM afterwards is the peak during the catalogue. Also collects each request's duration."""
-    pids = server_worker_pids(server.process.pid)
+    pids = server.worker_pids()
     warm = {}
     for pid in pids:
         with open(f"/proc/{pid}/clear_refs", "w") as clear:
@@ -133,8 +133,8 @@ RAW_CASES = raw_http_cases()
 
 
 @pytest.mark.parametrize("case", RAW_CASES, ids=[c.name for c in RAW_CASES])
-def test_malformed_http_gets_a_json_4xx(case, server, request, baseline):
-    front = request.node.callspec.params["server"]
+def test_malformed_http_gets_a_json_4xx(case, server, baseline):
+    front = server.front
     status, code = case.expected(front)
     parsed = urlparse(server.url)
     start = time.monotonic()
@@ -207,10 +207,10 @@ def test_slow_client_is_served_and_does_not_block_others(server, scene, session)
     assert time.monotonic() - start >= 3.0 and max(others) < 5.0
 
 
-def test_a_stalled_body_ends_after_the_client_timeout(server, request):
+def test_a_stalled_body_ends_after_the_client_timeout(server):
     """A body that stops arriving: gunicorn alone answers 408 client_timeout (JSON) after the client timeout; nginx
     closes the connection then (it sends no answer to a client that stopped sending)."""
-    front = request.node.callspec.params["server"]
+    front = server.front
     parsed = urlparse(server.url)
     start = time.monotonic()
     with socket.create_connection((parsed.hostname, parsed.port), timeout=60) as sock:
@@ -229,12 +229,12 @@ def test_a_stalled_body_ends_after_the_client_timeout(server, request):
         assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "client_timeout"
 
 
-def test_slow_clients_cannot_take_the_request_threads(server, request, session):
+def test_slow_clients_cannot_take_the_request_threads(server, session):
     """Defect 10: connections that send one byte at a time, under the read timeout, each held a request thread
     until they finished; a dozen of them (more than the 2 x 4 threads) starved /ping. Behind nginx they hold nginx
     connections only: /ping answers at once throughout. Gunicorn alone cannot do this (docs/security.md: residual
     risk without the front), so it is only checked behind nginx."""
-    if request.node.callspec.params["server"] != "nginx":
+    if server.front != "nginx":
         pytest.skip("gunicorn alone: a documented residual risk")
     parsed = urlparse(server.url)
     stop = threading.Event()
@@ -266,7 +266,7 @@ def test_server_survived_the_catalogue(server, baseline, session):
     """Zero 5xx in the server's own counters, the same workers as before the catalogue, /ping 200, every request
     within the deadline, and the workers' memory bounded during and after the catalogue."""
     assert server.alive()
-    assert server_worker_pids(server.process.pid) == baseline["pids"], "a worker died and was replaced"
+    assert server.worker_pids() == baseline["pids"], "a worker died and was replaced"
     metrics = session.get(f"{server.url}/metrics", timeout=10).text
     server_errors = [line for line in metrics.splitlines()
                      if line.startswith("maskrcnn_requests_total") and re.search(r'status="5\d\d"', line)

@@ -11,13 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from live_server import nginx_missing
 
 from maskrcnn_serving.server import front
 from maskrcnn_serving.settings import Settings
 from testsupport.server import ServerProcess, children, gunicorn_master_pid
 
 NGINX = front.find_nginx()
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
+needs_nginx = pytest.mark.skipif(NGINX is None, reason=str(nginx_missing()))
 
 
 def test_the_front_setting_chooses_nginx_when_installed(monkeypatch):

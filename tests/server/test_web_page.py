@@ -1,6 +1,6 @@
 """The web page (``GET /``) in a real browser: Debian's chromium through chromium-driver and selenium, against the
 session's real server (``live_server``: ``maskrcnn-serving serve``, 2 workers, the demo model). One browser serves
-the whole module. Without chromium or chromium-driver the module is skipped with the reason (.ci/run installs both
+the whole module. Without chromium or chromium-driver the module is skipped with the reason (tests/run.sh installs both
 with apt-get where it can).
 
 What a person does on the page, checked against the API: each example image lists exactly the API's answer for the
@@ -57,8 +57,8 @@ def missing_browser() -> str | None:
         return "selenium is not installed (pip install -e '.[dev]')"
     for program in ("chromium", "chromedriver"):
         if shutil.which(program) is None:
-            return (f"no {program} on PATH: apt-get install chromium chromium-driver (.ci/run does so where apt-get "
-                    "works)")
+            return (f"no {program} on PATH: apt-get install chromium chromium-driver (tests/run.sh does so as root "
+                    "where apt-get works)")
     return None
 
 
