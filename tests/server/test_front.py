@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn_serving.server import front
+from maskrcnn_serving.server import front, headers
 from maskrcnn_serving.settings import Settings
 from testsupport.server import ServerProcess, children, gunicorn_master_pid
 
@@ -35,7 +35,7 @@ def test_the_front_setting_chooses_nginx_when_installed(monkeypatch):
 
 def test_the_config_follows_the_settings_and_answers_in_json(tmp_path):
     settings = Settings(max_request_bytes=1234567, client_timeout=7.5, timeout=30, max_response_bytes=6 << 20)
-    config = front.render_config(settings, "0.0.0.0:8080", tmp_path / "g.sock", tmp_path)
+    config = front.render_config(settings, "0.0.0.0:8080", tmp_path / "g.sock", tmp_path, tmp_path / "ready")
     assert "{{" not in config
     assert re.search(r"client_max_body_size 1234567;", config)
     assert re.search(r"client_body_timeout 8s;", config) and re.search(r"client_header_timeout 8s;", config)
@@ -45,12 +45,31 @@ def test_the_config_follows_the_settings_and_answers_in_json(tmp_path):
     pages = dict(re.findall(r"error_page (\d+) =\d+ (\S+);", config))
     assert {"400", "404", "408", "413", "414", "494", "502", "504"} <= set(pages)
     for status, uri in pages.items():
-        answered, body = re.search(rf"location = {re.escape(uri)} {{ internal; client_max_body_size 0; "
-                                   r"return (\d+) '(.*)'; }", config).groups()
+        answered, body, added = re.search(rf"location = {re.escape(uri)} {{ internal; client_max_body_size 0; "
+                                          r"return (\d+) '(.*)'; ((?:add_header [^;]+;\s*)*)}", config).groups()
         error = json.loads(body.replace("\\'", "'"))["error"]
         assert set(error) == {"code", "message"} and int(answered) >= 400, status
+        assert _added_headers(added) == headers.for_status(int(answered)), status
     assert "request_too_large" in config and "1234567" in config
     assert "headers_too_large" in config and "bad_gateway" in config
+
+
+def _added_headers(directives: str) -> dict[str, str]:
+    return dict(re.findall(r'add_header (\S+) "([^"]*)" always;', directives))
+
+
+def test_nginx_answers_ping_from_the_readiness_files_with_the_headers_of_every_answer(tmp_path):
+    """/ping is nginx's own: 200 from the ready file when it exists, else 503 from the not-ready file, both never
+    cached or served in part; every nginx 503 is that one."""
+    config = front.render_config(Settings(), "127.0.0.1:8080", tmp_path / "g.sock", tmp_path, tmp_path / "ready")
+    ping = re.search(r"location = /ping \{(.*?)\}", config, re.DOTALL).group(1)
+    assert f"root {tmp_path / 'ready'};" in ping and "try_files /ready.json =503;" in ping
+    assert {"etag off;", "if_modified_since off;", "max_ranges 0;"} <= {line.strip() for line in ping.splitlines()}
+    assert _added_headers(ping) == {**headers.for_status(200), **headers.NO_STORE}
+    assert re.findall(r"error_page 503 (\S+);", config) == [front.NOT_READY_URI]
+    not_ready = re.search(rf"location = {front.NOT_READY_URI} \{{(.*?)\}}", config, re.DOTALL).group(1)
+    assert "internal;" in not_ready and f"alias {tmp_path / 'ready' / 'not_ready.json'};" in not_ready
+    assert _added_headers(not_ready) == headers.for_status(503) and headers.for_status(503)["Retry-After"]
 
 
 @needs_nginx
@@ -59,7 +78,7 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
     for settings in (Settings(), Settings(max_request_bytes=1, max_response_bytes=1, client_timeout=0.1, timeout=1)):
         runtime = tmp_path / str(settings.max_request_bytes)
         runtime.mkdir()
-        nginx = front.NginxFront(NGINX, settings, "127.0.0.1", 8080, runtime / "g.sock", runtime)
+        nginx = front.NginxFront(NGINX, settings, "127.0.0.1", 8080, runtime / "g.sock", runtime, runtime)
         nginx.check()  # raises FrontError with nginx's message
     assert front.listen_address("::1", 80) == "[::1]:80"
 
