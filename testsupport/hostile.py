@@ -659,6 +659,46 @@ def raw_http_cases() -> list[RawCase]:
     ]
 
 
+# ============================================================================================ load against /ping
+# Issue 23, defect 3: /ping waited in the request threads' queue (p50 2.65 s, max 16.7 s with 16 clients sending
+# 7000 x 7000 photos; SageMaker counts a /ping over 2 s as a failure). testsupport/load.py runs each load while it
+# times /ping; tests/reliability/test_ping_load.py (a short run) and benchmarks/ping_under_load.py (the measurement
+# of docs/reliability.md) use it.
+
+PING_P99_SECONDS = 0.1  # what /ping may take at the 99th percentile under any of these loads
+
+
+@dataclass
+class PingLoad:
+    """``clients`` clients sending ``body`` to ``/invocations?query`` back to back while ``/ping`` is timed."""
+
+    name: str
+    clients: int
+    body: bytes
+    content_type: str
+    query: str = ""
+    kind: str = "ping"
+
+
+def ping_loads(photo: np.ndarray, scene: np.ndarray, side: int = 7000, limits: Limits | None = None,
+               clients: int = 16) -> list[PingLoad]:
+    """The loads /ping must be immune to: ``clients`` clients sending ``photo`` enlarged to ``side`` x ``side``
+    (seed-schema JSON, as COCO RLE; and every detection the model finds, raw), or lists of as many copies of the
+    small ``scene`` as a request may hold (``limits``: the server's; default its defaults)."""
+    limits = Settings().limits if limits is None else limits
+    huge = large_photo(photo, side, side)
+    huge_json = json.dumps({"img_id": "huge", "img_data": b64(huge)}).encode()
+    many = json.dumps([{"img_id": i, "img_data": b64(png(scene))} for i in range(limits.max_images)]).encode()
+    return [
+        PingLoad(f"{clients} clients, {side} x {side} photos as JSON, COCO RLE", clients, huge_json,
+                 "application/json", "format=coco"),
+        PingLoad(f"{clients} clients, {side} x {side} photos raw, every detection (score 0, up to 1000), boxes",
+                 clients, huge, "image/jpeg", "format=boxes&score_threshold=0&max_detections=1000"),
+        PingLoad(f"{clients} clients, lists of {limits.max_images} small images", clients, many, "application/json",
+                 "format=coco"),
+    ]
+
+
 def raw_exchange(host: str, port: int, payload: bytes, timeout: float = 60.0) -> bytes:
     """Send ``payload`` on a fresh connection, half-close, and read the answer until the server closes."""
     import socket

@@ -140,8 +140,10 @@ class ServerProcess:
                 status, body = ping(self.url)
             except OSError:  # the master is still validating the model directory: nothing listens yet
                 status, body = None, None
-            if status == 200:
+            if status == 200 and "workers" in body:
                 ready = set(body["workers"]) - set(exclude)
+            elif status == 200 and body["worker_pid"] not in exclude:  # a server from before issue 23: who answered
+                ready.add(body["worker_pid"])
             if on_ping is not None and status is not None:
                 on_ping(elapsed, status, body)
             time.sleep(0.05)
