@@ -104,29 +104,40 @@ sys.exit(process.main(sys.argv[1:]))
 """
 
 
+def _gunicorn_master(settings: Settings, port: int, program: list[str], stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``--run-gunicorn`` on 127.0.0.1:``port`` with ``settings`` in a clean environment; ``program``: how Python
+    runs it (``-m`` and the module, or ``-c`` and a wrapper)."""
+    environ = process.child_environment(settings, {k: v for k, v in os.environ.items()
+                                                   if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))})
+    return subprocess.Popen([sys.executable, *program, "--run-gunicorn", "--bind", f"127.0.0.1:{port}",
+                             "--log-level", "WARNING"], env=environ, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True)
+
+
+def _wait_until_answering(master: subprocess.Popen, port: int) -> None:
+    """Until a worker answers: once it has built its app (the model fails to load: 503)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+                probe.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if probe.recv(1024).startswith(b"HTTP/1.1 503"):
+                    return
+        except OSError:
+            pass
+        assert master.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_the_worker_takes_its_client_timeout_from_the_settings_the_master_read_once(tmp_path):
     """A real gunicorn master (``--run-gunicorn``) and worker with ``client_timeout=1``: a client that sends half
     a request line and stops is dropped after about a second, not the default 20; and the settings were read from
     the environment once, by the master (the worker and its app use the master's, inherited when it forked)."""
     port = free_port()
     settings = Settings(model_dir=str(tmp_path / "no-model"), client_timeout=1.0, workers=1, front="none")
-    environ = process.child_environment(settings, {k: v for k, v in os.environ.items()
-                                                   if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))})
-    master = subprocess.Popen([sys.executable, "-c", COUNTING_MASTER, "--run-gunicorn", "--bind", f"127.0.0.1:{port}",
-                               "--log-level", "WARNING"], env=environ, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    master = _gunicorn_master(settings, port, ["-c", COUNTING_MASTER], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while True:  # a worker answers once it has built its app (the model fails to load: 503)
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
-                    probe.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if probe.recv(1024).startswith(b"HTTP/1.1 503"):
-                        break
-            except OSError:
-                pass
-            assert master.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_until_answering(master, port)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
             client.sendall(b"GET /pi")
             start = time.monotonic()
@@ -166,11 +177,7 @@ def test_ping_has_a_thread_no_request_can_take(tmp_path):
     the worker's ping thread; any other route waits for the request thread."""
     port = free_port()
     settings = Settings(model_dir=str(tmp_path / "no-model"), client_timeout=4.0, workers=1, threads=1, front="none")
-    environ = process.child_environment(settings, {k: v for k, v in os.environ.items()
-                                                   if not k.startswith(("MODEL_SERVER_", "SM_", "PROMETHEUS_"))})
-    master = subprocess.Popen([sys.executable, "-m", process.MODULE, "--run-gunicorn", "--bind", f"127.0.0.1:{port}",
-                               "--log-level", "WARNING"], env=environ, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    master = _gunicorn_master(settings, port, ["-m", process.MODULE])
 
     def exchange(payload: bytes, connection: socket.socket | None = None) -> tuple[bytes, float]:
         """Send ``payload`` (on a new connection, closed after, unless one is given) and read one whole answer."""
@@ -191,16 +198,7 @@ def test_ping_has_a_thread_no_request_can_take(tmp_path):
         return head, time.monotonic() - start
 
     try:
-        deadline = time.monotonic() + 120
-        while True:  # the worker answers once it has built its app (the model fails to load: 503)
-            try:
-                if exchange(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0].startswith(
-                        b"HTTP/1.1 503"):
-                    break
-            except OSError:
-                pass
-            assert master.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_until_answering(master, port)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
             stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                             b"Content-Length: 1000\r\n\r\n\x89PNG")
