@@ -21,6 +21,10 @@ encode         RLE / polygons / boxes records (:mod:`.postprocess`), and the    
                answer's body (:meth:`ProtocolRequest.encode`)
 =============  ==================================================================  ===============
 
+The search runs before the masks are pasted, so that the answer's size, counted while it is made
+(:class:`ResponseBudget`), includes every search field before any mask is: an answer too large with them is refused
+(413) before the search when the embeddings already make it so, and before any mask otherwise.
+
 The caller times each stage directly (:class:`StageTimes`); the model stage is the wall time of the forward calls
 that held the request's images, as measured on the scheduler's thread, and the queue stage the rest of the wait.
 A request's :class:`~maskrcnn_serving.deadline.Deadline` is checked in every stage.
@@ -48,7 +52,7 @@ from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
 
 if TYPE_CHECKING:  # the index (and its database client) is only needed where a server or command opens one
-    from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.search.index import InstanceIndex, Neighbour
 
 
 class Stage(enum.StrEnum):
@@ -88,8 +92,14 @@ class ResponseBudget(Protocol):
     :class:`maskrcnn_serving.wire.ResponseSize`); the pipeline only says when records are known and made."""
 
     def add_floor(self, dets: Detections, options: RequestOptions) -> list[int]:
-        """Count the smallest records ``dets`` can have in ``options.format`` (before any mask is pasted), raising
-        when that is already over the limit; returns each record's floor."""
+        """Count the smallest records ``dets`` can have in ``options.format`` (before any mask is pasted and before
+        the search: their embeddings as they are, no neighbours), raising when that is already over the limit;
+        returns each record's floor."""
+        ...
+
+    def add_neighbours(self, floors: list[int], neighbours: Sequence[Sequence[Neighbour]]) -> list[int]:
+        """Count the neighbours the search found for each record, raising when the total goes over the limit;
+        returns the records' floors with them."""
         ...
 
     def add_record(self, record: dict, floor: int) -> None:
@@ -203,8 +213,15 @@ class Pipeline:
         detections = self.run_model(images, [item.options for item in items], times, deadline)
         with times.measure(Stage.POSTPROCESS):
             detections = [self.select(dets, item.options) for dets, item in zip(detections, items, strict=True)]
-        annotations = self.annotate(items, detections, times, deadline, budget)
-        self.add_search_fields(items, detections, annotations, times, deadline)
+        with times.measure(Stage.ENCODE):  # the answer's least size: before the search and the masks
+            floors = [budget.add_floor(dets, item.options) if budget else [0] * len(dets)
+                      for item, dets in zip(items, detections, strict=True)]
+        neighbours = self.search(items, detections, times, deadline)
+        if budget is not None:
+            with times.measure(Stage.ENCODE):  # with the neighbours found: before the masks
+                floors = [floor if found is None else budget.add_neighbours(floor, found)
+                          for floor, found in zip(floors, neighbours, strict=True)]
+        annotations = self.annotate(items, detections, neighbours, floors, times, deadline, budget)
         return [
             ImageResult(item.img_id, image, dets, records)
             for item, image, dets, records in zip(items, images, detections, annotations, strict=True)
@@ -267,28 +284,48 @@ class Pipeline:
         that the next batch is queued while one runs."""
         return max(2, 2 * self.scheduler.max_batch_size)
 
-    def annotate(
+    def search(
         self,
         items: Sequence[ImageRequest],
         detections: Sequence[Detections],
         times: StageTimes,
         deadline: Deadline = NO_DEADLINE,
+    ) -> list[list[list[Neighbour]] | None]:
+        """search: each instance's nearest indexed instances, per image where its options ask for them
+        (``neighbours``, ``same_class``; None elsewhere). Timed as one stage, zero for requests that ask for none."""
+        found: list[list[list[Neighbour]] | None] = []
+        with times.measure(Stage.SEARCH):
+            for item, dets in zip(items, detections, strict=True):
+                options = item.options
+                neighbours = None
+                if options.neighbours:
+                    deadline.check("it was still searching the index")
+                    categories = dets.labels if options.same_class else None
+                    neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
+                found.append(neighbours)
+        return found
+
+    def annotate(
+        self,
+        items: Sequence[ImageRequest],
+        detections: Sequence[Detections],
+        neighbours: Sequence[Sequence[Sequence[Neighbour]] | None],
+        floors: Sequence[list[int]],
+        times: StageTimes,
+        deadline: Deadline = NO_DEADLINE,
         budget: ResponseBudget | None = None,
     ) -> list[list[dict]]:
-        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format.
+        """postprocess (mask pasting at box size) and encode: each image's annotation records in its format, with
+        the search fields its options ask for (the embeddings, and ``neighbours`` as :meth:`search` found them).
 
         One detection at a time, so that memory holds one pasted mask, not all of them (1000 detections of a large
-        photo are gigabytes of masks). The response's size is counted as the records are made: its lower bound
-        (every record with the smallest mask its format can have) is checked before any mask is pasted, and the
-        running total after each record (with a ``budget``), so a 413 comes before the work it would throw
-        away. Small boxes first: a mask's encoding grows with its box's side and its pasting with its area, so an
-        answer over the limit is found with the least pasting; the records keep the detections' order. The deadline
-        is checked per detection."""
-        with times.measure(Stage.ENCODE):
-            floors = [budget.add_floor(dets, item.options) if budget else [0] * len(dets)
-                      for item, dets in zip(items, detections, strict=True)]
+        photo are gigabytes of masks). The response's size is counted as the records are made (with a ``budget``):
+        each record's ``floors`` entry (its smallest size, counted before) is replaced by its real size as it is
+        made, so a 413 comes before the work it would throw away. Small boxes first: a mask's encoding grows with its
+        box's side and its pasting with its area, so an answer over the limit is found with the least pasting; the
+        records keep the detections' order. The deadline is checked per detection."""
         annotations = []
-        for item, dets, floor in zip(items, detections, floors, strict=True):
+        for item, dets, found, floor in zip(items, detections, neighbours, floors, strict=True):
             records: list[dict] = [{}] * len(dets)
             sides = dets.boxes[:, 2:] - dets.boxes[:, :2]
             for index in np.argsort(sides[:, 0] * sides[:, 1], kind="stable"):
@@ -298,27 +335,9 @@ class Pipeline:
                     patches = postprocess.paste_patches(one, item.options)
                 with times.measure(Stage.ENCODE):
                     (records[index],) = postprocess.encode_annotations(one, item.options, patches)
+                    postprocess.add_search_fields([records[index]], one, item.options,
+                                                  None if found is None else [found[index]])
                     if budget is not None:
                         budget.add_record(records[index], floor[index])
             annotations.append(records)
         return annotations
-
-    def add_search_fields(
-        self,
-        items: Sequence[ImageRequest],
-        detections: Sequence[Detections],
-        annotations: Sequence[list[dict]],
-        times: StageTimes,
-        deadline: Deadline = NO_DEADLINE,
-    ) -> None:
-        """search: each instance's nearest indexed instances where asked (``neighbours``, ``same_class``), and the
-        instances' embeddings where asked (timed as one stage, zero for requests that ask for neither)."""
-        with times.measure(Stage.SEARCH):
-            for item, dets, records in zip(items, detections, annotations, strict=True):
-                options = item.options
-                neighbours = None
-                if options.neighbours:
-                    deadline.check("it was still searching the index")
-                    categories = dets.labels if options.same_class else None
-                    neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
-                postprocess.add_search_fields(records, dets, options, neighbours)

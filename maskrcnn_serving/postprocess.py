@@ -6,7 +6,7 @@ records (the encode stage's per-detection work).
   (the math is :mod:`maskrcnn_serving.modeling.paste`); :func:`paste_patches`: the patches an image's options ask
   for, at box size;
 * :func:`encode_annotations`: the annotation records of each format (bbox, class, score, segmentation);
-* :func:`add_search_fields`: each instance's embedding and neighbours on its record.
+* :func:`add_search_fields`: each instance's embedding and neighbours on its record (:func:`neighbour_records`).
 
 Pure functions of :class:`Detections` and :class:`RequestOptions`: no HTTP, no JSON bytes.
 """
@@ -111,4 +111,9 @@ def add_search_fields(
         if options.embeddings:
             record["embedding"] = dets.embeddings[index]
         if neighbours is not None:
-            record["neighbours"] = [neighbour.to_json() for neighbour in neighbours[index]]
+            record["neighbours"] = neighbour_records(neighbours[index])
+
+
+def neighbour_records(neighbours: Sequence) -> list[dict[str, Any]]:
+    """The ``neighbours`` field of one annotation: each ``search.index.Neighbour`` as its JSON record."""
+    return [neighbour.to_json() for neighbour in neighbours]

@@ -113,6 +113,10 @@ class Settings:
         None, "PROMETHEUS_MULTIPROC_DIR", _optional_str,
         "Directory where every worker writes its Prometheus samples for GET /metrics to sum (prometheus_client's "
         "own variable, read when it loads); serve makes a fresh one for its run when it is unset.")
+    readiness_dir: str | None = _setting(
+        None, "MODEL_SERVER_READINESS_DIR", _optional_str,
+        "Directory where the workers publish their state and /ping is answered from (server/readiness.py); serve "
+        "makes one for its run and sets it for its children, whatever the environment says.")
     precision: str = _setting(
         "float32", "MASKRCNN_PRECISION", str,
         "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "

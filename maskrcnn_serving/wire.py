@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -48,10 +48,13 @@ from maskrcnn_serving.errors import (
     TooManyImages,
     UnsupportedMediaType,
 )
-from maskrcnn_serving.postprocess import encode_annotations
+from maskrcnn_serving.postprocess import add_search_fields, encode_annotations, neighbour_records
 from maskrcnn_serving.request import FORMATS, MASK_FORMATS, ImageRequest, ImageResult, RequestOptions
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
+
+if TYPE_CHECKING:  # the index (and its database client) is only needed where a server or command opens one
+    from maskrcnn_serving.search.index import Neighbour
 
 OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "classes", "format", "embeddings",
                 "neighbours", "same_class")
@@ -349,10 +352,18 @@ def _record_bytes(record: dict) -> int:
 
 class ResponseSize:
     """A running lower bound of the response body's size, so that an answer over ``limits.max_response_bytes`` is
-    refused (413) before the work that would make it: :meth:`add_floor` counts every record of an image with the
-    smallest segmentation its format can have (before any mask is pasted), :meth:`add_record` replaces a record's
-    floor by its real size as it is made. Never over the final size (separators and ``img_id`` are not counted),
-    so it only refuses answers :func:`encode_response` would refuse too.
+    refused (413) before the work that would make it:
+
+    * :meth:`add_floor`, once the detections are known: every record of an image with the smallest segmentation its
+      format can have (before any mask is pasted), its ``embedding`` as it will be written (the values are known),
+      and an empty ``neighbours`` list (before the search, which may find fewer than asked for); the image's
+      ``image_embedding``;
+    * :meth:`add_neighbours`, after the search: the neighbour records found, as they will be written (before any
+      mask is pasted);
+    * :meth:`add_record`: a record's floor replaced by its real size as it is made.
+
+    Never over the final size (separators and ``img_id`` are not counted), so it only refuses answers
+    :func:`encode_response` would refuse too.
 
     It counts JSON bytes, so it lives in the codec; the pipeline only knows its interface
     (:class:`maskrcnn_serving.pipeline.ResponseBudget`) and gets it from the request it runs
@@ -363,20 +374,33 @@ class ResponseSize:
         self.total = 0
 
     def add_floor(self, dets: Detections, options: RequestOptions) -> list[int]:
-        """Count the smallest records ``dets`` can have in ``options.format``; returns each record's floor."""
+        """Count the smallest records ``dets`` can have in ``options.format``, with their search fields as far as
+        they are known before the search; returns each record's floor."""
         height, width = (int(v) for v in dets.image_hw)
         smallest: Any = None
         if options.format in MASK_FORMATS and dets.has_masks:
             smallest = {"legacy": {"counts": [0], "size": [height, width]},
                         "coco": {"size": [height, width], "counts": ""}}.get(options.format, [])
-        floors = []
-        for record in encode_annotations(dets, options, None):
+        records = encode_annotations(dets, options, None)
+        for record in records:
             if smallest is not None:
                 record["segmentation"] = smallest
-            floors.append(_record_bytes(record))
-        self.total += sum(floors)
+        add_search_fields(records, dets, options, [[]] * len(dets) if options.neighbours else None)
+        floors = [_record_bytes(record) for record in records]
+        image_fields = 0
+        if options.embeddings:  # ,"image_embedding":[...] in the image's object, less its comma
+            image_fields = _record_bytes({"image_embedding": dets.image_embedding}) - 2
+        self.total += sum(floors) + image_fields
         self._check("at least")
         return floors
+
+    def add_neighbours(self, floors: list[int], neighbours: Sequence[Sequence[Neighbour]]) -> list[int]:
+        """Count the neighbours found for each record (their floors counted an empty list); returns the new floors."""
+        grown = [floor + len(orjson.dumps(neighbour_records(found))) - 2
+                 for floor, found in zip(floors, neighbours, strict=True)]
+        self.total += sum(grown) - sum(floors)
+        self._check("at least")
+        return grown
 
     def add_record(self, record: dict, floor: int) -> None:
         """Replace a record's ``floor`` by its real size."""

@@ -165,6 +165,60 @@ def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_paste
             assert len(pasted) > 0
 
 
+def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_it_would_throw_away(
+        pipeline, tensorpack_backend, example_images, monkeypatch, tmp_path):
+    """Issue 23, defect 7 (a 413 came after the model, every mask and the search): with embeddings too large for the
+    limit, 413 before the search; with neighbours too large, 413 after the search and before any mask is pasted;
+    with room for both, the same answer as with no limit."""
+    from maskrcnn_serving.errors import ResponseTooLarge
+    from maskrcnn_serving.search import database
+    from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.settings import Limits
+
+    dim = tensorpack_backend.embedding_dim
+    index = InstanceIndex.open(str(tmp_path / "instances.db"), dim=dim, image_dim=8, create=True)
+    vectors = np.random.default_rng(0).normal(size=(40, dim)).astype(np.float32)
+    index.insert_rows([{"vector": (v / np.linalg.norm(v)).tolist(), "image": f"photos/{i}.jpg",
+                        "bbox": [1.0, 2.0, 30.5, 40.25], "category": "ring", "category_id": 4, "score": 0.75,
+                        "height": 50, "width": 60, "mask": "", "thumbnail": ""} for i, v in enumerate(vectors)])
+    searched, pasted = [], []
+    search, paste = InstanceIndex.search, postprocess.paste_patches
+    monkeypatch.setattr(InstanceIndex, "search", lambda self, *a, **k: searched.append(1) or search(self, *a, **k))
+    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: pasted.append(1) or paste(dets, opts))
+    data = example_images[1].read_bytes()
+    options = {"score_threshold": 0.0, "max_detections": 60, "format": "coco", "embeddings": True, "neighbours": 10}
+
+    def run(limit: int | None):
+        searched.clear()
+        pasted.clear()
+        limited = Pipeline(tensorpack_backend, limits=Limits(max_response_bytes=limit or 1 << 30), index=index)
+        try:
+            return limited.handle(request(limited, [data], **options))
+        finally:
+            limited.close()
+
+    try:
+        full = run(None)
+        dets = full.images[0].detections
+        assert len(dets) > 20 and len(searched) == 1 and len(pasted) == len(dets)
+        assert all(len(record["neighbours"]) == 10 for record in full.images[0].annotations)
+        size = wire.ResponseSize(Limits(max_response_bytes=1 << 30))
+        floors = size.add_floor(dets, request(pipeline, [data], **options).images[0].options)
+        before_search = size.total
+        size.add_neighbours(floors, index.search(dets.embeddings, 10))
+        after_search = size.total
+        assert before_search < after_search < len(full.body)
+        for limit, searches, stage in ((before_search - 1, 0, "the search"), (after_search - 1, 1, "the masks")):
+            with pytest.raises(ResponseTooLarge, match="at least") as info:
+                run(limit)
+            assert (len(searched), len(pasted)) == (searches, 0), stage
+            assert "format=coco" in info.value.message
+        assert run(len(full.body)).body == full.body
+    finally:
+        index.close()
+        database.stop_local_servers()
+
+
 def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch):
     data = example_images[1].read_bytes()
     parsed = request(pipeline, [data], score_threshold=0.0, max_detections=100)

@@ -29,12 +29,14 @@ def test_every_variable_is_read_and_round_trips_through_the_environment():
         "MODEL_SERVER_MEMORY_RETURN_MB": "64", "MASKRCNN_PRECISION": "bfloat16", "MASKRCNN_WINOGRAD": "0",
         "MASKRCNN_XLA": "yes", "MASKRCNN_MAX_BATCH_SIZE": "4", "MASKRCNN_BUCKET_STEP": "128",
         "MASKRCNN_MAX_BATCH_DELAY_MS": "2.5", "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
+        "MODEL_SERVER_READINESS_DIR": "/run/ready",
     }
     settings = Settings.from_env(environ)
     assert {spec.metadata["env"] for spec in dataclasses.fields(Settings)} == set(environ)
     assert settings.limits == Limits(100, 200, 300, 2) and settings.deadline_seconds == 12.5
     assert (settings.winograd, settings.xla, settings.max_batch_delay_ms) == ("off", True, 2.5)
     assert (settings.front, settings.memory_return_mb) == ("none", 64.0)
+    assert settings.readiness_dir == "/run/ready"
     assert Settings.from_env(settings.to_env()) == settings
     assert Settings.from_env({"MODEL_SERVER_WORKERS": ""}).workers == 1  # empty counts as unset
 

@@ -7,6 +7,7 @@ import base64
 import json
 
 import numpy as np
+import orjson
 import pytest
 from assertions import SHAPE_NAMES as NAMES
 from assertions import shape_detections
@@ -243,6 +244,48 @@ def test_the_response_size_floor_is_never_over_the_real_size(fmt):
         floors = running.add_floor(dets, options)
         with pytest.raises(PayloadTooLarge, match="more than"):
             running.add_record(records[0], floors[0])
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "coco", "polygon", "boxes"])
+def test_the_response_size_counts_the_search_fields_before_the_search_and_the_masks(fmt):
+    """Issue 23, defect 7: the embeddings (their values are known once the model ran) and an empty neighbour list
+    are in the floor, before the search; the neighbours found are counted before any mask is pasted. Still never
+    over the real size: the search may find fewer neighbours than asked for (here 0, 1 and 3 of 3)."""
+    from maskrcnn_serving.postprocess import add_search_fields
+    from maskrcnn_serving.search.index import Neighbour
+
+    dets = shape_detections()
+    rng = np.random.default_rng(0)
+    dets.embeddings = rng.normal(size=(3, 40)).astype(np.float32)
+    dets.image_embedding = rng.normal(size=16).astype(np.float32)
+    options = RequestOptions(score_threshold=0.5, format=fmt, embeddings=True, neighbours=3)
+    found = [[Neighbour(100 + k, f"images/{k}.jpg", [1.5, 2.0, 30.25, 4.0], "circle", 0.9, 0.125)
+              for k in range(count)] for count in (0, 1, 3)]
+    records = encode_annotations(dets, options, paste_patches(dets, options))
+    add_search_fields(records, dets, options, found)
+    body = len(wire.encode_response([wire.image_response(None, records, dets.image_embedding)], False, LIMITS))
+    without_search = wire.ResponseSize(LIMITS)
+    plain = without_search.add_floor(dets, RequestOptions(score_threshold=0.5, format=fmt))
+    size = wire.ResponseSize(LIMITS)
+    floors = size.add_floor(dets, options)
+    for floor, bare, embedding in zip(floors, plain, dets.embeddings, strict=True):  # the values, as written
+        written = orjson.dumps(embedding, option=orjson.OPT_SERIALIZE_NUMPY)
+        assert floor - bare == len(b',"embedding":' + written + b',"neighbours":[]')
+    image_embedding = orjson.dumps(dets.image_embedding, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert size.total - sum(floors) == len(b'"image_embedding":' + image_embedding)
+    before_search = size.total
+    floors = size.add_neighbours(floors, found)
+    assert size.total > before_search + 2 * len(json.dumps(found[2][0].to_json()))
+    for record, floor in zip(records, floors, strict=True):
+        assert len(json.dumps(record, separators=(",", ":"), default=lambda a: a.tolist())) >= floor
+        size.add_record(record, floor)
+    assert size.total <= body < size.total + 40  # the separators and "annotations" are not counted
+    with pytest.raises(PayloadTooLarge, match="at least"):  # refused before the search
+        wire.ResponseSize(Limits(max_response_bytes=before_search - 1)).add_floor(dets, options)
+    tight = wire.ResponseSize(Limits(max_response_bytes=sum(floors) - 1))
+    floors = tight.add_floor(dets, options)
+    with pytest.raises(PayloadTooLarge, match="at least"):  # refused by the neighbours found, before any mask
+        tight.add_neighbours(floors, found)
 
 
 def test_search_options_from_json_query_and_custom_attributes():

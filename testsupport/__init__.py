@@ -6,4 +6,6 @@ Modules:
                must get (tests/reliability, benchmarks/hostile_memory.py)
     server     a real ``maskrcnn-serving serve`` in a child process, and its processes (tests, benchmarks/soak.py,
                benchmarks/hostile_memory.py)
+    load       ``/ping`` timed while a load of the catalogue keeps a server busy (tests/reliability/test_ping_load.py,
+               benchmarks/ping_under_load.py)
 """

@@ -264,7 +264,7 @@ class Case:
     """One hostile input: ``request`` is the keyword arguments of ``requests.post`` to /invocations. The answer is
     ``status`` with error ``code`` (a ``code`` of None: any), or 200 with the annotations of ``same_as`` (a PNG of
     the pixels the server must decode). ``statuses``: other acceptable statuses (answers that depend on the server's
-    response limit). ``kind``: the defect kind it belongs to (issue 16), for the reports."""
+    response limit). ``kind``: the defect kind it belongs to (issues 16 and 23), for the reports."""
 
     name: str
     request: dict
@@ -274,6 +274,7 @@ class Case:
     options: dict = field(default_factory=dict)
     statuses: tuple[int, ...] = ()
     kind: str = "input"
+    message: str | None = None  # a regular expression the error message must match (when the status is ``status``)
 
 
 def catalogue(
@@ -577,6 +578,41 @@ def catalogue(
     return cases
 
 
+SEARCH_LIMITS = (200_000, 600_000)  # the response limits the search cases are sized for (bytes)
+SEARCH_SERVER_MAX_RESPONSE_BYTES = 512 * 1024  # the test servers' with an index (tests/server/conftest.py)
+
+
+def search_size_cases(photo: np.ndarray, limits: Limits, large_images: bool = True) -> list[Case]:
+    """Answers that only the search fields make too large (issue 23, defect 7: such a 413 came after the model,
+    every mask and the search), for a server with an instance index of 4 or more instances, the demo model (69 values
+    per embedding) and a response limit in :data:`SEARCH_LIMITS`: ``photo`` as an 8100 x 6075 JPEG, every detection
+    (score 0: 1000 of them). Without search fields its boxes fit (200); with embeddings it is refused from the
+    answer's floor before the search ("at least"), with neighbours once they are found, before any mask is pasted."""
+    if not SEARCH_LIMITS[0] <= limits.max_response_bytes <= SEARCH_LIMITS[1]:
+        raise ValueError(f"the search cases are sized for a response limit in {SEARCH_LIMITS}")
+    large = large_photo(photo) if large_images else b""
+    every = {"score_threshold": 0, "max_detections": 1000}
+
+    def photo_with(**options) -> dict:
+        return {"data": large, "headers": {"Content-Type": "image/jpeg"}, "params": {**every, **options}}
+
+    floor = "at least"  # the message of a 413 from the floor: nothing was pasted
+    return [
+        Case("photo, every detection, boxes (no search fields)", photo_with(format="boxes"), 200, kind="search-size"),
+        Case("photo, every detection, boxes with embeddings", photo_with(format="boxes", embeddings="true"), 413,
+             "response_too_large", kind="search-size", message=floor),
+        Case("photo, every detection, COCO RLE with 100 neighbours", photo_with(format="coco", neighbours=100), 413,
+             "response_too_large", kind="search-size", message=floor),
+        Case("photo, every detection, COCO RLE with 100 neighbours and embeddings (the issue's)",
+             photo_with(format="coco", neighbours=100, embeddings="true"), 413, "response_too_large",
+             kind="search-size", message=floor),
+        Case("photo, every detection, legacy with 100 neighbours", photo_with(format="legacy", neighbours=100), 413,
+             "response_too_large", kind="search-size", message=floor),
+        Case("photo, 50 detections, boxes with 3 neighbours and embeddings",
+             photo_with(format="boxes", max_detections=50, neighbours=3, embeddings="true"), 200, kind="search-size"),
+    ]
+
+
 @dataclass
 class RawCase:
     """Raw bytes on a fresh connection (the client half-closes after sending) and the answer: ``status`` with error
@@ -603,7 +639,8 @@ def raw_http_cases() -> list[RawCase]:
     """HTTP-level hostile requests. Behind nginx, malformed trailers and chunk extensions are nginx's to parse: it
     ignores trailers and extensions and passes the one-byte body on (400 not_an_image from the app)."""
     return [
-        RawCase("request line over gunicorn's limit", b"GET /ping?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        # (a route nginx passes on: nginx answers /ping itself, and its own line limit is 8 kB)
+        RawCase("request line over gunicorn's limit", b"GET /model?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                 400, "bad_http_request"),
         RawCase("request line over nginx's limit", b"GET /ping?" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                 400, "bad_http_request"),
@@ -639,6 +676,13 @@ def raw_http_cases() -> list[RawCase]:
         RawCase("thumbnail id over int64", _GET % b"/index/thumbnail/99999999999999999999999", 404, "not_found"),
         RawCase("POST to the model metadata", b"POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n", 405, "method_not_allowed"),
+        # nginx's internal locations (its error pages, /ping's 503) are not routes (issue 23: every answer with the
+        # security headers; the tests check them on every answer)
+        RawCase("nginx's error page requested", _GET % b"/__maskrcnn_errors/413", 404, "not_found", kind="headers"),
+        RawCase("the not-ready page requested", _GET % b"/__maskrcnn_ping/not_ready", 404, "not_found",
+                kind="headers"),
+        RawCase("POST to /ping", b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                405, "method_not_allowed", kind="headers"),
         # ---------------------------------------------------------------- trailers (defect 6) and chunk lines (7)
         RawCase("trailer with an invalid name", _CHUNKED + b"1\r\nX\r\n0\r\nX T: a\r\n\r\n", 400, "malformed_body",
                 (400, "not_an_image"), kind="chunked"),
@@ -656,6 +700,46 @@ def raw_http_cases() -> list[RawCase]:
                 "malformed_body", (400, "not_an_image"), kind="chunked"),
         RawCase("1.5 MB of chunk framing for 300 kB of data", _CHUNKED + b"1;e\r\nX\r\n" * 300_000 + b"0\r\n\r\n",
                 400, "malformed_body", (400, "not_an_image"), kind="chunked"),
+    ]
+
+
+# ============================================================================================ load against /ping
+# Issue 23, defect 3: /ping waited in the request threads' queue (p50 2.65 s, max 16.7 s with 16 clients sending
+# 7000 x 7000 photos; SageMaker counts a /ping over 2 s as a failure). testsupport/load.py runs each load while it
+# times /ping; tests/reliability/test_ping_load.py (a short run) and benchmarks/ping_under_load.py (the measurement
+# of docs/reliability.md) use it.
+
+PING_P99_SECONDS = 0.1  # what /ping may take at the 99th percentile under any of these loads
+
+
+@dataclass
+class PingLoad:
+    """``clients`` clients sending ``body`` to ``/invocations?query`` back to back while ``/ping`` is timed."""
+
+    name: str
+    clients: int
+    body: bytes
+    content_type: str
+    query: str = ""
+    kind: str = "ping"
+
+
+def ping_loads(photo: np.ndarray, scene: np.ndarray, side: int = 7000, limits: Limits | None = None,
+               clients: int = 16) -> list[PingLoad]:
+    """The loads /ping must be immune to: ``clients`` clients sending ``photo`` enlarged to ``side`` x ``side``
+    (seed-schema JSON, as COCO RLE; and every detection the model finds, raw), or lists of as many copies of the
+    small ``scene`` as a request may hold (``limits``: the server's; default its defaults)."""
+    limits = Settings().limits if limits is None else limits
+    huge = large_photo(photo, side, side)
+    huge_json = json.dumps({"img_id": "huge", "img_data": b64(huge)}).encode()
+    many = json.dumps([{"img_id": i, "img_data": b64(png(scene))} for i in range(limits.max_images)]).encode()
+    return [
+        PingLoad(f"{clients} clients, {side} x {side} photos as JSON, COCO RLE", clients, huge_json,
+                 "application/json", "format=coco"),
+        PingLoad(f"{clients} clients, {side} x {side} photos raw, every detection (score 0, up to 1000), boxes",
+                 clients, huge, "image/jpeg", "format=boxes&score_threshold=0&max_detections=1000"),
+        PingLoad(f"{clients} clients, lists of {limits.max_images} small images", clients, many, "application/json",
+                 "format=coco"),
     ]
 
 

@@ -78,8 +78,8 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def ping(url: str, timeout: float = 5.0) -> tuple[int, dict | None]:
-    """``GET /ping`` on a new connection (a kept-alive one would always reach the same worker): status and JSON;
-    raises OSError while nothing listens."""
+    """``GET /ping`` on a new connection: status and JSON (200: ``{"status": "ready", "workers": [pids]}``); raises
+    OSError while nothing listens."""
     request = urllib.request.Request(f"{url}/ping", headers={"Connection": "close"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -126,8 +126,8 @@ class ServerProcess:
         timeout: float = 300.0,
         on_ping: Callable[[float, int, dict | None], None] | None = None,
     ) -> set[int]:
-        """Wait until ``workers`` distinct worker pids (default all, none in ``exclude``) answered ``/ping`` 200;
-        returns them. ``on_ping(seconds since start, status, JSON body)`` sees every answered ping.
+        """Wait until ``/ping`` counts ``workers`` ready workers (default all) that are not in ``exclude``; returns
+        them. ``on_ping(seconds since start, status, JSON body)`` sees every answered ping.
         Raises RuntimeError (with the log's tail) if the server exits or is not ready in time."""
         wanted = self.workers if workers is None else workers
         ready: set[int] = set()
@@ -140,7 +140,9 @@ class ServerProcess:
                 status, body = ping(self.url)
             except OSError:  # the master is still validating the model directory: nothing listens yet
                 status, body = None, None
-            if status == 200 and body["worker_pid"] not in exclude:
+            if status == 200 and "workers" in body:
+                ready = set(body["workers"]) - set(exclude)
+            elif status == 200 and body["worker_pid"] not in exclude:  # a server from before issue 23: who answered
                 ready.add(body["worker_pid"])
             if on_ping is not None and status is not None:
                 on_ping(elapsed, status, body)

@@ -1,6 +1,7 @@
 """The Flask app of one server worker: SageMaker's routes over the inference pipeline.
 
-Routes: ``GET /ping`` (200 only once the model is loaded AND warmed up, else 503), ``POST /invocations``,
+Routes: ``GET /ping`` (200 only once a worker's model is loaded AND warmed up, else 503: :mod:`.readiness`; behind
+nginx, nginx answers it and it never reaches this app), ``POST /invocations``,
 ``GET /execution-parameters`` (Batch Transform), ``GET /metrics`` (Prometheus text), ``GET /model`` (what a client
 needs to prepare requests and draw answers), and the web page (``GET /``, ``GET /static/<name>``: :mod:`.web`).
 SageMaker forwards only ``/ping`` and ``/invocations``; the other routes are for local use and operators.
@@ -8,8 +9,8 @@ SageMaker forwards only ``/ping`` and ``/invocations``; the other routes are for
 The app only moves bytes: ``/invocations`` reads the body (:mod:`.guards`), the HTTP codec
 (:mod:`maskrcnn_serving.wire`) parses it, and the worker's :class:`~maskrcnn_serving.pipeline.Pipeline` (owned by
 :class:`~.runtime.ModelRunner`) runs it and has the codec write the answer. Errors become HTTP responses in one
-handler, through :func:`maskrcnn_serving.errors.to_serving_error`; every request is measured per stage and logged as
-one JSON line with its request id.
+handler, through :func:`maskrcnn_serving.errors.to_serving_error`; every answer gets the security headers of
+:mod:`.headers`; every request is measured per stage and logged as one JSON line with its request id.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from maskrcnn_serving import wire
 from maskrcnn_serving.deadline import Deadline
 from maskrcnn_serving.errors import InternalError, NotFound, NotReady, ServingError, error_body, to_serving_error
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
-from maskrcnn_serving.server import metrics
+from maskrcnn_serving.server import headers, metrics, readiness
 from maskrcnn_serving.server.guards import read_body
 from maskrcnn_serving.server.runtime import ModelRunner
 from maskrcnn_serving.server.web import register_page
@@ -84,11 +85,9 @@ def model_metadata(pipeline: Pipeline, limits: Limits) -> dict[str, Any]:
 
 
 def error_response(error: ServingError) -> Response:
-    """The JSON answer of ``error``; 503s say when to retry."""
-    response = Response(error_body(error.code, error.message), status=error.status, mimetype="application/json")
-    if error.status == 503:
-        response.headers["Retry-After"] = "5"
-    return response
+    """The JSON answer of ``error`` (its headers, e.g. when a 503 may be retried, are added to every answer:
+    :func:`.headers.for_status`)."""
+    return Response(error_body(error.code, error.message), status=error.status, mimetype="application/json")
 
 
 def create_app(settings: Settings, runner: ModelRunner | None = None) -> Flask:
@@ -115,6 +114,7 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> Flask:
         metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         metrics.REQUEST_SECONDS.labels(route).observe(elapsed)
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        response.headers.update(headers.for_status(response.status_code))
         fields = {
             "request_id": g.get("request_id"),
             "method": request.method,
@@ -153,8 +153,17 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> Flask:
 
     @app.get("/ping")
     def ping() -> Response:
-        _require_ready(0.0)  # health checks get an immediate answer
-        return _json_response({"status": "ready", "worker_pid": os.getpid()})
+        """What the supervisor last published (gunicorn alone: this runs on the worker's ping thread), or this
+        worker's own state in an app without a readiness directory. Never waits."""
+        if settings.readiness_dir:
+            answer = readiness.read_answer(settings.readiness_dir)
+        else:
+            answer = readiness.answer_of({os.getpid(): runner.worker_state})
+        if answer.status != 200:
+            g.log_fields = {"error_code": NotReady.code}
+        response = Response(answer.body, status=answer.status, mimetype="application/json")
+        response.headers.update(headers.NO_STORE)
+        return response
 
     @app.get("/execution-parameters")
     def execution_parameters() -> Response:

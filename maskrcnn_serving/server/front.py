@@ -4,8 +4,10 @@ nginx owns the client connections and hands gunicorn (on a unix socket) only com
 headers and bodies (chunked too) itself, so a slow or stalled client holds an nginx connection (thousands are cheap)
 instead of one of gunicorn's few request threads; it enforces the body limit (413) and the header and line limits,
 with the server's timeouts; it answers its own errors in the server's JSON format (each of its error statuses goes
-through :func:`maskrcnn_serving.errors.to_serving_error`, as gunicorn's and the app's do);
-and it buffers each answer, so slow readers cost no thread either. Settings come from :class:`Settings`; the config
+through :func:`maskrcnn_serving.errors.to_serving_error`, as gunicorn's and the app's do) with the security headers
+of every answer (:mod:`.headers`); it answers ``/ping`` itself, from the files the supervisor keeps
+(:mod:`.readiness`), so a health check never waits behind inference; and it buffers each answer, so slow readers
+cost no thread either. Settings come from :class:`Settings`; the config
 is ``nginx.conf.template`` beside this module.
 
 * :func:`choose`: which front ``MODEL_SERVER_FRONT`` asks for (``auto``: nginx when it is installed);
@@ -32,11 +34,13 @@ from maskrcnn_serving.errors import (
     ClientTimeout,
     FrontError,
     HttpStatusError,
+    NotReady,
     RequestTooLarge,
     ServingError,
     error_body,
     to_serving_error,
 )
+from maskrcnn_serving.server import headers, readiness
 from maskrcnn_serving.settings import Settings
 
 # Where nginx is looked for besides $PATH (/usr/sbin is not on an unprivileged user's default PATH on Debian).
@@ -47,6 +51,7 @@ BODY_BUFFER_BYTES = 256 * 1024  # bodies beyond this are spooled to a temp file 
 RESPONSE_BUFFER_BYTES = 64 * 1024
 UPSTREAM_TIMEOUT_MARGIN = 5  # seconds over MODEL_SERVER_TIMEOUT before nginx gives up on gunicorn
 ERROR_PAGE_PREFIX = "/__maskrcnn_errors/"  # internal locations of nginx's own JSON answers
+NOT_READY_URI = "/__maskrcnn_ping/not_ready"  # internal location of /ping's 503 (the readiness directory's file)
 
 
 def find_nginx() -> str | None:
@@ -110,15 +115,17 @@ def _nginx_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def render_config(settings: Settings, listen: str, socket_path: Path, runtime_dir: Path) -> str:
+def render_config(settings: Settings, listen: str, socket_path: Path, runtime_dir: Path, readiness_dir: Path) -> str:
     """The nginx config for ``settings``: listen on ``listen`` (``host:port``), proxy to gunicorn on
-    ``socket_path``, keep pid and temp files in ``runtime_dir``."""
+    ``socket_path``, keep pid and temp files in ``runtime_dir``, answer ``/ping`` from the files the supervisor
+    keeps in ``readiness_dir`` (:mod:`.readiness`)."""
     error_pages = []
     for status, error in _error_pages(settings):  # internal URIs, not named locations: those fail ("empty URI")
         body = error_body(error.code, error.message).decode()  # for errors found while reading the request line
         error_pages.append(f"        error_page {status} ={error.status} {ERROR_PAGE_PREFIX}{status};\n"
                            f"        location = {ERROR_PAGE_PREFIX}{status} {{ internal; client_max_body_size 0; "
-                           f"return {error.status} {_nginx_string(body)}; }}")  # (no second 413 on the way)
+                           f"return {error.status} {_nginx_string(body)}; "  # (no second 413 on the way)
+                           f"{headers.nginx_directives(error.status)} }}")
     user = ""
     if os.geteuid() == 0:  # nginx's workers would become `nobody`, who cannot reach gunicorn's socket or temp dirs
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
@@ -135,6 +142,12 @@ def render_config(settings: Settings, listen: str, socket_path: Path, runtime_di
         "response_buffers": str(max(4, math.ceil(settings.max_response_bytes / RESPONSE_BUFFER_BYTES) + 1)),
         "upstream_timeout": str(settings.timeout + UPSTREAM_TIMEOUT_MARGIN),
         "error_pages": "\n".join(error_pages),
+        "readiness_dir": str(readiness_dir),
+        "ready_file": readiness.READY_FILE,
+        "not_ready_file": readiness.NOT_READY_FILE,
+        "not_ready_uri": NOT_READY_URI,
+        "ready_headers": headers.nginx_directives(200, headers.NO_STORE),
+        "not_ready_headers": headers.nginx_directives(NotReady.status),
     }
     template = resources.files("maskrcnn_serving.server").joinpath("nginx.conf.template").read_text()
     rendered = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
@@ -146,15 +159,17 @@ def listen_address(host: str, port: int) -> str:
 
 
 class NginxFront:
-    """nginx on ``host:port`` in front of gunicorn's unix socket, as a child process."""
+    """nginx on ``host:port`` in front of gunicorn's unix socket, as a child process; ``/ping`` from the files in
+    ``readiness_dir``."""
 
     def __init__(self, binary: str, settings: Settings, host: str, port: int, socket_path: Path,
-                 runtime_dir: Path) -> None:
+                 runtime_dir: Path, readiness_dir: Path) -> None:
         self.binary = binary
         self.version = nginx_version(binary)
         self.runtime_dir = Path(runtime_dir)
         self.config_path = self.runtime_dir / "nginx.conf"
-        self.config_path.write_text(render_config(settings, listen_address(host, port), socket_path, runtime_dir))
+        self.config_path.write_text(render_config(settings, listen_address(host, port), socket_path, runtime_dir,
+                                                  readiness_dir))
         self.process: subprocess.Popen | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""The gunicorn worker class of ``maskrcnn-serving serve``: gunicorn's ``gthread`` worker with two hardenings.
+"""The gunicorn worker class of ``maskrcnn-serving serve``: gunicorn's ``gthread`` worker, hardened.
 
 * **Slow clients.** ``gthread`` reads a request with a blocking socket and no timeout, so a client that sends its
   headers or body slowly (or stops) holds a request thread forever, and a handful of them starve the worker.
@@ -17,6 +17,15 @@
   trailer parse errors (invalid names, NUL, obs-fold, too many or too long fields: exceptions the body reader's
   caller never expected, so 500s) into an ``OSError`` like its other framing errors, which
   :func:`maskrcnn_serving.server.guards.read_body` answers 400 ``malformed_body``.
+* **A thread for /ping.** ``gthread`` hands every connection to one pool of ``MODEL_SERVER_THREADS`` request
+  threads, so with gunicorn alone a health check waited behind every queued inference (seconds under load). Here a
+  connection whose first bytes are a ``GET`` or ``HEAD`` of ``/ping`` goes to a pool of its own (one thread),
+  which no other request can take; it answers from the readiness files (:mod:`.readiness`) in about a millisecond.
+  What this cannot do without nginx: a client that sends ``GET /ping`` and then stalls holds that thread until
+  the client timeout, and while no worker is alive nobody accepts the connection (behind nginx, nginx answers
+  ``/ping`` itself in both cases).
+* **Readiness.** A worker withdraws its readiness (:class:`.readiness.WorkerReadiness`) as soon as it starts to
+  exit, so ``/ping`` stops counting it before it stops accepting.
 
 The worker's settings are the server's, read once by the gunicorn master (its application,
 :class:`maskrcnn_serving.server.process.GunicornApplication`, carries them into every worker it forks).
@@ -24,6 +33,8 @@ The worker's settings are the server's, read once by the gunicorn master (its ap
 
 from __future__ import annotations
 
+import socket
+from concurrent import futures
 from http import HTTPStatus
 
 from gunicorn import util
@@ -33,7 +44,8 @@ from gunicorn.http.errors import InvalidChunkSize, NoMoreData, ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
 from maskrcnn_serving.errors import HttpStatusError, MalformedChunkedBody, error_body, to_serving_error
-from maskrcnn_serving.server import guards
+from maskrcnn_serving.server import guards, headers
+from maskrcnn_serving.server.readiness import WorkerReadiness
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -42,9 +54,10 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     internals)."""
     error = to_serving_error(HttpStatusError(status_int, mesg or reason))
     body = error_body(error.code, error.message if error.status < 500 else "Internal server error.")
+    fields = "".join(f"{name}: {value}\r\n" for name, value in headers.for_status(error.status).items())
     head = (
         f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{fields}\r\n"
     ).encode("latin-1")
     util.write_nonblock(sock, head + body)
 
@@ -135,15 +148,58 @@ class BoundedChunkedReader(ChunkedReader):
         unreader.unread(rest)
 
 
+# The request lines that go to the ping thread: a GET or HEAD of /ping, with or without a query.
+PING_REQUESTS = tuple(f"{method} /ping{end}".encode() for method in ("GET", "HEAD") for end in (" ", "?"))
+_PING_PEEK_BYTES = max(len(prefix) for prefix in PING_REQUESTS)
+
+
+def asks_for_ping(sock: socket.socket) -> bool:
+    """Whether the next request on ``sock`` (non-blocking, readable) starts with a ``/ping`` request line: its first
+    bytes, peeked (left for the request parser to read)."""
+    try:
+        start = sock.recv(_PING_PEEK_BYTES, socket.MSG_PEEK)
+    except OSError:  # nothing to read after all, or an error the request thread will meet and handle
+        return False
+    return start.startswith(PING_REQUESTS)
+
+
 class GuardedThreadWorker(ThreadWorker):
-    """``gthread`` with a per-connection read timeout, JSON error pages and bounded chunked framing (see the module
-    docstring)."""
+    """``gthread`` with a per-connection read timeout, JSON error pages, bounded chunked framing, a thread for
+    ``/ping`` and readiness withdrawn on exit (see the module docstring)."""
 
     def init_process(self) -> None:
-        self.client_timeout = self.app.settings.client_timeout  # the master's settings (module docstring)
+        settings = self.app.settings  # the master's settings (module docstring)
+        self.client_timeout = settings.client_timeout
+        self.readiness = WorkerReadiness(settings.readiness_dir) if settings.readiness_dir else None
+        self.ping_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
         util.write_error = write_json_error  # the one function gunicorn's handle_error writes its pages with
         gunicorn_message.ChunkedReader = BoundedChunkedReader  # the name Request.set_body_reader instantiates
         super().init_process()
+
+    def enqueue_req(self, conn) -> None:
+        """gthread's ``enqueue_req``, with ``/ping`` requests handed to the ping pool instead of the request pool
+        (the socket is still non-blocking here: gthread makes it blocking in ``conn.init``)."""
+        if not asks_for_ping(conn.sock):
+            super().enqueue_req(conn)
+            return
+        conn.init()
+        self._wrap_future(self.ping_pool.submit(self.handle, conn), conn)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:  # the loop ended (parent gone, a signal to quit or abort): this worker serves no more
+            self.ping_pool.shutdown(wait=False)
+            self._withdraw()
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: a graceful exit begins (the requests in flight finish); ``/ping`` stops counting this worker."""
+        self._withdraw()
+        super().handle_exit(sig, frame)
+
+    def _withdraw(self) -> None:
+        if self.readiness is not None:
+            self.readiness.withdraw()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

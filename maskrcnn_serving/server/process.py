@@ -24,6 +24,9 @@ What :func:`serve` does, in order:
    them exits. SIGTERM / SIGINT: nginx first (it stops listening and finishes the requests in flight, which gunicorn
    still serves), then gunicorn (its workers finish theirs), and ``serve`` exits 0 within SageMaker's 30 s. A child
    that exits on its own stops the other, and ``serve`` exits non-zero (the container is restarted).
+5. **Readiness.** While they run, the supervisor gathers the workers' states every 0.1 s and writes the answer to
+   ``/ping`` in the run's readiness directory, which nginx (or, with gunicorn alone, each worker's ping thread)
+   answers from (:mod:`.readiness`); from the first signal on, ``/ping`` says 503.
 
 **Children die with serve.** Every child is started with Linux's parent-death signal (``PR_SET_PDEATHSIG``, kept
 across ``exec``): when ``serve`` ends in any way, SIGKILL included, the kernel sends the model check, the gunicorn
@@ -63,6 +66,7 @@ from gunicorn.app.base import BaseApplication
 from maskrcnn_serving.errors import ModelLoadError
 from maskrcnn_serving.server import front
 from maskrcnn_serving.server.logs import configure_logging
+from maskrcnn_serving.server.readiness import REFRESH_SECONDS, ReadinessBoard
 from maskrcnn_serving.settings import Settings
 
 MODULE = "maskrcnn_serving.server.process"  # the children's entry point: python -m MODULE
@@ -263,6 +267,7 @@ class Supervisor:
         self.settings, self.host, self.port, self.nginx, self.log_level = settings, host, port, nginx, log_level
         self.signal: int | None = None
         self.front: front.NginxFront | None = None
+        self.readiness: ReadinessBoard | None = None
 
     def _on_signal(self, signum, frame) -> None:
         self.signal = signum
@@ -280,13 +285,15 @@ class Supervisor:
         socket_path = runtime_dir / "gunicorn.sock"
         listen = front.listen_address(self.host, self.port)
         bind = f"unix:{socket_path}" if self.nginx else listen
+        self.readiness = ReadinessBoard(runtime_dir / "readiness")
+        self.settings = dataclasses.replace(self.settings, readiness_dir=str(self.readiness.directory))
         gunicorn = self._start_gunicorn(bind)
         try:
             if self.nginx:
                 if not self._wait_for(socket_path.exists, gunicorn, SOCKET_WAIT_SECONDS):
                     return self._stop(gunicorn)
                 self.front = front.NginxFront(self.nginx, self.settings, self.host, self.port, socket_path,
-                                              runtime_dir)
+                                              runtime_dir, self.readiness.directory)
                 self.front.check()
                 self.front.start(preexec_fn=die_with_parent())
                 log.info("serving through nginx", extra={"fields": {
@@ -313,20 +320,23 @@ class Supervisor:
                                 stderr=sys.stderr, preexec_fn=die_with_parent())
 
     def _wait_for(self, condition: Callable[[], bool], gunicorn: subprocess.Popen, timeout: float | None) -> bool:
-        """Poll until ``condition()``; False when a signal came, gunicorn exited or ``timeout`` passed."""
+        """Poll until ``condition()``, publishing the workers' readiness at each turn; False when a signal came,
+        gunicorn exited or ``timeout`` passed."""
         stop_at = None if timeout is None else time.monotonic() + timeout
         while self.signal is None and gunicorn.poll() is None:
+            self.readiness.refresh(gunicorn.pid)
             if condition():
                 return True
             if stop_at is not None and time.monotonic() > stop_at:
                 return False
-            time.sleep(0.1)
+            time.sleep(REFRESH_SECONDS)
         return False
 
     def _stop(self, gunicorn: subprocess.Popen) -> int:
         """nginx first (it stops listening and finishes the requests in flight, which gunicorn still serves), then
         gunicorn; the exit status says why ``serve`` stopped."""
         start = time.monotonic()
+        self.readiness.stopping()  # /ping says 503 while nginx finishes the requests in flight
         # nginx gone while nobody asked the server to stop (a signal to the whole process group, e.g. Ctrl-C or
         # killpg, stops nginx too: that is a stop, not a failure)
         front_died = self.signal is None and self.front is not None and self.front.poll() is not None

@@ -2,7 +2,8 @@
 
 State: ``loading`` -> ``warming_up`` -> ``ready``, or ``failed`` (the message says why; the worker keeps answering
 503 with it, so the cause is visible in both the logs and the responses). Loading runs on a background thread so
-that ``/ping`` answers 503 at once instead of hanging while it happens.
+that ``/ping`` answers 503 at once instead of hanging while it happens. Under ``serve`` every change of state is
+published in the readiness directory (:mod:`.readiness`), which ``/ping`` is answered from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from maskrcnn_serving.pipeline import Pipeline
 from maskrcnn_serving.request import RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.server.guards import apply_memory_headroom, configure_memory_return
+from maskrcnn_serving.server.readiness import WorkerReadiness, WorkerState
 from maskrcnn_serving.settings import Settings
 
 log = logging.getLogger("maskrcnn_serving.server")
@@ -50,8 +52,9 @@ class ModelRunner:
         self.settings = settings or Settings()
         self.backend = backend
         self.pipeline: Pipeline | None = None
-        self.state = "loading"
-        self.message = "The model is loading."
+        self.readiness = WorkerReadiness(self.settings.readiness_dir) if self.settings.readiness_dir else None
+        self.state, self.message = "", ""
+        self._set_state("loading", "The model is loading.")
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
@@ -80,7 +83,7 @@ class ModelRunner:
             if self.backend is None:
                 self.backend = load_backend(settings.backend, settings.model_dir, settings)
             self.load_seconds = time.perf_counter() - start
-            self.state, self.message = "warming_up", "The model is loaded and running its warm-up inference."
+            self._set_state("warming_up", "The model is loaded and running its warm-up inference.")
             log.info("model loaded", extra={"fields": {"load_seconds": round(self.load_seconds, 3),
                                                         **self.backend.description}})
             # A lone request waits for others to share its graph call only where calls can be shared.
@@ -101,13 +104,22 @@ class ModelRunner:
             configure_memory_return(settings.memory_return_mb)  # the warm size, measured now
         except Exception as exc:  # noqa: BLE001 - any failure must be reported, the worker stays up to say so
             # Clients see the kind of failure only: the loader's message names files on the server (in the log).
-            self.state = "failed"
-            self.message = f"The model failed to load ({type(exc).__name__}); the server log has the details."
             log.exception("model load failed")
+            self._set_state("failed", f"The model failed to load ({type(exc).__name__}); the server log has the "
+                            "details.")
             return
-        self.state, self.message = "ready", "ready"
-        log.info("model ready", extra={"fields": {"warmup_seconds": round(self.warmup_seconds, 3)}})
         self._ready.set()
+        log.info("model ready", extra={"fields": {"warmup_seconds": round(self.warmup_seconds, 3)}})
+        self._set_state("ready", "ready")
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        if self.readiness is not None:
+            self.readiness.publish(self.worker_state)
+
+    @property
+    def worker_state(self) -> WorkerState:
+        return WorkerState(self.state, self.message)
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether the model is ready, waiting up to ``timeout`` seconds while it is still loading (not after a

@@ -8,7 +8,7 @@ The files are read once, when the app is built, and served from memory: ``GET /`
 ``GET /static/<name>`` one of :data:`PAGE_FILES` by exact name, so no part of a request ever becomes a file path.
 Every page response carries a strict Content-Security-Policy (scripts, styles, images and connections from this server
 only; images may also be ``blob:`` and ``data:`` URLs, which only the page itself can make: its icon is an empty
-``data:`` URL) and ``X-Content-Type-Options: nosniff``.
+``data:`` URL); the headers of every answer (``nosniff``, no framing) are the app's (:mod:`.headers`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ def register_page(app: Flask) -> None:
     def serve(name: str) -> Response:
         response = Response(files[name], content_type=PAGE_FILES[name])
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-        response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Cache-Control"] = "no-cache"  # a new version of the server shows its new page at once
         return response
 

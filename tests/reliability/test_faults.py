@@ -30,7 +30,7 @@ import requests
 from live_server import nginx_missing
 from PIL import Image
 
-from testsupport.server import ServerProcess, clean_environment, free_port, serve_command
+from testsupport.server import ServerProcess, clean_environment, free_port, ping, serve_command
 
 WORKERS = 2
 DEADLINE_SECONDS = 4.0
@@ -324,6 +324,10 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     time.sleep(0.5)
     victim = _busiest(workers)
     os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    pings = _pings_until(fault_server.url, lambda status, body: status == 200 and victim not in body["workers"])
+    assert time.monotonic() - killed < 1.0, pings  # /ping stops counting it at once (issue 23)
+    assert {status for status, _, _ in pings} == {200}, pings  # the survivor can serve: ready throughout
     thread.join(timeout=60)
     assert outcome["status"] in (502, 504, 200), outcome
     if outcome["status"] == 502:
@@ -332,6 +336,40 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     assert 200 in survivor_answers and set(survivor_answers) <= {200, 503}  # 503: the newcomer, still loading
     replacement = fault_server.wait_ready(workers=1, exclude=workers)
     assert fault_server.worker_pids() == (workers - {victim}) | replacement
+    assert fault_server.process.poll() is None
+
+
+def _pings_until(url: str, done, timeout: float = 300.0) -> list[tuple[int, dict, float]]:
+    """``GET /ping`` every 20 ms until ``done(status, body)``: every (status, body, seconds it took)."""
+    pings = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        status, body = ping(url)
+        pings.append((status, body, time.monotonic() - start))
+        if done(status, body):
+            return pings
+        time.sleep(0.02)
+    raise AssertionError(f"not done after {timeout} s: {pings[-3:]}")
+
+
+def test_ping_is_503_at_once_while_no_worker_can_serve(fault_server):
+    """Issue 23, defect 3: every worker killed at once: /ping says 503 (no worker running) within a second, answered
+    at once all the while (nginx answers it, no worker is needed), and 200 again only when a replacement has loaded
+    and warmed up."""
+    workers = fault_server.worker_pids()
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    until_503 = _pings_until(fault_server.url, lambda status, body: status == 503)
+    assert time.monotonic() - killed < 1.0, until_503
+    pings = _pings_until(fault_server.url, lambda status, body: status == 200)
+    assert all(status == 503 and body["error"]["code"] == "not_ready" for status, body, _ in pings[:-1])
+    messages = {body["error"]["message"] for _, body, _ in until_503[-1:] + pings[:-1]}
+    assert any("No server worker" in message for message in messages), messages
+    assert max(took for _, _, took in until_503 + pings) < 1.0
+    assert not set(pings[-1][1]["workers"]) & workers
+    fault_server.wait_ready(exclude=workers)
     assert fault_server.process.poll() is None
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import requests
 
+from maskrcnn_serving.server import headers
 from maskrcnn_serving.settings import Limits, Settings
 from testsupport.hostile import Case, catalogue, png, raw_exchange, raw_http_cases
 from testsupport.server import status_kb
@@ -89,6 +90,13 @@ def reference_annotations(session, url: str, image_png: bytes, options: dict) ->
     return _reference_cache[key]
 
 
+def assert_security_headers(fields: dict, status: int, name: str) -> None:
+    """Issue 23, defect 8: the headers of every answer (server/headers.py), whoever wrote it: the app, gunicorn or
+    nginx."""
+    for header, value in headers.for_status(status).items():
+        assert fields.get(header) == value, (name, header, fields)
+
+
 def _assert_json_error(response_text: str, body: dict, content: bytes, name: str) -> None:
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, (name, body)
     assert len(content) < 4096, "error bodies are bounded"
@@ -109,6 +117,7 @@ def test_hostile_input_gets_its_documented_answer(index, server, cases, session,
     baseline["seconds"][case.name] = time.monotonic() - start
     assert response.status_code in (case.status, *case.statuses), (case.name, response.text[:500])
     assert response.headers["Content-Type"] == "application/json"
+    assert_security_headers(response.headers, response.status_code, case.name)
     body = response.json()
     if response.status_code != 200:
         _assert_json_error(response.text, body, response.content, case.name)
@@ -146,6 +155,9 @@ def test_malformed_http_gets_a_json_4xx(case, server, baseline):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d" % status), (case.name, answer[:300])
     assert b"application/json" in head.lower()
+    fields = requests.structures.CaseInsensitiveDict(
+        line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
+    assert_security_headers(fields, status, case.name)
     error = json.loads(body)
     _assert_json_error(body.decode(errors="replace"), error, body, case.name)
     assert error["error"]["code"] == code

@@ -8,13 +8,14 @@ import pytest
 
 from maskrcnn_serving import cli
 from maskrcnn_serving.search import database
+from testsupport.hostile import SEARCH_SERVER_MAX_RESPONSE_BYTES
 from testsupport.server import ServerProcess
 
 
 @pytest.fixture(scope="session")
 def indexed_server(tmp_path_factory, demo_model_dir, example_images):
-    """``serve --index`` (2 workers, the demo model) on an index of the first two example images; yields the
-    server, the database folder and a scratch folder."""
+    """``serve --index`` (2 workers, the demo model, answers up to 512 KiB) on an index of the first two example
+    images; yields the server, the database folder and a scratch folder."""
     root = tmp_path_factory.mktemp("search_server")
     db = str(root / "instances.db")
     first = root / "first"
@@ -23,7 +24,9 @@ def indexed_server(tmp_path_factory, demo_model_dir, example_images):
         shutil.copy(path, first / path.name)
     assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(first)]) == 0
     database.stop_local_servers()  # the server's master takes the database over
-    server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=["--index", db]).start()
+    # (the limit the search cases of the hostile catalogue are sized for, far above the other tests' answers)
+    flags = ["--index", db, "--max-response-bytes", str(SEARCH_SERVER_MAX_RESPONSE_BYTES)]
+    server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=flags).start()
     try:
         server.wait_ready(timeout=240)
         yield server, db, root

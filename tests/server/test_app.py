@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -335,3 +336,83 @@ def test_page_files_are_served_by_name_only_with_a_strict_policy(client):
         response = client.get(path)
         assert response.status_code == 404 and response.json["error"]["code"] == "not_found", path
         assert "Content-Security-Policy" not in response.headers, path
+
+
+# ------------------------------------------------------------------------------------------------ /ping, headers
+
+
+def test_ping_answers_from_the_readiness_directory_under_serve(runner, tmp_path):
+    """Under serve (a readiness directory), /ping says what the supervisor last published, whatever this worker's
+    own state; the runner publishes its own state there as it changes."""
+    from maskrcnn_serving.server import readiness
+
+    settings = Settings(readiness_dir=str(tmp_path))
+    client = create_app(settings, runner).test_client()
+    response = client.get("/ping")
+    assert response.status_code == 503 and response.json["error"]["message"] == readiness.NO_WORKER
+    board = readiness.ReadinessBoard(tmp_path)
+    board.publish(readiness.answer_of({4321: readiness.WorkerState("ready", "ready")}))
+    response = client.get("/ping")
+    assert response.status_code == 200 and response.json == {"status": "ready", "workers": [4321]}
+    assert response.headers["Cache-Control"] == "no-store"
+    loading = ModelRunner(settings)  # not started: it published "loading" for this process
+    published = json.loads((tmp_path / readiness.WORKERS_DIR / f"{os.getpid()}.json").read_text())
+    assert published == {"state": "loading", "message": loading.message}
+    assert runner.worker_state == readiness.WorkerState("ready", "ready")
+
+
+def test_every_answer_carries_the_security_headers(client, runner, example_images, tmp_path):
+    """Issue 23, defect 8: nosniff and no framing on every answer (JSON, errors, /model, /metrics, thumbnails, the
+    page), no-store on every error, Retry-After on a 503; the page's policy on the page's files only."""
+    import cv2
+
+    from maskrcnn_serving.search import database
+    from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.server import headers
+
+    dim = runner.backend.embedding_dim
+    index = InstanceIndex.open(str(tmp_path / "instances.db"), dim=dim, image_dim=64, create=True)
+    thumbnail = base64.b64encode(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()).decode()
+    index.insert_rows([{"vector": [1.0] + [0.0] * (dim - 1), "image": "a.jpg", "bbox": [0.0, 0.0, 1.0, 1.0],
+                        "category": "ring", "category_id": 4, "score": 0.9, "height": 1, "width": 1, "mask": "",
+                        "thumbnail": thumbnail}])
+    (hit,) = index.search(np.asarray([[1.0] + [0.0] * (dim - 1)]), 1)[0]
+    runner.pipeline.index = index
+    image = example_images[0].read_bytes()
+    loading = create_app(Settings(ready_wait=0.0), ModelRunner()).test_client()
+    try:
+        answers = {
+            "ping": client.get("/ping"), "model": client.get("/model"), "metrics": client.get("/metrics"),
+            "execution parameters": client.get("/execution-parameters"),
+            "detections": client.post("/invocations", data=image, content_type="image/jpeg"),
+            "detections with search fields": client.post("/invocations?neighbours=1&embeddings=true", data=image,
+                                                         content_type="image/jpeg"),
+            "thumbnail": client.get(f"/index/thumbnail/{hit.id}"), "page": client.get("/"),
+            "page file": client.get("/static/app.js"),
+            "400": post_json(client, "{"), "404": client.get("/nowhere"),
+            "404 thumbnail": client.get("/index/thumbnail/7"),
+            "405": client.post("/ping"), "413": client.post("/invocations", data=b"x" * (6 * 2**20 + 1),
+                                                            content_type="image/jpeg"),
+            "415": client.post("/invocations", data=b"x", content_type="text/plain"),
+            "503": loading.get("/ping"), "503 invocations": loading.post("/invocations", data=image,
+                                                                          content_type="image/jpeg"),
+        }
+    finally:
+        runner.pipeline.index = None
+        index.close()
+        database.stop_local_servers()
+    for name, response in answers.items():
+        for header, value in headers.EVERY_ANSWER.items():
+            assert response.headers.get(header) == value, (name, header)
+        if response.status_code >= 400:
+            assert response.headers["Cache-Control"] == "no-store", name
+            assert "Content-Security-Policy" not in response.headers, name
+        assert ("Retry-After" in response.headers) == (response.status_code == 503), name
+    assert [answers[name].status_code for name in ("thumbnail", "detections with search fields", "413", "503")] == [
+        200, 200, 413, 503]
+    assert answers["thumbnail"].headers["Cache-Control"] == "max-age=3600"  # the route's own, kept
+    assert answers["page"].headers["Cache-Control"] == "no-cache"
+    from maskrcnn_serving.server.web import CONTENT_SECURITY_POLICY
+
+    assert answers["page"].headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert all("Content-Security-Policy" not in answers[name].headers for name in ("model", "metrics", "thumbnail"))
