@@ -6,4 +6,7 @@ Modules:
                must get (tests/reliability, benchmarks/hostile_memory.py)
     server     a real ``maskrcnn-serving serve`` in a child process, and its processes (tests, benchmarks/soak.py,
                benchmarks/hostile_memory.py)
+    ray_cluster
+               a real Ray cluster on this machine, and its actors' processes (tests/test_distributed.py,
+               benchmarks/ray_scale_out.py)
 """
