@@ -106,7 +106,8 @@ class PipelineActor:
         self.work = work
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        files = [ImageFile(*fields) for fields in zip(batch["location"], batch["name"], batch["source"], strict=True)]
+        columns = (batch["location"], batch["name"], batch["source"])
+        files = [ImageFile(*(str(value) for value in fields)) for fields in zip(*columns, strict=True)]
         outcomes = run_batch(self.pipeline, files, self.options, self.work)
         return {
             "source": [o.file.source for o in outcomes],

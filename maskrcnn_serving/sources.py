@@ -10,6 +10,7 @@ decodes them (:meth:`ImageFile.read_bytes`), wherever that runs: in this process
 from __future__ import annotations
 
 import functools
+import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class ImageFile:
     @property
     def absolute_path(self) -> str | None:
         """The resolved local path (what index builds stored before names were relative); None for a URL."""
-        return None if is_url(self.source) else self.source
+        return None if is_url(self.source) else str(Path(self.source).resolve())
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[ImageFile]:
@@ -77,15 +78,18 @@ def _is_image(name: str) -> bool:
 
 def _list_local(item: str) -> tuple[str, list[tuple[str, str, str]]]:
     """(the folder names are relative to, [(location, source, path)]) of a local file or folder: the source and
-    the path are the resolved file."""
+    the path are the file's absolute path, symbolic links kept (a link inside the folder is named inside it)."""
     path = Path(item)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if _is_image(p.name) and p.is_file())
-        return path.resolve().as_posix(), [(str(p), str(p.resolve()), p.resolve().as_posix()) for p in found]
+        return _absolute(path), [(str(p), _absolute(p), _absolute(p)) for p in found]
     if path.is_file():
-        resolved = path.resolve()
-        return resolved.parent.as_posix(), [(item, str(resolved), resolved.as_posix())]
+        return posixpath.dirname(_absolute(path)), [(item, _absolute(path), _absolute(path))]
     raise SystemExit(f"error: {item} does not exist")
+
+
+def _absolute(path: Path) -> str:
+    return Path(os.path.abspath(path)).as_posix()
 
 
 def _list_url(url: str) -> tuple[str, list[tuple[str, str, str]]]:

@@ -55,3 +55,11 @@ def test_inputs_that_cannot_share_a_folder_or_do_not_exist_are_refused(tree):
 def test_urls_and_paths_are_told_apart():
     assert is_url("s3://bucket/photos") and is_url("file:///data") and is_url("gs://b/x.jpg")
     assert not is_url("photos/a.jpg") and not is_url("/data/a://b") and not is_url("C:\\photos")
+
+
+def test_a_link_inside_the_folder_is_named_inside_it(tree, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "d.jpg"
+    outside.write_bytes(b"d")
+    (tree / "sub" / "link.jpg").symlink_to(outside)
+    (link,) = [f for f in collect_images([tree / "sub"]) if f.name == "link.jpg"]
+    assert link.read_bytes() == b"d" and link.absolute_path == str(outside.resolve())

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(build)
     _add_db_arguments(build)
     build.add_argument("inputs", nargs="+",
-                       help="Image files or folders (searched recursively); with --ray also URLs (s3://...).")
+                       help="Image files or folders (searched recursively), or their URLs (s3://..., file://...).")
     build.add_argument("--label", default=None,
                        help="Store the images' names under this prefix (LABEL/a.jpg): to index several folders whose "
                             "files have the same names into one collection.")

@@ -1,5 +1,5 @@
-"""``maskrcnn-serving predict``: run a model on image files and folders (or URLs, on Ray), write COCO results JSON
-and/or JSON-lines shards."""
+"""``maskrcnn-serving predict``: run a model on image files and folders (or their URLs), here or on Ray; write COCO
+results JSON and/or JSON-lines shards."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("inputs", nargs="+",
-                        help="Image files or folders (searched recursively); with --ray also URLs (s3://...).")
+                        help="Image files or folders (searched recursively), or their URLs (s3://..., file://...).")
     parser.add_argument("--output", "-o", type=Path, default=None, help="Where to write the results JSON.")
     parser.add_argument(
         "--shards", type=Path, default=None,
