@@ -1,25 +1,27 @@
 """Many image files through the pipeline, in this process or on a Ray cluster, for ``predict`` and ``index build``.
 
 Both run the one :class:`~maskrcnn_serving.pipeline.Pipeline` and give back one :class:`Outcome` per file: what a
-``work`` function made of the file's :class:`~maskrcnn_serving.request.ImageResult` (COCO results records, index
-rows), or why the file was refused. The caller writes the outcomes (results files, the index) as they come, in
-this process, so that every file is written once, by one writer, whatever happened to the workers.
+``work`` function made of the file's :class:`~maskrcnn_serving.request.ImageResult` (a JSON value: COCO results
+records, index rows), or why the file was refused. The caller writes the outcomes (results files, the index) as
+they come, in this process, so that every file is written once, by one writer, whatever happened to the workers.
 
 On Ray (https://docs.ray.io/en/latest/data/batch_inference.html): the files become a Ray Dataset, and
 ``map_batches`` runs them through an actor pool (:class:`PipelineActor`), each actor holding one model, loaded once.
 Each call takes a batch of :meth:`Backend.batch_size_for <maskrcnn_serving.backends.base.Backend.batch_size_for>`
 files as one pipeline request (the scheduler forms the backend's forward calls). Ray restarts an actor whose
 process died and retries its unfinished batches; :func:`run_on_ray` yields each file's outcome once even if a
-retried batch delivers it again. The actors read the files themselves (:meth:`ImageFile.read_bytes`), so no
-read task competes with them for CPUs. Ray is imported only here, and only when a run asks for it
-(``pip install 'maskrcnn-serving[ray]'``).
+retried batch delivers it again. A work's value travels from an actor to the driver as JSON text: a string column,
+which Ray Data carries as it is (an object column it would turn into Arrow structs and arrays, or pickle), and
+plain data, never code, reaching the process that writes. The actors read the files themselves
+(:meth:`ImageFile.read_bytes`), so no read task competes with them for CPUs. Ray is imported only here, and only
+when a run asks for it (``pip install 'maskrcnn-serving[ray]'``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: What a run does with each image's result, where the image ran (e.g. its COCO records, its index rows).
+#: What a run does with each image's result, where the image ran (e.g. its COCO records, its index rows): a JSON
+#: value (dicts, lists, strings, numbers), the same in this process and from a Ray actor.
 Work = Callable[[ImageFile, ImageResult], Any]
 #: Retries of a batch whose actor died; a file that kills its worker every time then fails the run, not loops.
 ACTOR_TASK_RETRIES = 3
@@ -105,15 +108,14 @@ class PipelineActor:
         self.options = options
         self.work = work
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        """``batch``: columns ``location``, ``name``, ``source`` (an :class:`ImageFile` per row). Returns columns
+        ``source``, ``error`` (empty when the file ran) and ``value`` (the work's value as JSON text)."""
         columns = (batch["location"], batch["name"], batch["source"])
         files = [ImageFile(*(str(value) for value in fields)) for fields in zip(*columns, strict=True)]
         outcomes = run_batch(self.pipeline, files, self.options, self.work)
-        return {
-            "source": [o.file.source for o in outcomes],
-            "error": [o.error or "" for o in outcomes],
-            "value": [pickle.dumps(o.value) for o in outcomes],
-        }
+        return {"source": [o.file.source for o in outcomes], "error": [o.error or "" for o in outcomes],
+                "value": [json.dumps(o.value) for o in outcomes]}
 
 
 def run_on_ray(files: Sequence[ImageFile], make_pipeline: Callable[[], Pipeline], options: RequestOptions,
@@ -190,4 +192,4 @@ def _outcomes(dataset, files: Sequence[ImageFile], desc: str) -> Iterable[Outcom
                 delivered.add(source)
                 progress.update()
                 file = by_source[source]
-                yield Outcome(file, error=str(error)) if error else Outcome(file, pickle.loads(value))
+                yield Outcome(file, error=str(error)) if error else Outcome(file, json.loads(value))

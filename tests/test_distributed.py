@@ -1,8 +1,8 @@
 """``predict`` and ``index build`` on a real Ray cluster (the session's ``ray start --head``, 2 CPUs): the same
 detections and the same index as the run in one process, image for image; an actor killed mid-run (its process, by
 pid) and still every image written exactly once; a refused image reported and skipped; a stopped build resumed
-where it stopped (on a local Ray started by the run, the folder given as a ``file://`` URL). And the batch step the
-actors run, in this process."""
+where it stopped (the folder given as a ``file://`` URL), its actor killed too. And the batch step the actors run,
+in this process."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from maskrcnn_serving import cli
-from maskrcnn_serving.distributed import run_batch
+from maskrcnn_serving.distributed import PipelineActor, run_batch
 from maskrcnn_serving.evaluation import results_options
 from maskrcnn_serving.pipeline import Pipeline
 from maskrcnn_serving.search import database
@@ -62,6 +63,24 @@ def wait_for(condition, process: subprocess.Popen, what: str, log: Path, timeout
         time.sleep(0.02)
 
 
+def kill_an_actor_mid_run(driver: subprocess.Popen, ray_cluster, started: float, begun, progress,
+                          stderr: Path) -> tuple[str, int]:
+    """Once ``begun()``, SIGKILL (by pid) one actor of the run ``driver`` started at ``started`` (Ray restarts it
+    and retries its unfinished batches); the run must still succeed. Its stdout, and ``progress()`` at the kill."""
+    try:
+        wait_for(begun, driver, "a first image", stderr)
+        victim = [p for p in ray_cluster.actor_processes() if p.create_time() >= started][0]  # this run's
+        at_kill = progress()
+        victim.kill()
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stderr.read_text()[-3000:]
+    assert not victim.is_running()
+    return out, at_kill
+
+
 def test_predict_on_ray_matches_the_local_run_with_an_actor_killed_mid_run(
         ray_cluster, image_folder, cli_uses_session_backends, demo_model_dir, tmp_path):
     address, environment = ray_cluster.address, ray_cluster.environment
@@ -70,22 +89,16 @@ def test_predict_on_ray_matches_the_local_run_with_an_actor_killed_mid_run(
     assert cli.main(["predict", "--model-dir", str(demo_model_dir), *map(str, good), "--output", str(local)]) == 0
 
     shards, output, stderr = tmp_path / "shards", tmp_path / "ray.json", tmp_path / "stderr.txt"
+    started = time.time()
     with open(stderr, "w") as errors:
         driver = cli_process("predict", "--model-dir", str(demo_model_dir), str(image_folder), "--output",
                              str(output), "--shards", str(shards), "--shard-size", "1", "--ray", address,
                              "--actors", "2", stderr=errors, env=environment)
-    try:
-        wait_for(lambda: any(shards.glob("part-*.jsonl")), driver, "a first image written", stderr)
-        victim = ray_cluster.actor_processes()[0]
-        written_before = len(list(shards.glob("part-*.jsonl")))
-        victim.kill()  # SIGKILL, by pid: Ray restarts the actor and retries its unfinished batches
-        out, _ = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    written = lambda: len(list(shards.glob("part-*.jsonl")))  # noqa: E731 - one image per shard
+    out, written_before = kill_an_actor_mid_run(driver, ray_cluster, started, lambda: written() >= 1, written,
+                                                stderr)
     log = stderr.read_text()
-    assert driver.returncode == 0, log[-3000:]
-    assert written_before < len(good) and not victim.is_running()  # killed mid-run
+    assert written_before < len(good)  # killed mid-run
     assert f"skipped {image_folder / 'bad.jpg'}: " in log and "1 images refused" in log  # reported, not fatal
 
     lines = [json.loads(line) for shard in sorted(shards.glob("part-*.jsonl")) for line in shard.open()]
@@ -98,19 +111,27 @@ def test_predict_on_ray_matches_the_local_run_with_an_actor_killed_mid_run(
 
 def test_index_build_on_ray_resumes_where_it_stopped_and_matches_the_local_build(
         ray_cluster, image_folder, cli_uses_session_backends, demo_model_dir, tmp_path):
+    """Stopped with Ctrl-C after a few images, then resumed with its actor killed mid-run: the index of the local
+    build, row for row, each image's rows once."""
     address, environment = ray_cluster.address, ray_cluster.environment
     folder = image_folder / "good"
     count = len(list(folder.glob("*.jpg")))
     local_db, ray_db = str(tmp_path / "local.db"), str(tmp_path / "ray.db")
+
+    def build(source: str, stderr: Path) -> subprocess.Popen:
+        with open(stderr, "w") as errors:
+            return cli_process("index", "build", "--model-dir", str(demo_model_dir), "--db", ray_db, source, "--ray",
+                               address, stderr=errors, env=environment)
+
+    def run(stderr: Path) -> int:  # images run so far, as the progress bar shows (it moves before each is written)
+        return max(map(int, re.findall(r"(\d+)/\d+ \[", stderr.read_text())), default=0)
+
     try:
         assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", local_db, str(folder)]) == 0
-        stderr = tmp_path / "stderr.txt"
-        with open(stderr, "w") as errors:
-            driver = cli_process("index", "build", "--model-dir", str(demo_model_dir), "--db", ray_db, str(folder),
-                                 "--ray", address, stderr=errors, env=environment)
-        try:  # stopped (Ctrl-C) once its progress bar shows three images run (the bar moves before each is written)
-            done = lambda: max(map(int, re.findall(rf"(\d+)/{count}\b", stderr.read_text())), default=0)  # noqa: E731
-            wait_for(lambda: done() >= 3, driver, "three images run", stderr)
+        stderr = tmp_path / "stopped.txt"
+        driver = build(str(folder), stderr)
+        try:  # stopped (Ctrl-C) once three images have run
+            wait_for(lambda: run(stderr) >= 3, driver, "three images run", stderr)
             driver.send_signal(signal.SIGINT)
             driver.communicate(timeout=120)
         finally:
@@ -119,21 +140,24 @@ def test_index_build_on_ray_resumes_where_it_stopped_and_matches_the_local_build
         assert driver.returncode != 0
         stopped = InstanceIndex.open(ray_db, dim=69)
         indexed = stopped.image_count()
-        assert 1 <= indexed < count  # stopped mid-run
+        assert 1 <= indexed < count - 1  # stopped mid-run, with images left for the actor killed below
         database.stop_local_servers()
 
-        resumed = subprocess.run(  # the folder as a URL (the names are the same), on a local Ray the run starts
-            [sys.executable, "-m", "maskrcnn_serving.cli", "index", "build", "--model-dir", str(demo_model_dir),
-             "--db", ray_db, folder.as_uri(), "--ray"], capture_output=True, text=True, timeout=600, env=environment)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"from {count - indexed} images added" in resumed.stdout
-        assert f"({indexed} images already indexed" in resumed.stdout
+        stderr = tmp_path / "resumed.txt"
+        started = time.time()
+        driver = build(folder.as_uri(), stderr)  # the folder as a URL: the names are the same
+        out, run_at_kill = kill_an_actor_mid_run(driver, ray_cluster, started, lambda: run(stderr) >= 1,
+                                                 lambda: run(stderr), stderr)
+        assert run_at_kill < count - indexed  # killed mid-run
+        assert f"from {count - indexed} images added" in out
+        assert f"({indexed} images already indexed" in out
 
         rows = {}
         for db in (local_db, ray_db):
             index = InstanceIndex.open(db, dim=69)
             assert index.image_count() == count
             rows[db] = {row["id"]: row for row in index.iterate()}
+            assert index.count() == len(rows[db])  # no id twice
         assert rows[ray_db] == rows[local_db]  # the same instances, ids, vectors and names, each once
         assert {row["image"] for row in rows[ray_db].values()} <= {p.name for p in folder.glob("*.jpg")}
     finally:
@@ -152,5 +176,14 @@ def test_a_refused_file_in_a_batch_is_reported_and_the_others_still_run(tensorpa
         for outcome, file in zip(outcomes[1:], files[1:3], strict=True):
             assert outcome.error is None
             assert outcome.value == next(pipeline.run_files([file], options)).annotations
+
+        # what an actor answers for the same batch: the values as JSON text, equal once read
+        actor = PipelineActor(lambda: pipeline, options, lambda file, result: result.annotations)
+        columns = {key: np.array([getattr(f, key) for f in files[:3]]) for key in ("location", "name", "source")}
+        answer = actor(columns)
+        assert answer["source"] == [f.source for f in files[:3]]
+        assert answer["error"] == [outcomes[0].error, "", ""]
+        assert all(isinstance(text, str) for text in answer["value"])
+        assert [json.loads(text) for text in answer["value"][1:]] == [o.value for o in outcomes[1:]]
     finally:
         pipeline.close()

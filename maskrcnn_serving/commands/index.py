@@ -107,14 +107,15 @@ def _open_index(args: argparse.Namespace, bundle=None, create: bool = False):
         raise SystemExit(f"error: {exc}") from None
 
 
-def index_rows(file, result, label: str | None = None):
+def index_rows(file, result, label: str | None = None) -> dict:
     """What ``index build`` stores of an image (made wherever the model ran): its
-    :class:`~maskrcnn_serving.search.index.ImageRows`, named by its path under the indexed folder (or ``label``)."""
+    :class:`~maskrcnn_serving.search.index.ImageRows` as JSON, named by its path under the indexed folder (or
+    ``label``)."""
     from maskrcnn_serving.search.index import image_rows
 
     dets = result.detections
     return image_rows(_stored_name(file, label), result.image, result.annotations, dets.embeddings,
-                      dets.image_embedding)
+                      dets.image_embedding).to_json()
 
 
 def _stored_name(file, label: str | None) -> str:
@@ -124,7 +125,7 @@ def _stored_name(file, label: str | None) -> str:
 def run_build(args: argparse.Namespace) -> int:
     import functools
 
-    from maskrcnn_serving.search.index import check_name
+    from maskrcnn_serving.search.index import ImageRows, check_name
     from maskrcnn_serving.sources import collect_images
 
     _check_db(args.db)
@@ -146,7 +147,7 @@ def run_build(args: argparse.Namespace) -> int:
     options = _request_options(model.bundle, args.score_threshold)
     added = 0
     for outcome in model.run(pending, options, functools.partial(index_rows, label=args.label), "index"):
-        added += index.write(outcome.value)
+        added += index.write(ImageRows.from_json(outcome.value))
     index.flush()
     print(f"{added} instances from {len(pending) - model.refused} images added to {args.collection!r} in {args.db} "
           f"({len(files) - len(pending)} images already indexed; {index.count()} instances in all)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import posixpath
@@ -49,7 +50,9 @@ HNSW_BUILD = {"M": 16, "efConstruction": 64}
 HNSW_EF = 64
 MAX_TEXT = 65535  # Milvus VARCHAR limit
 MAX_PATH = 4096
-MAX_ID = 2**63 - 1  # Milvus's INT64 primary keys, kept non-negative (the thumbnail route takes unsigned ids)
+# Ids are 53-bit: exact as JSON numbers in a browser (the web page asks for thumbnails by the ids it was answered),
+# non-negative (the thumbnail route takes unsigned ids); InstanceIndex.write settles the rare collision.
+MAX_ID = 2**53 - 1
 _QUERY_CHUNK = 500  # names per ``image in [...]`` filter
 _INSTANCE_FIELDS = ["image", "bbox", "category", "category_id", "score"]
 
@@ -75,15 +78,16 @@ def _hash_id(*parts: str) -> int:
     return int.from_bytes(digest, "big") & MAX_ID
 
 
-def instance_id(name: str, detection: int) -> int:
-    """The id of the ``detection``-th instance (in descending score order) of the image named ``name``: a 63-bit
-    hash, so every build of the same image writes the same ids."""
-    return _hash_id("instance", name, str(detection))
+def instance_id(name: str, detection: int, attempt: int = 0) -> int:
+    """The id of the ``detection``-th instance (in descending score order) of the image named ``name``: a hash, so
+    every build of the same image writes the same ids. ``attempt`` > 0: its alternatives, taken in turn when
+    another image's instance holds it (:meth:`InstanceIndex.write`)."""
+    return _hash_id("instance", name, str(detection), *([str(attempt)] if attempt else []))
 
 
-def image_row_id(name: str) -> int:
-    """The id of the image row of the image named ``name``."""
-    return _hash_id("image", name)
+def image_row_id(name: str, attempt: int = 0) -> int:
+    """The id of the image row of the image named ``name`` (and its alternatives, as :func:`instance_id`)."""
+    return _hash_id("image", name, *([str(attempt)] if attempt else []))
 
 
 def check_name(name: str) -> str:
@@ -110,6 +114,14 @@ class ImageRows:
     name: str
     instances: list[dict]
     image: dict
+
+    def to_json(self) -> dict[str, Any]:
+        """As a JSON value (every field is plain data): how the rows travel from a Ray actor."""
+        return {"name": self.name, "instances": self.instances, "image": self.image}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ImageRows:
+        return cls(value["name"], value["instances"], value["image"])
 
 
 def image_rows(name: str, image: np.ndarray, annotations: Sequence[dict], embeddings: np.ndarray,
@@ -271,18 +283,36 @@ class InstanceIndex:
         """Store one image's rows: its instances, then its image row (which marks it indexed). Instances of the
         same name left by an interrupted build, or by a build that found more of them, are removed first; the rows
         are upserted, so a second write of the same image leaves one copy. The number of instances written."""
-        self._call(lambda c: c.delete(self.collection, filter=f"image == {escape(rows.name)}"))
-        self._store(self.collection, rows.instances)
-        self._store(self.images_collection, [rows.image])
+        for collection in (self.collection, self.images_collection):  # an earlier write's rows, whatever their ids
+            self._call(lambda c, collection=collection: c.delete(collection, filter=f"image == {escape(rows.name)}"))
+        self._store(self.collection, rows.instances, functools.partial(instance_id, rows.name))
+        self._store(self.images_collection, [rows.image], lambda _, attempt: image_row_id(rows.name, attempt))
         return len(rows.instances)
 
-    def _store(self, collection: str, rows: list[dict]) -> None:
+    def _store(self, collection: str, rows: list[dict], make_id: Callable[[int, int], int]) -> None:
         if not rows:
             return
         if self._database_ids:  # an index built before ids were the rows' own: written as it was
             self._call(lambda c: c.insert(collection, [{k: v for k, v in r.items() if k != "id"} for r in rows]))
-        else:
-            self._call(lambda c: c.upsert(collection, rows))
+            return
+        self._call(lambda c: c.upsert(collection, self._unclaimed(collection, rows, make_id)))
+
+    def _unclaimed(self, collection: str, rows: list[dict], make_id: Callable[[int, int], int]) -> list[dict]:
+        """``rows`` (of one image) with ids that no other image's row holds: each its own hash or, after a collision
+        (about N^2 / 2^54 colliding pairs among N rows), the first alternative ``make_id(number, attempt)`` that is
+        free. Deterministic: the same image written again finds the same ids."""
+        rows = [dict(row) for row in rows]
+        name = rows[0]["image"]
+        for attempt in itertools.count(1):
+            ids = [row["id"] for row in rows]
+            found = self._call(lambda c, ids=ids: c.get(collection, ids=ids, output_fields=["image"]))
+            held = {int(row["id"]) for row in found if row["image"] != name}
+            clashes = [number for number, row in enumerate(rows)
+                       if row["id"] in held or row["id"] in ids[:number]]
+            if not clashes:
+                return rows
+            for number in clashes:
+                rows[number]["id"] = make_id(number, attempt)
 
     @functools.cached_property
     def _database_ids(self) -> bool:
@@ -306,7 +336,7 @@ class InstanceIndex:
         random one): for tests and benchmarks that fill an index without images. Use :meth:`add_image` or
         :meth:`write` to index images."""
         if not self._database_ids:
-            rows = [row if "id" in row else {**row, "id": secrets.randbits(63)} for row in rows]
+            rows = [row if "id" in row else {**row, "id": secrets.randbelow(MAX_ID + 1)} for row in rows]
         self._call(lambda c: c.insert(self.collection, list(rows)))
 
     # ------------------------------------------------------------------------------------------- reading
