@@ -66,6 +66,8 @@ def run_one(args: argparse.Namespace, images: Path, flags: list[str], head: RayH
             pass
         for actor in head.actor_processes() if flags else []:
             try:
+                if actor.create_time() < started:  # the previous run's, still stopping
+                    continue
                 peaks[actor.pid] = max(peaks.get(actor.pid, 0), actor.memory_info().rss)
             except psutil.NoSuchProcess:
                 continue
