@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def build(path: Path, data: bytes) -> None:
             (result,) = pipeline.run_files([data], options)
-            index.add_image(str(path), result.image, result.annotations, result.detections.embeddings,
+            index.add_image(path.name, result.image, result.annotations, result.detections.embeddings,
                             result.detections.image_embedding)
 
         steps = {
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             (result,) = pipeline.run_files([data], options)
             for annotation, vector, label in zip(result.annotations, result.detections.embeddings,
                                                  result.detections.labels, strict=True):
-                queries.append((str(path), [v / SCALE for v in annotation["bbox"]], vector, int(label)))
+                queries.append((path.name, [v / SCALE for v in annotation["bbox"]], vector, int(label)))
         report["query_instances"] = len(queries)
         vectors = np.stack([q[2] for q in queries])
         labels = [q[3] for q in queries]

@@ -294,6 +294,12 @@ def parse_env_value(text: str) -> Any:
         return text
 
 
+def config_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that :func:`load_config` reads (``RESNET_ARCH``, ``CONFIG__*``): what another
+    process (a Ray actor on another machine) needs to load the same model config."""
+    return {name: value for name, value in environ.items() if name == "RESNET_ARCH" or name.startswith(ENV_PREFIX)}
+
+
 def load_config(model_dir: Path | None, environ: Mapping[str, str]) -> ModelConfig:
     """Resolve the configuration of ``model_dir`` (whose config.json is optional) under ``environ``."""
     values: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if v is not _ANY}
@@ -316,7 +322,7 @@ def load_config(model_dir: Path | None, environ: Mapping[str, str]) -> ModelConf
         for key, value in data.items():
             apply(key, value, str(config_path))
 
-    arch = environ.get("RESNET_ARCH")
+    arch = environ.get("RESNET_ARCH")  # the variables read here are config_environment's
     if arch:
         if arch not in RESNET_ARCHS:
             raise ModelLoadError(f"RESNET_ARCH={arch!r} is not one of {', '.join(RESNET_ARCHS)}.")

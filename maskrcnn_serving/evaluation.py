@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from maskrcnn_serving.model_dir import ModelBundle
 from maskrcnn_serving.pipeline import Pipeline, StageTimes
 from maskrcnn_serving.request import RequestOptions
 
@@ -33,15 +34,14 @@ def category_ids_for(coco: COCO, class_names: Sequence[str]) -> list[int]:
     return [0, *ids]
 
 
-def results_options(pipeline: Pipeline, score_threshold: float | None = None,
+def results_options(bundle: ModelBundle, score_threshold: float | None = None,
                     max_detections: int | None = None) -> RequestOptions:
-    """Options for COCO results: the model's own test threshold (``TEST.RESULT_SCORE_THRESH``, low, as
-    evaluation needs) unless given, and standard COCO RLE masks (``coco``; ``boxes`` without a mask head)."""
-    inference = pipeline.inference
+    """Options for COCO results of ``bundle``'s model: its own test threshold (``TEST.RESULT_SCORE_THRESH``, low,
+    as evaluation needs) unless given, and standard COCO RLE masks (``coco``; ``boxes`` without a mask head)."""
     return RequestOptions(
-        score_threshold=inference.score_threshold if score_threshold is None else score_threshold,
+        score_threshold=bundle.inference.score_threshold if score_threshold is None else score_threshold,
         max_detections=max_detections,
-        format="coco" if pipeline.backend.has_masks else "boxes",
+        format="coco" if bundle.architecture.is_mask_rcnn else "boxes",
     )
 
 
@@ -82,7 +82,8 @@ def evaluate(
     times = StageTimes()
     start = time.perf_counter()
     files = tqdm(paths, desc="eval", unit="img", disable=not progress)
-    for image_id, result in zip(image_ids, pipeline.run_files(files, results_options(pipeline), times), strict=True):
+    options = results_options(pipeline.backend.bundle)
+    for image_id, result in zip(image_ids, pipeline.run_files(files, options, times), strict=True):
         results.extend(to_coco_results(result.annotations, image_id, category_ids))
     seconds = time.perf_counter() - start
     report: dict = {}

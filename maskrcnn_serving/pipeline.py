@@ -37,7 +37,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -46,7 +45,7 @@ from maskrcnn_serving import imaging, postprocess
 from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
 from maskrcnn_serving.errors import SearchUnavailable, ServingError
-from maskrcnn_serving.request import ImageRequest, ImageResult, RequestOptions
+from maskrcnn_serving.request import FileSource, ImageRequest, ImageResult, RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
@@ -178,11 +177,12 @@ class Pipeline:
         return Response(body, results, times.seconds)
 
     def run_files(
-        self, files: Iterable[Path | bytes], options: RequestOptions, times: StageTimes | None = None
+        self, files: Iterable[FileSource | bytes], options: RequestOptions, times: StageTimes | None = None
     ) -> Iterator[ImageResult]:
         """Each image file as a request of its own, in order: how ``predict``, ``eval``, ``index`` and the server's
-        warm-up run the model. A path is read in the decode stage and its text is the result's ``img_id`` (None for
-        bytes); a client error about a path names it (``PATH: message``). ``files`` is consumed as the results are:
+        warm-up run the model. A file (a :class:`~pathlib.Path`, a :class:`maskrcnn_serving.sources.ImageFile`) is
+        read in the decode stage and its text is the result's ``img_id`` (None for bytes); a client error about a
+        file names it (``PATH: message``). ``files`` is consumed as the results are:
         the next file is taken only once the last result has been, so a caller may decide about the next file from
         what the last one did (``index build`` skips images already indexed), and a progress bar wrapped around
         ``files`` moves as the work does. ``times`` sums the stage times of every file (a new one by default)."""

@@ -197,3 +197,13 @@ def scripted_server():
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster for the session (``ray start --head``, this machine's 2 CPUs; testsupport/ray_cluster.py),
+    started at first use and stopped at the end."""
+    from testsupport.ray_cluster import ray_head
+
+    with ray_head(cpus=2) as head:
+        yield head

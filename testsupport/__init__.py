@@ -8,4 +8,7 @@ Modules:
                benchmarks/hostile_memory.py)
     load       ``/ping`` timed while a load of the catalogue keeps a server busy (tests/reliability/test_ping_load.py,
                benchmarks/ping_under_load.py)
+    ray_cluster
+               a real Ray cluster on this machine, and its actors' processes (tests/test_distributed.py,
+               benchmarks/ray_scale_out.py)
 """

@@ -106,6 +106,12 @@ class Backend(ABC):
         """Build the backend from an already validated model bundle. ``for_gpu``: configure the network as for a
         machine with (True) or without (False) a GPU, whatever this machine has; None: as for this machine."""
 
+    @classmethod
+    def batch_size_for(cls, settings: Settings) -> int:
+        """:attr:`max_batch_size` of this backend built with ``settings``, known without building it (a batch job
+        sizes the batches it hands each model copy by it)."""
+        return cls.max_batch_size
+
     @classmethod  # noqa: B027 - most backends have no setting to refuse
     def check_settings(cls, settings: Settings) -> None:
         """Raise ValueError for settings this backend cannot run with, without building anything (default: none).

@@ -115,9 +115,13 @@ class OptimizedBackend(Backend):
         self.network = network
         self.settings = settings
         self.dtype_name = dtype_name
-        self.max_batch_size = settings.max_batch_size
+        self.max_batch_size = self.batch_size_for(settings)
         self._functions: dict[tuple[int, bool], tf.types.experimental.ConcreteFunction] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def batch_size_for(cls, settings: Settings) -> int:
+        return settings.max_batch_size
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:

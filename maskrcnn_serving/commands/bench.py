@@ -269,9 +269,9 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def _read_images(paths: list[Path]) -> list[bytes]:
-    from maskrcnn_serving.commands.predict import collect_images
+    from maskrcnn_serving.sources import collect_images
 
-    return [path.read_bytes() for path in collect_images(paths)]
+    return [file.read_bytes() for file in collect_images(paths)]
 
 
 def run_http(args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 """``maskrcnn-serving index``: every detected object of a collection of images, searchable in Milvus.
 
-    index build  --model-dir M --db DB IMAGES_OR_DIRS... [--collection NAME]      detect and store every instance
+    index build  --model-dir M --db DB IMAGES_OR_DIRS... [--label L] [--ray [ADDRESS]]   store every instance
     index search --model-dir M --db DB QUERY... [--k 10] [--same-class] [--json OUT] [--vis-dir DIR]
     index export --db DB --jsonl OUT [--collection NAME]                          one JSON line per instance
 
 DB is a local Milvus Lite folder (e.g. ``out/instances.db``, created on first use) or the URL of a Milvus server or
-cluster (``http://host:19530``). See docs/instance-search.md.
+cluster (``http://host:19530``). Images are stored by name: their path relative to the folder indexed (the inputs'
+common folder), under ``--label`` when given; never an absolute path. See docs/instance-search.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from maskrcnn_serving.commands import add_model_arguments, open_pipeline, settings_from_args
+from maskrcnn_serving.commands import (
+    ImageRun,
+    add_model_arguments,
+    add_ray_arguments,
+    exit_on_refused,
+    open_pipeline,
+    settings_from_args,
+)
 
 DB_HELP = "Milvus Lite folder (created on first use, e.g. out/instances.db) or a Milvus URL (http://host:19530)."
 
@@ -28,9 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = commands.add_parser("build", help="Detect every instance in images and folders and store it (resumable).")
     add_model_arguments(build)
     _add_db_arguments(build)
-    build.add_argument("inputs", nargs="+", type=Path, help="Image files or folders (searched recursively).")
+    build.add_argument("inputs", nargs="+",
+                       help="Image files or folders (searched recursively), or their URLs (s3://..., file://...).")
+    build.add_argument("--label", default=None,
+                       help="Store the images' names under this prefix (LABEL/a.jpg): to index several folders whose "
+                            "files have the same names into one collection.")
     build.add_argument("--score-threshold", type=float, default=None,
                        help="Index instances scoring above this (default: the model's TEST.RESULT_SCORE_THRESH_VIS).")
+    add_ray_arguments(build)
     build.set_defaults(func=run_build)
 
     search = commands.add_parser("search", help="The nearest indexed instances of each instance of query images.")
@@ -45,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--json", type=Path, default=None, help="Write the results as JSON here.")
     search.add_argument("--vis-dir", type=Path, default=None,
                         help="Write one PNG per query image: each instance beside its neighbours, with masks.")
+    search.add_argument("--images-root", type=Path, default=None,
+                        help="With --vis-dir: the folder the indexed names are relative to, to draw the neighbours "
+                             "from their files (default: their stored thumbnails).")
     search.set_defaults(func=run_search)
 
     export = commands.add_parser("export", help="Write one JSON line per indexed instance (for other engines).")
@@ -58,11 +74,11 @@ def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collection", default="instances", help="Index name in the database (default instances).")
 
 
-def _request_options(pipeline, score_threshold: float | None):
+def _request_options(bundle, score_threshold: float | None):
     from maskrcnn_serving.request import RequestOptions
 
-    threshold = pipeline.inference.vis_score_threshold if score_threshold is None else score_threshold
-    return RequestOptions(score_threshold=threshold, format="coco" if pipeline.backend.has_masks else "boxes",
+    threshold = bundle.inference.vis_score_threshold if score_threshold is None else score_threshold
+    return RequestOptions(score_threshold=threshold, format="coco" if bundle.architecture.is_mask_rcnn else "boxes",
                           embeddings=True)
 
 
@@ -77,55 +93,74 @@ def _check_db(db: str) -> None:
             raise SystemExit(f"error: {exc}") from None
 
 
-def _open_index(args: argparse.Namespace, pipeline=None, create: bool = False):
+def _open_index(args: argparse.Namespace, bundle=None, create: bool = False):
+    from maskrcnn_serving.backends.base import Backend
     from maskrcnn_serving.search.database import DatabaseError
     from maskrcnn_serving.search.index import InstanceIndex
 
-    backend = None if pipeline is None else pipeline.backend
     try:
         return InstanceIndex.open(
-            args.db, args.collection, dim=None if backend is None else backend.embedding_dim,
-            image_dim=None if backend is None else backend.bundle.architecture.fpn_channels, create=create,
+            args.db, args.collection, dim=None if bundle is None else Backend.embedding_dim_of(bundle),
+            image_dim=None if bundle is None else bundle.architecture.fpn_channels, create=create,
         )
     except DatabaseError as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
-def run_build(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def index_rows(file, result, label: str | None = None) -> dict:
+    """What ``index build`` stores of an image (made wherever the model ran): its
+    :class:`~maskrcnn_serving.search.index.ImageRows` as JSON, named by its path under the indexed folder (or
+    ``label``)."""
+    from maskrcnn_serving.search.index import image_rows
 
-    from maskrcnn_serving.commands.predict import collect_images, exit_on_refused
+    dets = result.detections
+    return image_rows(_stored_name(file, label), result.image, result.annotations, dets.embeddings,
+                      dets.image_embedding).to_json()
+
+
+def _stored_name(file, label: str | None) -> str:
+    return file.name if label is None else f"{label.rstrip('/')}/{file.name}"
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import functools
+
+    from maskrcnn_serving.search.index import ImageRows, check_name
+    from maskrcnn_serving.sources import collect_images
 
     _check_db(args.db)
+    if args.label is not None:
+        try:
+            check_name(args.label.rstrip("/"))
+        except ValueError as exc:
+            raise SystemExit(f"error: --label: {exc}") from None
     files = collect_images(args.inputs)
     if not files:
         raise SystemExit("error: no images found in the inputs")
-    pipeline = open_pipeline(settings_from_args(args))
-    index = _open_index(args, pipeline, create=True)
-    options = _request_options(pipeline, args.score_threshold)
-    added = skipped = 0
-
-    def not_indexed():  # read lazily by run_files: each check sees the images added before it
-        nonlocal skipped
-        for path in tqdm(files, desc="index", unit="img"):
-            if index.has_image(str(path.resolve())):
-                skipped += 1
-            else:
-                yield path
-
-    for result in exit_on_refused(pipeline.run_files(not_indexed(), options)):
-        added += index.add_image(str(Path(result.img_id).resolve()), result.image, result.annotations,
-                                 result.detections.embeddings, result.detections.image_embedding)
+    model = ImageRun.open(args)
+    index = _open_index(args, model.bundle, create=True)
+    # indexed already: by name, or (an index built before names were relative) by absolute path
+    names = [_stored_name(f, args.label) for f in files]
+    indexed = index.indexed(names + [f.absolute_path for f in files if f.absolute_path])
+    pending = [f for f, name in zip(files, names, strict=True)
+               if name not in indexed and f.absolute_path not in indexed]
+    options = _request_options(model.bundle, args.score_threshold)
+    added = 0
+    for outcome in model.run(pending, options, functools.partial(index_rows, label=args.label), "index"):
+        added += index.write(ImageRows.from_json(outcome.value))
     index.flush()
-    print(f"{added} instances from {len(files) - skipped} images added to {args.collection!r} in {args.db} "
-          f"({skipped} images already indexed; {index.count()} instances in all)")
+    print(f"{added} instances from {len(pending) - model.refused} images added to {args.collection!r} in {args.db} "
+          f"({len(files) - len(pending)} images already indexed; {index.count()} instances in all)")
+    if model.refused:
+        print(f"{model.refused} images refused (listed above), not indexed", file=sys.stderr)
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
     import cv2
 
-    from maskrcnn_serving.commands.predict import collect_images, exit_on_refused, visualization_paths
+    from maskrcnn_serving.commands.predict import visualization_path
+    from maskrcnn_serving.sources import collect_images
 
     if not 1 <= args.k <= 1000:
         raise SystemExit("error: --k must be in 1..1000")
@@ -134,12 +169,10 @@ def run_search(args: argparse.Namespace) -> int:
     if not files:
         raise SystemExit("error: no images found in the queries")
     pipeline = open_pipeline(settings_from_args(args))
-    index = _open_index(args, pipeline)
-    options = _request_options(pipeline, args.score_threshold)
-    vis_paths = visualization_paths(files, args.vis_dir) if args.vis_dir is not None else None
+    index = _open_index(args, pipeline.backend.bundle)
+    options = _request_options(pipeline.backend.bundle, args.score_threshold)
     report = []
-    for number, result in enumerate(exit_on_refused(pipeline.run_files(files, options))):
-        path = files[number]
+    for file, result in zip(files, exit_on_refused(pipeline.run_files(files, options)), strict=False):
         dets = result.detections
         neighbours = index.search(dets.embeddings, args.k, dets.labels if args.same_class else None)
         instances = []
@@ -148,11 +181,12 @@ def run_search(args: argparse.Namespace) -> int:
                 "bbox": annotation["bbox"], "category_name": annotation["category_name"], "score": annotation["score"],
                 "neighbours": [{key: value for key, value in n.to_json().items() if key != "id"} for n in found],
             })
-        report.append({"image": str(path), "instances": instances})
-        print(f"{path}: {len(instances)} instances", file=sys.stderr)
-        if vis_paths is not None:
-            vis_paths[number].parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(vis_paths[number]), _neighbours_figure(index, result, neighbours))
+        report.append({"image": file.location, "instances": instances})
+        print(f"{file.location}: {len(instances)} instances", file=sys.stderr)
+        if args.vis_dir is not None:
+            path = visualization_path(args.vis_dir, file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), _neighbours_figure(index, result, neighbours, args.images_root))
     text = json.dumps(report, indent=1)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +197,10 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _neighbours_figure(index, result, neighbours):
-    """Rows of (query instance | its neighbours' crops with their masks); one row per query instance."""
+def _neighbours_figure(index, result, neighbours, images_root: Path | None):
+    """Rows of (query instance | its neighbours' crops with their masks); one row per query instance. A neighbour
+    is cut from its image file when it is found (under ``images_root``, or at the absolute path an older index
+    stored), else its stored thumbnail stands in."""
     import base64
 
     import cv2
@@ -183,9 +219,11 @@ def _neighbours_figure(index, result, neighbours):
         tiles, captions = [], []
         for record in index.records([n.id for n in found]):
             if record["image"] not in images:
-                images[record["image"]] = cv2.imread(record["image"], cv2.IMREAD_COLOR)  # the indexed file
+                stored = Path(record["image"])
+                path = stored if stored.is_absolute() else None if images_root is None else images_root / stored
+                images[record["image"]] = None if path is None else cv2.imread(str(path), cv2.IMREAD_COLOR)
             image = images[record["image"]]
-            if image is None:  # moved since it was indexed: its stored thumbnail stands in
+            if image is None:  # not found (moved since it was indexed): its stored thumbnail stands in
                 image = cv2.imdecode(np.frombuffer(base64.b64decode(record["thumbnail"]), np.uint8), cv2.IMREAD_COLOR)
                 tiles.append(instance_crop(image, (0, 0, image.shape[1], image.shape[0])))
             else:

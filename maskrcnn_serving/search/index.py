@@ -2,20 +2,32 @@
 
 Two collections per index (``NAME`` and ``NAME_images``):
 
-* ``NAME``: one row per instance: ``vector`` (the instance embedding, cosine), ``image`` (the path it was found in),
+* ``NAME``: one row per instance: ``id`` (:func:`instance_id`: the same for the same image and detection, in any
+  build), ``vector`` (the instance embedding, cosine), ``image`` (the image's name: its path relative to the indexed
+  folder, or under a caller's label; see :mod:`maskrcnn_serving.sources`),
   ``bbox`` (COCO xywh floats, image pixels), ``category`` / ``category_id``, ``score``, ``mask`` (COCO compressed
   RLE counts of the full-image mask, with ``height`` / ``width``) and ``thumbnail`` (a small JPEG, base64), so that
   a server can show an instance without reading any file.
-* ``NAME_images``: one row per indexed image (its image embedding, size and instance count). It is written after
-  the image's instances, so an image is indexed once its row exists: a build that stops half-way resumes there, and
-  an image whose instances were written but not its row is cleaned and indexed again (nothing doubles).
+* ``NAME_images``: one row per indexed image (:func:`image_row_id`; its image embedding, size and instance count).
+  It is written after the image's instances, so an image is indexed once its row exists: a build that stops
+  half-way resumes there, and an image whose instances were written but not its row is cleaned and indexed again.
+
+Rows are upserted by their ids, so writing an image twice (a re-run, a task retried after its worker died) leaves
+it once. Indexes built before names were relative hold absolute paths and database-assigned ids: they are read as
+they are and written as they were (insert), and an absolute path is answered as its file name only
+(:func:`public_name`), so that no path of the machine that built an index reaches a client.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
+import itertools
 import json
 import logging
+import posixpath
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +50,10 @@ HNSW_BUILD = {"M": 16, "efConstruction": 64}
 HNSW_EF = 64
 MAX_TEXT = 65535  # Milvus VARCHAR limit
 MAX_PATH = 4096
+# Ids are 53-bit: exact as JSON numbers in a browser (the web page asks for thumbnails by the ids it was answered),
+# non-negative (the thumbnail route takes unsigned ids); InstanceIndex.write settles the rare collision.
+MAX_ID = 2**53 - 1
+_QUERY_CHUNK = 500  # names per ``image in [...]`` filter
 _INSTANCE_FIELDS = ["image", "bbox", "category", "category_id", "score"]
 
 
@@ -55,6 +71,85 @@ class Neighbour:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "image": self.image, "bbox": self.bbox, "category_name": self.category_name,
                 "score": self.score, "distance": self.distance}
+
+
+def _hash_id(*parts: str) -> int:
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & MAX_ID
+
+
+def instance_id(name: str, detection: int, attempt: int = 0) -> int:
+    """The id of the ``detection``-th instance (in descending score order) of the image named ``name``: a hash, so
+    every build of the same image writes the same ids. ``attempt`` > 0: its alternatives, taken in turn when
+    another image's instance holds it (:meth:`InstanceIndex.write`)."""
+    return _hash_id("instance", name, str(detection), *([str(attempt)] if attempt else []))
+
+
+def image_row_id(name: str, attempt: int = 0) -> int:
+    """The id of the image row of the image named ``name`` (and its alternatives, as :func:`instance_id`)."""
+    return _hash_id("image", name, *([str(attempt)] if attempt else []))
+
+
+def check_name(name: str) -> str:
+    """``name`` if an index may store it as an image's name: relative (never an absolute path: it would reach
+    clients), without ``..``, at most ``MAX_PATH`` characters; ValueError otherwise."""
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"an image's name in the index must be a relative path without '..', not {name!r}")
+    if len(name) > MAX_PATH:
+        raise ValueError(f"image name longer than {MAX_PATH} characters: {name[:80]}...")
+    return name
+
+
+def public_name(stored: str) -> str:
+    """How a stored image name is answered: as stored, except an absolute path (left by builds before names were
+    relative), which is cut to its file name."""
+    return posixpath.basename(stored) if stored.startswith("/") else stored
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """Everything an index stores of one image, made where the image was run (a Ray actor, or this process) and
+    written where the index is open (:meth:`InstanceIndex.write`): its instance rows, then its image row."""
+
+    name: str
+    instances: list[dict]
+    image: dict
+
+    def to_json(self) -> dict[str, Any]:
+        """As a JSON value (every field is plain data): how the rows travel from a Ray actor."""
+        return {"name": self.name, "instances": self.instances, "image": self.image}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ImageRows:
+        return cls(value["name"], value["instances"], value["image"])
+
+
+def image_rows(name: str, image: np.ndarray, annotations: Sequence[dict], embeddings: np.ndarray,
+               image_embedding: np.ndarray) -> ImageRows:
+    """The rows of the image named ``name`` (see :func:`check_name`): one per annotation (``coco`` format, its
+    embedding one row of ``embeddings``, its thumbnail cut from ``image``, (H, W, 3) BGR) and the image's own row
+    (``image_embedding``)."""
+    check_name(name)
+    height, width = image.shape[:2]
+    instances = []
+    for number, (annotation, vector) in enumerate(zip(annotations, embeddings, strict=True)):
+        mask = annotation.get("segmentation", {}).get("counts", "")
+        instances.append({
+            "id": instance_id(name, number),
+            "vector": np.asarray(vector, np.float32).tolist(),
+            "image": name,
+            "bbox": [float(v) for v in annotation["bbox"]],
+            "category": annotation["category_name"],
+            "category_id": int(annotation["category_id"]),
+            "score": float(annotation["score"]),
+            "height": int(height),
+            "width": int(width),
+            "mask": mask if len(mask) <= MAX_TEXT else "",  # an extreme outline is not kept, the box is
+            "thumbnail": base64.b64encode(thumbnail_jpeg(image, annotation["bbox"])).decode(),
+        })
+    row = {"id": image_row_id(name), "vector": np.asarray(image_embedding, np.float32).tolist(), "image": name,
+           "height": int(height), "width": int(width), "instances": len(instances)}
+    return ImageRows(name, instances, row)
 
 
 def escape(text: str) -> str:
@@ -122,7 +217,8 @@ class InstanceIndex:
     def _create(self, dim: int, image_dim: int) -> None:
         from pymilvus import DataType, MilvusClient
 
-        instances = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        # ids are the rows' own (instance_id, image_row_id), so that writing an image again replaces its rows
+        instances = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         instances.add_field("id", DataType.INT64, is_primary=True)
         instances.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         instances.add_field("image", DataType.VARCHAR, max_length=MAX_PATH)
@@ -134,7 +230,7 @@ class InstanceIndex:
         instances.add_field("width", DataType.INT64)
         instances.add_field("mask", DataType.VARCHAR, max_length=MAX_TEXT)
         instances.add_field("thumbnail", DataType.VARCHAR, max_length=MAX_TEXT)
-        images = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        images = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         images.add_field("id", DataType.INT64, is_primary=True)
         images.add_field("vector", DataType.FLOAT_VECTOR, dim=image_dim)
         images.add_field("image", DataType.VARCHAR, max_length=MAX_PATH)
@@ -162,40 +258,66 @@ class InstanceIndex:
         return int(self._call(lambda c: c.get_collection_stats(self.images_collection))["row_count"])
 
     # ------------------------------------------------------------------------------------------- writing
-    def has_image(self, path: str) -> bool:
-        rows = self._call(lambda c: c.query(self.images_collection, filter=f"image == {escape(path)}",
+    def has_image(self, name: str) -> bool:
+        rows = self._call(lambda c: c.query(self.images_collection, filter=f"image == {escape(name)}",
                                             output_fields=["id"], limit=1))
         return len(rows) > 0
 
-    def add_image(self, path: str, image: np.ndarray, annotations: Sequence[dict], embeddings: np.ndarray,
+    def indexed(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` have an image row (are indexed)."""
+        found: set[str] = set()
+        for start in range(0, len(names), _QUERY_CHUNK):
+            chunk = list(names[start : start + _QUERY_CHUNK])
+            rows = self._call(lambda c, chunk=chunk: c.query(
+                self.images_collection, filter=f"image in [{', '.join(escape(n) for n in chunk)}]",
+                output_fields=["image"], limit=len(chunk)))
+            found.update(row["image"] for row in rows)
+        return found
+
+    def add_image(self, name: str, image: np.ndarray, annotations: Sequence[dict], embeddings: np.ndarray,
                   image_embedding: np.ndarray) -> int:
-        """Index one image: its instances (``annotations`` in the ``coco`` format, ``embeddings`` one row each)
-        and then its image row. Instances of ``path`` left by an interrupted build are removed first."""
-        if len(path) > MAX_PATH:
-            raise DatabaseError(f"image path longer than {MAX_PATH} characters: {path[:80]}...")
-        height, width = image.shape[:2]
-        self._call(lambda c: c.delete(self.collection, filter=f"image == {escape(path)}"))
-        rows = []
-        for annotation, vector in zip(annotations, embeddings, strict=True):
-            mask = annotation.get("segmentation", {}).get("counts", "")
-            rows.append({
-                "vector": np.asarray(vector, np.float32).tolist(),
-                "image": path,
-                "bbox": [float(v) for v in annotation["bbox"]],
-                "category": annotation["category_name"],
-                "category_id": int(annotation["category_id"]),
-                "score": float(annotation["score"]),
-                "height": int(height),
-                "width": int(width),
-                "mask": mask if len(mask) <= MAX_TEXT else "",  # an extreme outline is not kept, the box is
-                "thumbnail": base64.b64encode(thumbnail_jpeg(image, annotation["bbox"])).decode(),
-            })
-        if rows:
-            self._call(lambda c: c.insert(self.collection, rows))
-        record = {"vector": np.asarray(image_embedding, np.float32).tolist(), "image": path, "height": int(height),
-                  "width": int(width), "instances": len(rows)}
-        self._call(lambda c: c.insert(self.images_collection, [record]))
-        return len(rows)
+        """Index one image (see :func:`image_rows`); the number of instances written."""
+        return self.write(image_rows(name, image, annotations, embeddings, image_embedding))
+
+    def write(self, rows: ImageRows) -> int:
+        """Store one image's rows: its instances, then its image row (which marks it indexed). Instances of the
+        same name left by an interrupted build, or by a build that found more of them, are removed first; the rows
+        are upserted, so a second write of the same image leaves one copy. The number of instances written."""
+        for collection in (self.collection, self.images_collection):  # an earlier write's rows, whatever their ids
+            self._call(lambda c, collection=collection: c.delete(collection, filter=f"image == {escape(rows.name)}"))
+        self._store(self.collection, rows.instances, functools.partial(instance_id, rows.name))
+        self._store(self.images_collection, [rows.image], lambda _, attempt: image_row_id(rows.name, attempt))
+        return len(rows.instances)
+
+    def _store(self, collection: str, rows: list[dict], make_id: Callable[[int, int], int]) -> None:
+        if not rows:
+            return
+        if self._database_ids:  # an index built before ids were the rows' own: written as it was
+            self._call(lambda c: c.insert(collection, [{k: v for k, v in r.items() if k != "id"} for r in rows]))
+            return
+        self._call(lambda c: c.upsert(collection, self._unclaimed(collection, rows, make_id)))
+
+    def _unclaimed(self, collection: str, rows: list[dict], make_id: Callable[[int, int], int]) -> list[dict]:
+        """``rows`` (of one image) with ids that no other image's row holds: each its own hash or, after a collision
+        (about N^2 / 2^54 colliding pairs among N rows), the first alternative ``make_id(number, attempt)`` that is
+        free. Deterministic: the same image written again finds the same ids."""
+        rows = [dict(row) for row in rows]
+        name = rows[0]["image"]
+        for attempt in itertools.count(1):
+            ids = [row["id"] for row in rows]
+            found = self._call(lambda c, ids=ids: c.get(collection, ids=ids, output_fields=["image"]))
+            held = {int(row["id"]) for row in found if row["image"] != name}
+            clashes = [number for number, row in enumerate(rows)
+                       if row["id"] in held or row["id"] in ids[:number]]
+            if not clashes:
+                return rows
+            for number in clashes:
+                rows[number]["id"] = make_id(number, attempt)
+
+    @functools.cached_property
+    def _database_ids(self) -> bool:
+        """Whether the database assigns the ids (indexes built before ids were derived from names)."""
+        return bool(self._call(lambda c: c.describe_collection(self.collection)).get("auto_id"))
 
     def flush(self) -> None:
         """Seal what was written (so that the database indexes it); ``index build`` calls it at the end."""
@@ -210,8 +332,11 @@ class InstanceIndex:
             self._call(lambda c, name=name: c.load_collection(name))
 
     def insert_rows(self, rows: Sequence[dict]) -> None:
-        """Insert instance rows as they are (every field of the instance schema but ``id``): for tests and
-        benchmarks that fill an index without images. Use :meth:`add_image` to index images."""
+        """Insert instance rows as they are (every field of the instance schema; a row without an ``id`` gets a
+        random one): for tests and benchmarks that fill an index without images. Use :meth:`add_image` or
+        :meth:`write` to index images."""
+        if not self._database_ids:
+            rows = [row if "id" in row else {**row, "id": secrets.randbelow(MAX_ID + 1)} for row in rows]
         self._call(lambda c: c.insert(self.collection, list(rows)))
 
     # ------------------------------------------------------------------------------------------- reading
@@ -238,7 +363,7 @@ class InstanceIndex:
     def _neighbour(hit: dict) -> Neighbour:
         entity = hit["entity"]
         return Neighbour(
-            id=int(hit["id"]), image=entity["image"], bbox=[round(float(v), 3) for v in entity["bbox"]],
+            id=int(hit["id"]), image=public_name(entity["image"]), bbox=[round(float(v), 3) for v in entity["bbox"]],
             category_name=entity["category"], score=round(float(entity["score"]), 5),
             distance=round(1.0 - float(hit["distance"]), 6),
         )

@@ -4,6 +4,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 
 from maskrcnn_serving import cli, visualize
 
@@ -39,3 +40,47 @@ def test_predict_vis_dir_writes_annotated_images(cli_uses_session_backends, tens
         shown = detections.select(detections.scores > 0.5)
         np.testing.assert_array_equal(drawn, visualize.draw_detections(image, shown))
         assert (drawn != image).any()
+
+
+def test_shards_hold_complete_images_only_and_a_run_resumes_after_them(cli_uses_session_backends, example_images,
+                                                                       tmp_path, capsys):
+    from maskrcnn_serving.commands.predict import ResultShards
+
+    shards = ResultShards(tmp_path / "shards", shard_size=2)
+    for name in ("a", "b", "c"):
+        shards.add(name, [{"image_id": name}])
+    # stopped here, without closing: the third image's shard was not complete
+    again = ResultShards(tmp_path / "shards", shard_size=2)
+    assert again.done() == {"a", "b"} and [p.name for p in again.shards()] == ["part-00000.jsonl"]
+    assert not list((tmp_path / "shards").glob(".*.tmp"))  # the incomplete one is dropped
+    again.add("c", [])
+    again.close()
+    assert dict(again.read()) == {"a": [{"image_id": "a"}], "b": [{"image_id": "b"}], "c": []}
+
+    folder, output = tmp_path / "images", tmp_path / "all.json"
+    folder.mkdir()
+    for path in example_images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    common = ["predict", str(folder), "--shards", str(tmp_path / "run"), "--shard-size", "1"]
+    assert cli.main([*common[:1], str(folder / example_images[0].name), *common[2:]]) == 0  # a first, partial run
+    capsys.readouterr()
+    assert cli.main([*common, "--output", str(output)]) == 0
+    captured = capsys.readouterr()
+    assert "1 images already in" in captured.err
+    assert f"in {len(example_images)} images written to {output} and " in captured.out
+    reference = tmp_path / "reference.json"
+    assert cli.main(["predict", str(folder), "--output", str(reference)]) == 0
+    assert json.loads(output.read_text()) == json.loads(reference.read_text())  # in input order, each image once
+    with pytest.raises(SystemExit, match="--output .* and/or --shards"):
+        cli.main(["predict", str(folder)])
+
+
+def test_ray_options_are_checked_before_anything_runs(example_images, tmp_path):
+    folder = str(example_images[0].parent)
+    with pytest.raises(SystemExit, match="--actors only apply with --ray"):
+        cli.main(["predict", folder, "--output", str(tmp_path / "r.json"), "--actors", "2"])
+    with pytest.raises(SystemExit, match="put --ray after the inputs"):
+        cli.main(["predict", "--output", str(tmp_path / "r.json"), "--ray", folder, folder])
+    with pytest.raises(SystemExit, match="--actors must be at least 1"):
+        cli.main(["predict", folder, "--output", str(tmp_path / "r.json"), "--ray", "auto", "--actors", "0"])
+    assert not list(tmp_path.iterdir())

@@ -42,12 +42,12 @@ def add(index, name: str, vectors, labels) -> int:
 
 
 def test_store_search_filter_and_read_back(index, tmp_path):
-    assert add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], [1, 2]) == 2
-    assert add(index, "/data/b.jpg", [[1, 0.2, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], [2, 1]) == 2
+    assert add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], [1, 2]) == 2
+    assert add(index, "data/b.jpg", [[1, 0.2, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], [2, 1]) == 2
     assert index.count() == 4 and index.image_count() == 2 and index.dim == DIM
-    assert index.has_image("/data/a.jpg") and not index.has_image("/data/c.jpg")
+    assert index.has_image("data/a.jpg") and not index.has_image("data/c.jpg")
     nearest = index.search(unit([[1, 0, 0, 0, 0, 0]]), k=2)[0]
-    assert [n.image for n in nearest] == ["/data/a.jpg", "/data/b.jpg"]
+    assert [n.image for n in nearest] == ["data/a.jpg", "data/b.jpg"]
     assert nearest[0].distance == pytest.approx(0.0, abs=1e-6) and 0 < nearest[1].distance < 0.05
     assert nearest[0].bbox == [0.0, 2.0, 10.0, 8.0] and nearest[0].category_name == "cat"
     same_class = index.search(unit([[1, 0, 0, 0, 0, 0]]), k=3, category_ids=[2])[0]
@@ -57,20 +57,20 @@ def test_store_search_filter_and_read_back(index, tmp_path):
     exported = tmp_path / "out.jsonl"
     assert index.export_jsonl(exported) == 4
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
-    assert {line["image"] for line in lines} == {"/data/a.jpg", "/data/b.jpg"}
+    assert {line["image"] for line in lines} == {"data/a.jpg", "data/b.jpg"}
     assert all(len(line["vector"]) == DIM and line["segmentation"]["size"] == [40, 60] for line in lines)
 
 
 def test_an_interrupted_image_is_indexed_again_without_duplicates(index):
-    add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
     # a build that stopped after writing an image's instances, before its image row
-    stale = {"vector": unit([[0, 0, 0, 1, 0, 0]])[0].tolist(), "image": "/data/half.jpg", "bbox": [0.0, 0.0, 1.0, 1.0],
+    stale = {"vector": unit([[0, 0, 0, 1, 0, 0]])[0].tolist(), "image": "data/half.jpg", "bbox": [0.0, 0.0, 1.0, 1.0],
              "category": "cat", "category_id": 1, "score": 0.5, "height": 40, "width": 60, "mask": "", "thumbnail": ""}
     index.insert_rows([stale, stale])
-    assert index.count() == 3 and not index.has_image("/data/half.jpg")
-    add(index, "/data/half.jpg", [[0, 1, 0, 0, 0, 0]], [2])
-    assert index.count() == 2 and index.has_image("/data/half.jpg")
-    assert {n.image for n in index.search(unit([[0, 1, 0, 0, 0, 0]]), k=5)[0]} == {"/data/a.jpg", "/data/half.jpg"}
+    assert index.count() == 3 and not index.has_image("data/half.jpg")
+    add(index, "data/half.jpg", [[0, 1, 0, 0, 0, 0]], [2])
+    assert index.count() == 2 and index.has_image("data/half.jpg")
+    assert {n.image for n in index.search(unit([[0, 1, 0, 0, 0, 0]]), k=5)[0]} == {"data/a.jpg", "data/half.jpg"}
 
 
 def test_a_model_of_another_dimension_is_refused(index):
@@ -101,11 +101,88 @@ def test_an_unreachable_server_is_a_clear_error():
 
 def test_processes_share_one_database_process(index, tmp_path):
     """A second process uses the folder while this one holds it open (Milvus Lite itself would refuse it)."""
-    add(index, "/data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
     code = (f"from maskrcnn_serving.search.index import InstanceIndex\n"
             f"index = InstanceIndex.open({index.db!r}, 'things', dim={DIM})\n"
-            f"print(index.count(), index.has_image('/data/a.jpg'))")
+            f"print(index.count(), index.has_image('data/a.jpg'))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert other.returncode == 0, other.stderr
     assert other.stdout.split() == ["1", "True"]
     assert index.count() == 1  # still connected after the other process left
+
+
+def test_ids_are_the_images_own_so_a_second_write_leaves_one_copy(index):
+    from maskrcnn_serving.search.index import image_row_id, instance_id
+
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], [1, 2])
+    ids = sorted(n.id for n in index.search(unit([[1, 0, 0, 0, 0, 0]]), k=5)[0])
+    assert ids == sorted([instance_id("data/a.jpg", 0), instance_id("data/a.jpg", 1)])
+    assert 0 <= min(ids) and max(ids) < 2**53  # exact as JSON numbers in a browser
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], [1, 2])  # a re-run, a retried task
+    add(index, "data/b.jpg", [[0, 0, 1, 0, 0, 0]], [1])
+    assert index.count() == 3 and index.image_count() == 2
+    assert sorted(n.id for n in index.search(unit([[1, 0, 0, 0, 0, 0]]), k=5)[0]) == sorted(
+        [*ids, instance_id("data/b.jpg", 0)])
+    assert index.indexed(["data/a.jpg", "data/c.jpg", "data/b.jpg"]) == {"data/a.jpg", "data/b.jpg"}
+    assert image_row_id("data/a.jpg") != image_row_id("data/b.jpg") != instance_id("data/b.jpg", 0)
+
+
+def test_an_id_another_image_holds_is_never_overwritten(index):
+    """Ids are hashes: when an image's id is held by another image (forced here), the image takes the id's next
+    alternative, the same one every time it is written; written once its own id is free, it leaves no copy under
+    the alternative."""
+    from maskrcnn_serving.search.index import ImageRows, image_row_id, image_rows, instance_id
+
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    a_thumbnail = index.thumbnail(instance_id("data/a.jpg", 0))
+    image = np.zeros((40, 60, 3), np.uint8)
+    own = image_rows("data/b.jpg", image, [annotation(2, "dog", 0.0)], unit([[0, 1, 0, 0, 0, 0]]),
+                     unit([[1, 0, 0]])[0])
+    clashing = ImageRows(own.name, [{**own.instances[0], "id": instance_id("data/a.jpg", 0)}],  # the two names'
+                         {**own.image, "id": image_row_id("data/a.jpg")})  # hashes collide, instance and image
+    for _ in range(2):  # written twice: the same alternative ids, nothing doubled, a's rows untouched
+        assert index.write(clashing) == 1
+        assert index.count() == 2 and index.image_count() == 2
+        found = {n.image: n.id for n in index.search(unit([[1, 1, 0, 0, 0, 0]]), k=5)[0]}
+        assert found == {"data/a.jpg": instance_id("data/a.jpg", 0), "data/b.jpg": instance_id("data/b.jpg", 0, 1)}
+        assert index.thumbnail(instance_id("data/a.jpg", 0)) == a_thumbnail
+    assert index.write(own) == 1  # its own ids: the rows under the alternatives are gone
+    assert index.count() == 2 and index.image_count() == 2
+    found = {n.image: n.id for n in index.search(unit([[1, 1, 0, 0, 0, 0]]), k=5)[0]}
+    assert found == {"data/a.jpg": instance_id("data/a.jpg", 0), "data/b.jpg": instance_id("data/b.jpg", 0)}
+
+
+@pytest.mark.parametrize("name", ["/srv/photos/a.jpg", "../a.jpg", "data/../../a.jpg", ""])
+def test_an_absolute_or_escaping_name_is_never_stored(index, name):
+    with pytest.raises(ValueError, match="relative path"):
+        add(index, name, [[1, 0, 0, 0, 0, 0]], [1])
+    assert index.count() == 0
+
+
+def test_an_index_built_before_names_were_relative_keeps_working(tmp_path, monkeypatch):
+    """Such an index has database-assigned ids and absolute paths: it is read as it is (an image found by its path,
+    so a re-run does not index it again), written as it was, and answers a path as its file name only."""
+    from pymilvus import MilvusClient
+
+    create_schema = MilvusClient.create_schema
+    monkeypatch.setattr(MilvusClient, "create_schema", lambda **kw: create_schema(**{**kw, "auto_id": True}))
+    db = str(tmp_path / "old.db")
+    old = InstanceIndex.open(db, "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+    monkeypatch.undo()
+    try:
+        row = {"vector": unit([[1, 0, 0, 0, 0, 0]])[0].tolist(), "image": "/srv/photos/a.jpg", "bbox": [0.0, 0, 4, 4],
+               "category": "cat", "category_id": 1, "score": 0.9, "height": 40, "width": 60, "mask": "",
+               "thumbnail": ""}
+        old.insert_rows([row])
+        database.connect(db).insert("things_images", [{"vector": [1.0, 0, 0], "image": "/srv/photos/a.jpg",
+                                                       "height": 40, "width": 60, "instances": 1}])
+        reopened = InstanceIndex.open(db, "things", dim=DIM)
+        assert reopened.indexed(["/srv/photos/a.jpg", "a.jpg"]) == {"/srv/photos/a.jpg"}
+        assert add(reopened, "b.jpg", [[0, 1, 0, 0, 0, 0]], [2]) == 1  # the database gives the ids, as before
+        found = reopened.search(unit([[1, 0.1, 0, 0, 0, 0]]), k=2)[0]
+        assert [n.image for n in found] == ["a.jpg", "b.jpg"]  # the machine's path does not reach a client
+        assert reopened.records([found[0].id])[0]["image"] == "/srv/photos/a.jpg"  # stored as it was
+        assert reopened.count() == 2 and reopened.image_count() == 2
+    finally:
+        old.close()
+        database.stop_local_servers()
