@@ -59,6 +59,6 @@ def test_same_class_embeddings_and_thumbnails(indexed_server, example_images):
 
 def test_neighbours_without_an_index_is_a_clear_400(live_server, example_images):
     answer = post(live_server.url, example_images[0].read_bytes(), neighbours=3)
-    assert answer.status_code == 400 and answer.json()["error"]["code"] == "search_unavailable"
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "search_not_configured"
     thumbnail = requests.get(f"{live_server.url}/index/thumbnail/1", timeout=10)
     assert thumbnail.status_code == 404 and thumbnail.json()["error"]["code"] == "not_found"

@@ -1,0 +1,184 @@
+"""The instance index as the server uses it: a dependency that can fail, and is treated as one.
+
+The server's workers never call :class:`~maskrcnn_serving.search.index.InstanceIndex` directly, but through one
+:class:`SearchService` each:
+
+* **Bounded.** Every database call of a request runs on the service's own threads; the request waits for it at most
+  ``timeout`` seconds (``MODEL_SERVER_INDEX_TIMEOUT``), and never past its own deadline. A database that is stalled
+  (e.g. SIGSTOP), slow or gone cannot hold a request thread longer than that: the call is abandoned (its thread ends
+  when pymilvus's own timeout, the same ``timeout``, fires).
+* **A circuit.** The first failure -- an error, or a call over ``timeout`` -- marks search unavailable. From then
+  on, a request that asks for neighbours (or a thumbnail) is answered 503 ``search_unavailable`` at once, before any
+  of its work and without calling the database; requests without neighbours are not affected.
+* **Recovery by itself.** While search is unavailable, one thread reconnects every second or so (backing off to
+  ``MAX_RETRY_SECONDS``) and loads the collections again, since a restarted database holds them released; once that
+  works, search is available again. For a local Milvus Lite folder it only connects: ``serve`` restarts the
+  database process itself (:func:`maskrcnn_serving.search.database.keep_local_server`).
+* **The truth.** :attr:`SearchService.available` (``GET /model``'s ``search.available``) and ``on_change`` (the
+  server's metrics) say whether search works now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+import numpy as np
+
+from maskrcnn_serving.deadline import NO_DEADLINE, Deadline, exceeded
+from maskrcnn_serving.errors import DatabaseError, SearchUnavailable
+from maskrcnn_serving.search.index import InstanceIndex, Neighbour
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_SECONDS = 1.0  # the first reconnection attempt after an outage, then doubling up to:
+MAX_RETRY_SECONDS = 5.0
+CALL_THREADS = 8  # database calls of requests in flight at once (a worker has a few request threads)
+
+
+class SearchService:
+    """The index ``collection`` of ``db`` for the server; see the module docstring. ``dim``: the model's vector
+    length (an index of another length is refused). ``timeout``: seconds a database call may take.
+    ``start_database``: whether this process may start a local database process (the server's workers: no).
+    ``on_change(available)``: called on every change of availability. :meth:`open` before use."""
+
+    def __init__(
+        self,
+        db: str,
+        collection: str,
+        dim: int | None,
+        timeout: float,
+        start_database: bool = False,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.db, self.collection, self.dim, self.timeout = db, collection, dim, timeout
+        self.start_database = start_database
+        self._on_change = on_change
+        self._index: InstanceIndex | None = None
+        self._available = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._recovery: threading.Thread | None = None
+        self._calls = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="index-call")
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def open(self) -> bool:
+        """Open the index now (on the caller's thread: a worker does it while its model loads); when that fails,
+        search starts unavailable and recovers by itself. Returns whether search is available."""
+        try:
+            self._index = self._open_index()
+        except DatabaseError as exc:
+            self._lost(f"cannot open the index: {exc}")
+            return False
+        self._available.set()  # the first state: not a change
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        if self._index is not None:
+            self._index.close()
+
+    @property
+    def available(self) -> bool:
+        return self._available.is_set()
+
+    def check_available(self) -> None:
+        """Raise :class:`SearchUnavailable` (503) at once while search is unavailable."""
+        if not self._available.is_set():
+            raise SearchUnavailable.outage()
+
+    # ------------------------------------------------------------------------------------------ calls
+    def search(
+        self, vectors: np.ndarray, k: int, category_ids: Sequence[int] | None = None, deadline: Deadline = NO_DEADLINE
+    ) -> list[list[Neighbour]]:
+        """:meth:`InstanceIndex.search`, bounded; raises :class:`SearchUnavailable` or
+        :class:`~maskrcnn_serving.errors.DeadlineExceeded`."""
+        return self._run(lambda index: index.search(vectors, k, category_ids), deadline, "searching the index")
+
+    def thumbnail(self, instance_id: int, deadline: Deadline = NO_DEADLINE) -> bytes | None:
+        """:meth:`InstanceIndex.thumbnail` (checked JPEG bytes, None for an unknown id), bounded."""
+        return self._run(lambda index: index.thumbnail(instance_id), deadline, "reading a thumbnail")
+
+    def count(self) -> int | None:
+        """Instances in the index; None while search is unavailable (never raises, never waits past ``timeout``)."""
+        try:
+            return self._run(lambda index: index.count(), NO_DEADLINE, "counting the index")
+        except SearchUnavailable:
+            return None
+
+    def _run(self, operation: Callable[[InstanceIndex], T], deadline: Deadline, doing: str) -> T:
+        """``operation(index)`` on a call thread, waited for at most ``timeout`` and until the deadline."""
+        self.check_available()
+        index = self._index
+        remaining = deadline.remaining()
+        limit = self.timeout if remaining is None else min(self.timeout, remaining)
+        if limit <= 0:
+            raise exceeded(f"it was still {doing}")
+        try:
+            future = self._calls.submit(operation, index)
+        except RuntimeError:  # closed
+            raise SearchUnavailable.outage() from None
+        try:
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            future.cancel()
+            if limit < self.timeout:  # the request's own deadline came first: the database may be fine
+                raise exceeded(f"it was still {doing}") from None
+            self._lost(f"{doing} took more than {self.timeout:g} s")
+        except DatabaseError as exc:
+            self._lost(str(exc))
+        raise SearchUnavailable.outage()
+
+    # ------------------------------------------------------------------------------------------ the circuit
+    def _open_index(self) -> InstanceIndex:
+        return InstanceIndex.open(self.db, self.collection, dim=self.dim, timeout=self.timeout,
+                                  start_database=self.start_database, reconnect=False)
+
+    def _lost(self, reason: str) -> None:
+        """Search is unavailable from now on (logged once per outage); start the recovery thread."""
+        with self._lock:
+            was_available = self._available.is_set()
+            self._available.clear()
+            if self._recovery is None and not self._closed.is_set():
+                self._recovery = threading.Thread(target=self._recover, name="index-recovery", daemon=True)
+                self._recovery.start()
+        if was_available or self._index is None:
+            log.warning("instance search unavailable", extra={"fields": {"db": self.db, "reason": reason}})
+        if was_available and self._on_change is not None:
+            self._on_change(False)
+
+    def _set_available(self) -> None:
+        with self._lock:
+            was_available = self._available.is_set()
+            self._available.set()
+            if threading.current_thread() is self._recovery:
+                self._recovery = None
+        if not was_available and self._on_change is not None:
+            self._on_change(True)
+
+    def _recover(self) -> None:
+        """Reconnect (and load the collections) until it works, then mark search available."""
+        delay = RETRY_SECONDS
+        attempts = 0
+        while not self._closed.wait(delay):
+            attempts += 1
+            try:
+                if self._index is None:
+                    self._index = self._open_index()
+                else:
+                    self._index.reconnect()
+                self._index.count()  # a real call: the database answers
+            except DatabaseError as exc:
+                log.debug("instance index still unavailable", extra={"fields": {"reason": str(exc)}})
+                delay = min(2 * delay, MAX_RETRY_SECONDS)
+                continue
+            self._set_available()
+            log.info("instance search available again", extra={"fields": {"db": self.db, "attempts": attempts}})
+            return
