@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -697,6 +699,42 @@ class DatabaseFault:
     resume_after: float | None = None
     restart: bool = False
     answered: bool = False
+
+
+    def begin(self, pid: int, call_timeout: float) -> None:
+        """Provoke the fault on the process ``pid`` (a SIGCONT follows on a timer thread when it resumes)."""
+        import signal
+        import threading
+
+        send_signals(pid, self.signals)
+        if self.resume_after is not None:
+            threading.Timer(self.resume_after * call_timeout, os.kill, (pid, signal.SIGCONT)).start()
+
+
+def send_signals(pid: int, signals: Sequence[int]) -> None:
+    """Send ``signals`` to ``pid`` in order. A SIGSTOP returns once every thread of the process has stopped: a
+    signal takes effect when the kernel next schedules the thread, on a loaded machine a moment later, and a call
+    answered meanwhile would not be a call to a stalled database."""
+    import signal
+    import time
+    from pathlib import Path
+
+    def states() -> set[str]:
+        found = set()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                found.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue
+        return found
+
+    for signum in signals:
+        os.kill(pid, signum)
+        stop_at = time.monotonic() + 10
+        while signum == signal.SIGSTOP and not states() <= {"T", "t"}:
+            if time.monotonic() > stop_at:
+                raise TimeoutError(f"process {pid} did not stop: {states()}")
+            time.sleep(0.01)
 
 
 def database_faults() -> list[DatabaseFault]:

@@ -248,6 +248,16 @@ class InstanceIndex:
     def count(self) -> int:
         return int(self._call(lambda c: c.get_collection_stats(self.collection))["row_count"])
 
+    def check_loaded(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless the database answers and holds both collections loaded (two
+        cheap calls: the server's heartbeat)."""
+        from pymilvus.client.types import LoadState
+
+        for name in (self.collection, self.images_collection):
+            state = self._call(lambda c, name=name: c.get_load_state(name))["state"]
+            if state != LoadState.Loaded:
+                raise DatabaseUnavailable(f"the collection {name!r} in {self.db} is not loaded ({state.name})")
+
     def image_count(self) -> int:
         return int(self._call(lambda c: c.get_collection_stats(self.images_collection))["row_count"])
 

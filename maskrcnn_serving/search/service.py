@@ -10,12 +10,14 @@ The server's workers never call :class:`~maskrcnn_serving.search.index.InstanceI
 * **A circuit.** The first failure -- an error, or a call over ``timeout`` -- marks search unavailable. From then
   on, a request that asks for neighbours (or a thumbnail) is answered 503 ``search_unavailable`` at once, before any
   of its work and without calling the database; requests without neighbours are not affected.
-* **Recovery by itself.** While search is unavailable, one thread reconnects every second or so (backing off to
-  ``MAX_RETRY_SECONDS``) and loads the collections again, since a restarted database holds them released; once that
-  works, search is available again. For a local Milvus Lite folder it only connects: ``serve`` restarts the
-  database process itself (:func:`maskrcnn_serving.search.database.keep_local_server`).
-* **The truth.** :attr:`SearchService.available` (``GET /model``'s ``search.available``) and ``on_change`` (the
-  server's metrics) say whether search works now.
+* **Recovery by itself.** While search is unavailable, one thread (the watcher) reconnects at once, then every
+  second or so (backing off to ``MAX_RETRY_SECONDS``), and loads the collections again, since a restarted database
+  holds them released; once that works, search is available again. For a local Milvus Lite folder it only
+  connects: ``serve`` restarts the database process itself
+  (:func:`maskrcnn_serving.search.database.keep_local_server`).
+* **The truth.** While search is available, the watcher asks the database every ``HEARTBEAT_SECONDS`` whether it
+  answers with both collections loaded, so an outage is noticed without traffic. :attr:`SearchService.available`
+  (``GET /model``'s ``search.available``) and ``on_change`` (the server's metrics) say whether search works now.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRY_SECONDS = 1.0  # the first reconnection attempt after an outage, then doubling up to:
+RETRY_SECONDS = 1.0  # between reconnection attempts after the first (at once), doubling up to:
 MAX_RETRY_SECONDS = 5.0
+HEARTBEAT_SECONDS = 2.0  # between two checks that an available database still answers
 CALL_THREADS = 8  # database calls of requests in flight at once (a worker has a few request threads)
 
 
@@ -63,24 +66,28 @@ class SearchService:
         self._index: InstanceIndex | None = None
         self._available = threading.Event()
         self._closed = threading.Event()
+        self._wake = threading.Event()  # search was lost: the watcher starts reconnecting at once
         self._lock = threading.Lock()
-        self._recovery: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._calls = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="index-call")
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def open(self) -> bool:
-        """Open the index now (on the caller's thread: a worker does it while its model loads); when that fails,
-        search starts unavailable and recovers by itself. Returns whether search is available."""
+        """Open the index now (on the caller's thread: a worker does it while its model loads) and start the
+        watcher; when opening fails, search starts unavailable and recovers by itself. Returns whether search is
+        available."""
         try:
             self._index = self._open_index()
+            self._available.set()  # the first state: not a change
         except DatabaseError as exc:
             self._lost(f"cannot open the index: {exc}")
-            return False
-        self._available.set()  # the first state: not a change
-        return True
+        self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
+        self._watcher.start()
+        return self.available
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         self._calls.shutdown(wait=False, cancel_futures=True)
         if self._index is not None:
             self._index.close()
@@ -129,8 +136,10 @@ class SearchService:
             return future.result(timeout=limit)
         except FutureTimeout:
             future.cancel()
-            if limit < self.timeout:  # the request's own deadline came first: the database may be fine
-                raise exceeded(f"it was still {doing}") from None
+            if limit < self.timeout:  # the request's own deadline came first: the database may be fine...
+                if self._available.is_set():
+                    raise exceeded(f"it was still {doing}") from None
+                raise SearchUnavailable.outage() from None  # ...unless another call found it down meanwhile
             self._lost(f"{doing} took more than {self.timeout:g} s")
         except DatabaseError as exc:
             self._lost(str(exc))
@@ -142,43 +151,46 @@ class SearchService:
                                   start_database=self.start_database, reconnect=False)
 
     def _lost(self, reason: str) -> None:
-        """Search is unavailable from now on (logged once per outage); start the recovery thread."""
+        """Search is unavailable from now on (logged once per outage); the watcher reconnects."""
         with self._lock:
             was_available = self._available.is_set()
             self._available.clear()
-            if self._recovery is None and not self._closed.is_set():
-                self._recovery = threading.Thread(target=self._recover, name="index-recovery", daemon=True)
-                self._recovery.start()
+        self._wake.set()
         if was_available or self._index is None:
             log.warning("instance search unavailable", extra={"fields": {"db": self.db, "reason": reason}})
         if was_available and self._on_change is not None:
             self._on_change(False)
 
-    def _set_available(self) -> None:
-        with self._lock:
-            was_available = self._available.is_set()
-            self._available.set()
-            if threading.current_thread() is self._recovery:
-                self._recovery = None
-        if not was_available and self._on_change is not None:
-            self._on_change(True)
-
-    def _recover(self) -> None:
-        """Reconnect (and load the collections) until it works, then mark search available."""
+    def _watch(self) -> None:
+        """The watcher: a heartbeat while search is available, reconnection attempts while it is not."""
         delay = RETRY_SECONDS
         attempts = 0
-        while not self._closed.wait(delay):
+        while True:
+            woken = self._wake.wait(HEARTBEAT_SECONDS if self._available.is_set() else delay)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            if self._available.is_set():
+                try:
+                    self._index.check_loaded()
+                except DatabaseError as exc:
+                    self._lost(f"the heartbeat failed: {exc}")
+                continue
+            if not woken:
+                delay = min(2 * delay, MAX_RETRY_SECONDS)
             attempts += 1
             try:
                 if self._index is None:
                     self._index = self._open_index()
                 else:
                     self._index.reconnect()
-                self._index.count()  # a real call: the database answers
+                self._index.check_loaded()
             except DatabaseError as exc:
                 log.debug("instance index still unavailable", extra={"fields": {"reason": str(exc)}})
-                delay = min(2 * delay, MAX_RETRY_SECONDS)
                 continue
-            self._set_available()
+            with self._lock:
+                self._available.set()
             log.info("instance search available again", extra={"fields": {"db": self.db, "attempts": attempts}})
-            return
+            attempts, delay = 0, RETRY_SECONDS
+            if self._on_change is not None:
+                self._on_change(True)
