@@ -186,7 +186,7 @@ class SearchService:
                     self._index.reconnect()
                 self._index.check_loaded()
             except DatabaseError as exc:
-                log.debug("instance index still unavailable", extra={"fields": {"reason": str(exc)}})
+                log.debug("instance index still unavailable: %s", exc)
                 continue
             with self._lock:
                 self._available.set()
