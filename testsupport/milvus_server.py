@@ -5,6 +5,10 @@ our choosing), installed into a venv of its own under the test cache (``$MASKRCN
 ``testsupport/milvus_driver.py`` in that venv; :class:`MilvusServer` starts it, stops it mid-run and starts it
 again (its data stays), and stops it for good.
 
+One at a time on a machine: the package picks free ports for the server's own services, but its embedded etcd
+always listens on 127.0.0.1:2380 for peers, so a second server started while one runs fails to start (and the
+tests that need it skip, saying so).
+
 When the package cannot be installed (no network to the package index, another platform), :func:`milvus_python`
 raises :class:`MilvusUnavailable` with pip's own last words, for the tests to skip with.
 """

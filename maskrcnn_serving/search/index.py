@@ -307,7 +307,7 @@ class InstanceIndex:
         vector index of sealed data on load)."""
         for name in (self.collection, self.images_collection):
             self._call(lambda c, name=name: c.release_collection(name))
-            self._call(lambda c, name=name: c.load_collection(name))
+        self.load()
 
     def insert_rows(self, rows: Sequence[dict]) -> None:
         """Insert instance rows as they are (every field of the instance schema but ``id``): for tests and

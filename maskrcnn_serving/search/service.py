@@ -49,7 +49,8 @@ class SearchService:
     """The index ``collection`` of ``db`` for the server; see the module docstring. ``dim``: the model's vector
     length (an index of another length is refused). ``timeout``: seconds a database call may take.
     ``start_database``: whether this process may start a local database process (the server's workers: no).
-    ``on_change(available)``: called on every change of availability. :meth:`open` before use."""
+    ``on_change(available)``: called on every change of availability after :meth:`open` said the first state.
+    :meth:`open` before use."""
 
     def __init__(
         self,
@@ -67,23 +68,30 @@ class SearchService:
         self._available = threading.Event()
         self._closed = threading.Event()
         self._wake = threading.Event()  # search was lost: the watcher starts reconnecting at once
+        self._first_attempt = threading.Event()  # the watcher's first attempt to open the index is over
+        self._announced_down = False  # on_change(False) was said (or open() returned False): say on_change(True)
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._calls = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="index-call")
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def open(self) -> bool:
-        """Open the index now (on the caller's thread: a worker does it while its model loads) and start the
-        watcher; when opening fails, search starts unavailable and recovers by itself. Returns whether search is
-        available."""
-        try:
-            self._index = self._open_index()
-            self._available.set()  # the first state: not a change
-        except DatabaseError as exc:
-            self._lost(f"cannot open the index: {exc}")
+    def open(self, wait: float | None = None) -> bool:
+        """Start the watcher, which opens the index at once, and wait for its first attempt at most ``wait``
+        seconds (default ``timeout``): a database that is down or stalled does not hold back the worker that opens
+        it while its model loads; search then starts unavailable and becomes available when the index opens.
+        Returns whether search is available."""
+        self._wake.set()
         self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
         self._watcher.start()
-        return self.available
+        self._first_attempt.wait(self.timeout if wait is None else wait)
+        with self._lock:
+            available = self._available.is_set()
+            if not available:
+                self._announced_down = True
+        if not available and not self._first_attempt.is_set():
+            log.warning("instance search unavailable", extra={"fields": {
+                "db": self.db, "reason": f"the index did not open within {self.timeout:g} s; still trying"}})
+        return available
 
     def close(self) -> None:
         self._closed.set()
@@ -155,14 +163,16 @@ class SearchService:
         with self._lock:
             was_available = self._available.is_set()
             self._available.clear()
+            self._announced_down = self._announced_down or was_available
         self._wake.set()
-        if was_available or self._index is None:
+        if was_available:
             log.warning("instance search unavailable", extra={"fields": {"db": self.db, "reason": reason}})
-        if was_available and self._on_change is not None:
-            self._on_change(False)
+            if self._on_change is not None:
+                self._on_change(False)
 
     def _watch(self) -> None:
-        """The watcher: a heartbeat while search is available, reconnection attempts while it is not."""
+        """The watcher: a heartbeat while search is available, attempts to open or reconnect while it is not (the
+        first one at once)."""
         delay = RETRY_SECONDS
         attempts = 0
         while True:
@@ -186,11 +196,19 @@ class SearchService:
                     self._index.reconnect()
                 self._index.check_loaded()
             except DatabaseError as exc:
-                log.debug("instance index still unavailable: %s", exc)
+                if attempts == 1 and not self._first_attempt.is_set():
+                    log.warning("instance search unavailable", extra={"fields": {
+                        "db": self.db, "reason": f"cannot open the index: {exc}"}})
+                else:
+                    log.debug("instance index still unavailable: %s", exc)
+                self._first_attempt.set()
                 continue
             with self._lock:
                 self._available.set()
-            log.info("instance search available again", extra={"fields": {"db": self.db, "attempts": attempts}})
+                announce, self._announced_down = self._announced_down, False
+            self._first_attempt.set()
+            if announce:
+                log.info("instance search available again", extra={"fields": {"db": self.db, "attempts": attempts}})
             attempts, delay = 0, RETRY_SECONDS
-            if self._on_change is not None:
+            if announce and self._on_change is not None:
                 self._on_change(True)

@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from indexes import build_index
 from PIL import Image
 
-from maskrcnn_serving import cli
 from maskrcnn_serving.search import database
 from testsupport.hostile import database_faults
 from testsupport.server import ServerProcess, children, clean_environment, free_port, serve_command, worker_pids
@@ -182,13 +182,8 @@ def read_only_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 def fault_server(read_only_model_dir, demo_model_dir, example_images, tmp_path_factory):
     before = _snapshot(read_only_model_dir)
     root = tmp_path_factory.mktemp("fault_server")
-    images = root / "images"
-    images.mkdir()
-    for path in example_images[:2]:
-        shutil.copy(path, images / path.name)
     db = str(root / "instances.db")
-    assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(images)]) == 0
-    database.stop_local_servers()  # the server takes the database over
+    build_index(root / "images", example_images[:2], demo_model_dir, [db])  # the server takes the database over
     server = fault_server_process(read_only_model_dir, root / "server.log", db).start()
     try:
         server.wait_ready()

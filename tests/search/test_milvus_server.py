@@ -2,19 +2,20 @@
 PyPI package ``milvus==2.3.5``, in a venv of its own (testsupport/milvus_server.py), one server for this module.
 
 ``index build``, ``index search`` and ``index export`` give what they give on Milvus Lite; a collection of another
-dimension is refused clearly; ``serve --index http://...`` answers ``neighbours=K``, and while the Milvus server is
-stopped it answers neighbours 503 (detections still 200, nothing past the deadline), then comes back by itself when
-the server does."""
+dimension is refused clearly; ``serve --index http://...`` answers ``neighbours=K``, and when the Milvus server is
+stopped with requests in flight it answers neighbours 503 (detections still 200, nothing past the deadline), then
+comes back by itself when the server does."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import pytest
 import requests
+from indexes import build_index
 
 from maskrcnn_serving import cli
 from maskrcnn_serving.search import database
@@ -46,15 +47,8 @@ def indexed(milvus, tmp_path_factory, example_images, demo_model_dir):
     """The first three example images indexed into the Milvus server (collection ``built``) and into a Milvus Lite
     folder, by the same command; yields (images folder, Lite folder)."""
     root = tmp_path_factory.mktemp("milvus_index")
-    images = root / "images"
-    images.mkdir()
-    for path in example_images[:3]:
-        shutil.copy(path, images / path.name)
     lite = str(root / "instances.db")
-    for db in (milvus.url, lite):
-        assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, "--collection", "built",
-                         str(images)]) == 0
-    database.stop_local_servers()
+    images = build_index(root / "images", example_images[:3], demo_model_dir, [milvus.url, lite], "built")
     return images, lite
 
 
@@ -128,7 +122,18 @@ def test_serve_answers_neighbours_and_survives_the_milvus_server_stopping(milvus
         assert model() == {"configured": True, "available": True, "indexed": milvus_count(milvus)}
         assert requests.get(f"{server.url}/index/thumbnail/{best['id']}", timeout=10).status_code == 200
 
-        milvus.stop_server()
+        # Stopped mid-run: neighbour and plain requests in flight while the Milvus server goes away.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            searches = [pool.submit(post, neighbours=3) for _ in range(6)]
+            plains = [pool.submit(post) for _ in range(2)]
+            time.sleep(0.3)
+            milvus.stop_server()
+            searched, served = [f.result() for f in searches], [f.result() for f in plains]
+        for answer, seconds in searched:  # 504: waited for the model behind the others past its deadline
+            code = {200: None, 503: "search_unavailable", 504: "deadline_exceeded"}[answer.status_code]
+            assert code is None or answer.json()["error"]["code"] == code, answer.text
+            assert seconds < DEADLINE_SECONDS + 1.0, (answer.status_code, seconds)
+        assert all(answer.status_code == 200 and seconds < DEADLINE_SECONDS for answer, seconds in served), served
         answer, seconds = post(neighbours=3)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "search_unavailable", answer.text
         assert seconds < DEADLINE_SECONDS
