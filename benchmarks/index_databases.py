@@ -10,8 +10,8 @@ Both databases get the same work, interleaved step by step so that the machine's
   server builds it in the background once the flush has sealed the data; Milvus Lite reports no pending rows);
 * **load**: release and load the collections (what a restarted server does; Milvus Lite builds its HNSW graph
   here, the Milvus server loads the index it built);
-* **search**: ``--queries`` single-vector searches for the 10 nearest neighbours (as the server's ``neighbours=10``
-  sends one call per instance group), alternating the databases query by query; p50 / p99.
+* **search**: ``--queries`` single-vector searches for the 10 nearest neighbours (what the server's
+  ``neighbours=10`` sends for an image with one detection), alternating the databases query by query; p50 / p99.
 
 The Milvus server is Milvus standalone 2.3.5 from the PyPI package ``milvus==2.3.5`` (testsupport/milvus_server.py:
 a venv of its own, a local process on a free port; not while the tests run one: see there), or any server given

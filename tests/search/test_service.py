@@ -169,3 +169,25 @@ def test_a_worker_that_starts_while_the_database_is_down_waits_for_it(folder):
         assert changes == [True] and service.count() == 3
     finally:
         service.close()
+
+
+def test_a_worker_that_starts_while_the_database_is_stalled_is_not_held_back(folder):
+    """The database answers nothing (SIGSTOP) when the service opens: open() returns within the call timeout (the
+    worker's model load goes on), search starts unavailable and becomes available once the database resumes."""
+    pid = database.server_pid(folder)
+    changes: list[bool] = []
+    service = SearchService(str(folder), "things", DIM, TIMEOUT, on_change=changes.append)
+    try:
+        send_signals(pid, [signal.SIGSTOP])
+        start = time.monotonic()
+        assert service.open() is False and time.monotonic() - start < TIMEOUT + MARGIN
+        assert not service.available and changes == []
+        with pytest.raises(SearchUnavailable):
+            service.search(unit([[1, 0, 0, 0]]), 1)
+        os.kill(pid, signal.SIGCONT)
+        _wait(lambda: service.available)
+        assert changes == [True] and service.count() == 3
+        assert service.search(unit([[1, 0, 0, 0]]), 1)[0][0].distance < 1e-4
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        service.close()
