@@ -14,8 +14,9 @@ of any exception to what the client gets.
   (:mod:`maskrcnn_serving.server.guards`) all answer through it, so a code has exactly one status everywhere.
 * The package's other exceptions, which no client sees as such: :class:`FrontError` (``serve`` cannot run its HTTP
   front), :class:`MalformedChunkedBody` (raised inside gunicorn's body reader as the ``OSError`` it expects; the body
-  read answers it 400), :class:`DatabaseError` and :class:`DimensionMismatch` (the instance index),
-  :class:`SchedulerClosedError` (work handed to a closed scheduler).
+  read answers it 400), :class:`DatabaseError`, :class:`DimensionMismatch` and :class:`DatabaseUnavailable` (the
+  instance index; one that reaches a client is a 503 ``search_unavailable``), :class:`SchedulerClosedError` (work
+  handed to a closed scheduler).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class NotAnImage(BadRequest, code="not_an_image"):
     """400: the bytes are not an image in an accepted format, or the image is truncated or corrupt."""
 
 
-class SearchUnavailable(BadRequest, code="search_unavailable"):
-    """400: the request asks for neighbours, and the server has no instance index."""
+class SearchNotConfigured(BadRequest, code="search_not_configured"):
+    """400: the request asks for neighbours, and the server was started without an instance index (``--index``)."""
 
 
 class MalformedBody(BadRequest, code="malformed_body"):
@@ -174,6 +175,17 @@ class NotReady(ServingError, status=503, code="not_ready"):
     """503: the model is still loading or warming up (or failed to load; the message says which)."""
 
 
+class SearchUnavailable(ServingError, status=503, code="search_unavailable"):
+    """503: the server has an instance index, but its database is down, stalled or too slow right now; the server
+    keeps trying to reach it and answers at once meanwhile. Requests without ``neighbours`` are unaffected."""
+
+    @classmethod
+    def outage(cls) -> SearchUnavailable:
+        """The answer while the index's database cannot be used (no detail: those are in the server's log)."""
+        return cls("Instance search is unavailable right now: the index's database is not answering. Retry later, "
+                   "or send the request without neighbours (detections are still served).")
+
+
 class DeadlineExceeded(ServingError, status=504, code="deadline_exceeded"):
     """504: the request did not finish within its deadline (the worker is fine; other requests are unaffected)."""
 
@@ -210,6 +222,11 @@ class DatabaseError(Exception):
 
 class DimensionMismatch(DatabaseError):
     """The collection holds vectors of another length than this model's."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database did not answer: down, stalled or slower than the call's time limit (maskrcnn_serving/search/).
+    Not a mistake in ``--db``: the same call may succeed later."""
 
 
 class SchedulerClosedError(RuntimeError):
@@ -249,6 +266,8 @@ def to_serving_error(exc: BaseException, request_id: str | None = None, reading_
       or cut body (400 ``malformed_body``: bad chunk framing, an early close);
     * an exhausted resource (``MemoryError``, OpenCV's out-of-memory error, TensorFlow's ``ResourceExhaustedError``):
       422 ``insufficient_memory``, this request fails and the worker lives;
+    * a :class:`DatabaseError` (the instance index's database failed under a request): 503 ``search_unavailable``,
+      without the details (they name the database's address; the search path logs them);
     * anything else: a fault, 500 with no detail (:meth:`InternalError.unhandled`, naming ``request_id``).
     """
     if isinstance(exc, ServingError):
@@ -261,6 +280,8 @@ def to_serving_error(exc: BaseException, request_id: str | None = None, reading_
         return ClientTimeout.stalled()
     if reading_body and isinstance(exc, OSError):
         return MalformedBody(f"The request body is malformed or incomplete ({type(exc).__name__}).")
+    if isinstance(exc, DatabaseError):
+        return SearchUnavailable.outage()
     if _exhausts_resources(exc):
         return InsufficientMemory("Processing this image needs more memory than this worker may use. Send a smaller "
                                   "image (fewer pixels) or fewer images per request.")

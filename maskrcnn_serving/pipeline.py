@@ -16,7 +16,7 @@ preprocess     test-time resize (:meth:`Backend.preprocess`)                    
 queue          waiting for the model (other requests' batches)                     --
 model          the forward calls that ran this request's images                    the scheduler's
 postprocess    class filter, ``max_detections``, mask pasting at box size          the caller's
-search         nearest indexed instances (``neighbours``; :mod:`.search.index`)    the caller's
+search         nearest indexed instances (``neighbours``; :mod:`.search.service`)  the caller's
 encode         RLE / polygons / boxes records (:mod:`.postprocess`), and the       the caller's
                answer's body (:meth:`ProtocolRequest.encode`)
 =============  ==================================================================  ===============
@@ -44,14 +44,15 @@ import numpy as np
 from maskrcnn_serving import imaging, postprocess
 from maskrcnn_serving.backends.base import Backend, PredictOptions, PreparedImage
 from maskrcnn_serving.deadline import NO_DEADLINE, Deadline
-from maskrcnn_serving.errors import SearchUnavailable, ServingError
+from maskrcnn_serving.errors import SearchNotConfigured, ServingError
 from maskrcnn_serving.request import FileSource, ImageRequest, ImageResult, RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
 from maskrcnn_serving.settings import Limits
 from maskrcnn_serving.structures import Detections
 
-if TYPE_CHECKING:  # the index (and its database client) is only needed where a server or command opens one
-    from maskrcnn_serving.search.index import InstanceIndex, Neighbour
+if TYPE_CHECKING:  # the index (and its database client) is only needed where a server opens one
+    from maskrcnn_serving.search.index import Neighbour
+    from maskrcnn_serving.search.service import SearchService
 
 
 class Stage(enum.StrEnum):
@@ -135,6 +136,7 @@ class Pipeline:
 
     ``scheduler``: forms the forward calls (default: a new one over ``backend`` with no batching delay, for
     in-process use; the server passes one with its delay). ``limits``: what one request may hold and answer.
+    ``index``: the server's instance search, for the ``neighbours`` option (None: refused with 400).
     """
 
     def __init__(
@@ -142,7 +144,7 @@ class Pipeline:
         backend: Backend,
         scheduler: Scheduler | None = None,
         limits: Limits | None = None,
-        index: InstanceIndex | None = None,
+        index: SearchService | None = None,
     ) -> None:
         self.backend = backend
         self.scheduler = scheduler if scheduler is not None else Scheduler.for_backend(backend)
@@ -206,9 +208,11 @@ class Pipeline:
     ) -> list[ImageResult]:
         """Every stage but the answer's body: each item's detections and annotations. ``budget``: refuse (413)
         annotations that would not fit the caller's response limit as soon as that is known (:meth:`handle`)."""
-        if self.index is None and any(item.options.neighbours for item in items):
-            raise SearchUnavailable("neighbours needs an instance index, and this server has none (start it with "
-                                    "`serve --index DB`).")
+        if any(item.options.neighbours for item in items):  # refused before any work
+            if self.index is None:
+                raise SearchNotConfigured("neighbours needs an instance index, and this server has none (start it "
+                                          "with `serve --index DB`).")
+            self.index.check_available()
         images = self.decode(items, times, deadline)
         detections = self.run_model(images, [item.options for item in items], times, deadline)
         with times.measure(Stage.POSTPROCESS):
@@ -301,7 +305,7 @@ class Pipeline:
                 if options.neighbours:
                     deadline.check("it was still searching the index")
                     categories = dets.labels if options.same_class else None
-                    neighbours = self.index.search(dets.embeddings, options.neighbours, categories)
+                    neighbours = self.index.search(dets.embeddings, options.neighbours, categories, deadline)
                 found.append(neighbours)
         return found
 

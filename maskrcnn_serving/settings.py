@@ -109,6 +109,11 @@ class Settings:
         "or a Milvus URL; see docs/instance-search.md.", flag=True)
     index_collection: str = _setting(
         "instances", "MODEL_SERVER_INDEX_COLLECTION", str, "Index name in the --index database.", flag=True)
+    index_timeout: float = _setting(
+        5.0, "MODEL_SERVER_INDEX_TIMEOUT", float,
+        "Seconds a call to the index database may take (within the request's deadline); a call over it, or a failed "
+        "one, makes search unavailable (503 search_unavailable at once) until the database answers again.",
+        flag=True)
     metrics_dir: str | None = _setting(
         None, "PROMETHEUS_MULTIPROC_DIR", _optional_str,
         "Directory where every worker writes its Prometheus samples for GET /metrics to sum (prometheus_client's "
@@ -144,6 +149,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.index_timeout > 0:
+            raise ValueError(f"index_timeout must be > 0, got {self.index_timeout}")
         for name in ("client_timeout", "ready_wait", "memory_return_mb", "worker_memory_headroom_mb",
                      "max_batch_delay_ms"):
             if getattr(self, name) < 0:

@@ -15,7 +15,7 @@ import pytest
 from maskrcnn_serving import postprocess, wire
 from maskrcnn_serving.backends.base import PredictOptions
 from maskrcnn_serving.deadline import Deadline
-from maskrcnn_serving.errors import DeadlineExceeded, NotAnImage, SearchUnavailable
+from maskrcnn_serving.errors import DeadlineExceeded, NotAnImage, SearchNotConfigured, SearchUnavailable
 from maskrcnn_serving.pipeline import STAGES, Pipeline, StageTimes
 from maskrcnn_serving.request import ImageRequest, RequestOptions
 
@@ -274,8 +274,29 @@ def test_run_files_names_the_file_it_refuses(pipeline, tmp_path):
 def test_neighbours_need_the_pipelines_index(pipeline):
     """Checked before any work: no image is decoded for a request the pipeline cannot answer."""
     parsed = request(pipeline, [b"not an image"], neighbours=3)
-    with pytest.raises(SearchUnavailable, match="serve --index"):
+    with pytest.raises(SearchNotConfigured, match="serve --index"):
         pipeline.handle(parsed)
+
+
+def test_neighbours_are_refused_at_once_while_search_is_unavailable(tensorpack_backend, tmp_path):
+    """An index whose database does not answer (here: no database process serves the folder, and the service may
+    not start one, as in a server's worker): a request for neighbours is 503 before any work (its image is not even
+    decoded); one without neighbours is answered."""
+    from maskrcnn_serving.search.service import SearchService
+
+    service = SearchService(str(tmp_path / "instances.db"), "instances", tensorpack_backend.embedding_dim, 1.0)
+    assert service.open() is False and not service.available
+    pipeline = Pipeline(tensorpack_backend, index=service)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(SearchUnavailable) as refused:
+            pipeline.handle(request(pipeline, [b"not an image"], neighbours=3))
+        assert time.perf_counter() - start < 0.1 and refused.value.status == 503
+        png = cv2.imencode(".png", np.full((40, 50, 3), 90, np.uint8))[1].tobytes()
+        assert pipeline.handle(request(pipeline, [png])).images[0].img_id == "0"
+    finally:
+        pipeline.close()
+        service.close()
 
 
 def test_the_pipeline_knows_no_protocol():

@@ -25,7 +25,7 @@ def test_every_variable_is_read_and_round_trips_through_the_environment():
         "MODEL_SERVER_MAX_RESPONSE_BYTES": "200", "MODEL_SERVER_MAX_IMAGE_PIXELS": "300",
         "MODEL_SERVER_MAX_IMAGES": "2",
         "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB": "512", "MODEL_SERVER_INDEX": "http://milvus:19530",
-        "MODEL_SERVER_INDEX_COLLECTION": "photos", "MODEL_SERVER_FRONT": "none",
+        "MODEL_SERVER_INDEX_COLLECTION": "photos", "MODEL_SERVER_INDEX_TIMEOUT": "1.5", "MODEL_SERVER_FRONT": "none",
         "MODEL_SERVER_MEMORY_RETURN_MB": "64", "MASKRCNN_PRECISION": "bfloat16", "MASKRCNN_WINOGRAD": "0",
         "MASKRCNN_XLA": "yes", "MASKRCNN_MAX_BATCH_SIZE": "4", "MASKRCNN_BUCKET_STEP": "128",
         "MASKRCNN_MAX_BATCH_DELAY_MS": "2.5", "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
@@ -35,7 +35,7 @@ def test_every_variable_is_read_and_round_trips_through_the_environment():
     assert {spec.metadata["env"] for spec in dataclasses.fields(Settings)} == set(environ)
     assert settings.limits == Limits(100, 200, 300, 2) and settings.deadline_seconds == 12.5
     assert (settings.winograd, settings.xla, settings.max_batch_delay_ms) == ("off", True, 2.5)
-    assert (settings.front, settings.memory_return_mb) == ("none", 64.0)
+    assert (settings.front, settings.memory_return_mb, settings.index_timeout) == ("none", 64.0, 1.5)
     assert settings.readiness_dir == "/run/ready"
     assert Settings.from_env(settings.to_env()) == settings
     assert Settings.from_env({"MODEL_SERVER_WORKERS": ""}).workers == 1  # empty counts as unset
@@ -60,6 +60,7 @@ def test_overrides_and_text_values():
         # a step that is not a multiple of 32 is refused by the optimized backend (tests/backends/, test_serve.py)
         ({"MASKRCNN_BUCKET_STEP": "0"}, "bucket_step"),
         ({"MODEL_SERVER_CLIENT_TIMEOUT": "-1"}, "client_timeout"),
+        ({"MODEL_SERVER_INDEX_TIMEOUT": "0"}, "index_timeout"),
     ],
 )
 def test_malformed_values_name_what_is_wrong(environ, message):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -760,3 +762,123 @@ def raw_exchange(host: str, port: int, payload: bytes, timeout: float = 60.0) ->
         except ConnectionResetError:
             pass
     return b"".join(chunks)
+
+
+# ====================================================================================== the index's database (23)
+# The search path's dependency fails (issue 23, defects 1, 2, 4, 5): its database process killed, stalled, slow or
+# restarted, and bytes planted in its thumbnails. tests/search/test_service.py provokes each fault under a
+# SearchService, tests/server/test_search_server.py under a real server.
+
+
+@dataclass(frozen=True)
+class DatabaseFault:
+    """A fault of the database process: ``signals`` sent to it in order; with ``resume_after`` (a fraction of the
+    call timeout) a SIGCONT follows that much later (a slow answer); ``restart``: the process is gone and a new one
+    takes its place (its owner starts it: ``serve``, or the test). ``answered``: whether a call made during the fault
+    still gets its answer within the call timeout. ``kind``: killed, stalled, slow or restarted."""
+
+    name: str
+    kind: str
+    signals: tuple[int, ...]
+    resume_after: float | None = None
+    restart: bool = False
+    answered: bool = False
+
+
+    def begin(self, pid: int, call_timeout: float) -> None:
+        """Provoke the fault on the process ``pid`` (a SIGCONT follows on a timer thread when it resumes)."""
+        import signal
+        import threading
+
+        send_signals(pid, self.signals)
+        if self.resume_after is not None:
+            threading.Timer(self.resume_after * call_timeout, os.kill, (pid, signal.SIGCONT)).start()
+
+
+def send_signals(pid: int, signals: Sequence[int]) -> None:
+    """Send ``signals`` to ``pid`` in order. A SIGSTOP returns once every thread of the process has stopped: a
+    signal takes effect when the kernel next schedules the thread, on a loaded machine a moment later, and a call
+    answered meanwhile would not be a call to a stalled database."""
+    import signal
+    import time
+    from pathlib import Path
+
+    def states() -> set[str]:
+        found = set()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                found.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue
+        return found
+
+    for signum in signals:
+        os.kill(pid, signum)
+        stop_at = time.monotonic() + 10
+        while signum == signal.SIGSTOP and not states() <= {"T", "t"}:
+            if time.monotonic() > stop_at:
+                raise TimeoutError(f"process {pid} did not stop: {states()}")
+            time.sleep(0.01)
+
+
+def database_faults() -> list[DatabaseFault]:
+    import signal
+
+    return [
+        DatabaseFault("SIGKILL", "killed", (signal.SIGKILL,)),
+        DatabaseFault("SIGKILL while stalled", "killed", (signal.SIGSTOP, signal.SIGKILL)),
+        DatabaseFault("SIGSTOP (stalled until SIGCONT)", "stalled", (signal.SIGSTOP,)),
+        DatabaseFault("SIGSTOP for 30 % of the call timeout", "slow", (signal.SIGSTOP,), resume_after=0.3,
+                      answered=True),
+        DatabaseFault("SIGSTOP for 3 call timeouts", "slow", (signal.SIGSTOP,), resume_after=3.0),
+        DatabaseFault("SIGTERM, then a new process (collections released)", "restarted", (signal.SIGTERM,),
+                      restart=True),
+        DatabaseFault("SIGKILL, then a new process (collections released)", "restarted", (signal.SIGKILL,),
+                      restart=True),
+    ]
+
+
+@dataclass(frozen=True)
+class PlantedThumbnail:
+    """Bytes written into an instance's ``thumbnail`` field (base64, as the index stores it) by someone with access
+    to the database. ``served``: whether the server may serve it -- and then only as pixels it decoded and encoded
+    again (a JPEG of at most 96 pixels a side), never the planted bytes; else 404."""
+
+    name: str
+    stored: str
+    served: bool
+    payload: bytes = b""  # bytes that must never reach a client
+
+
+def planted_thumbnails() -> list[PlantedThumbnail]:
+    import base64
+
+    rng = np.random.default_rng(23)
+    pixels = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+    html = b"<!doctype html><html><body><script>alert(document.cookie)</script></body></html>"
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
+    progressive = progressive_jpeg(pixels)
+
+    def planted(name: str, data: bytes, served: bool = False, payload: bytes = b"") -> PlantedThumbnail:
+        return PlantedThumbnail(name, base64.b64encode(data).decode(), served, payload)
+
+    return [
+        planted("a JPEG thumbnail (the control)", jpeg, served=True),
+        planted("an HTML page", html, payload=b"<script>"),
+        planted("an SVG with a script", svg, payload=b"<script>"),
+        planted("HTML after JPEG magic bytes", b"\xff\xd8\xff\xe0" + html, payload=b"<script>"),
+        planted("a JPEG with an HTML page after its end", jpeg + html, served=True, payload=b"<script>"),
+        planted("a JPEG with an HTML page in a comment segment", jpeg_with_marker(jpeg, 0xFE, html), served=True,
+                payload=b"<script>"),
+        planted("a PNG", png(pixels)),
+        planted("a GIF", gif(pixels)),
+        planted("a JPEG cut in its header", jpeg[:120]),
+        planted("a 97 x 200 JPEG (over 96 pixels a side)", cv2.imencode(".jpg", np.full((97, 200, 3), 128, np.uint8))[1]
+                .tobytes()),
+        planted("a JPEG declaring 65500 x 65500", jpeg_with_sof(jpeg, 65500, 65500)),
+        planted("a progressive JPEG, smallest scan 300 times", jpeg_repeated_scan(progressive, 300,
+                                                                                 smallest_scan(progressive))),
+        PlantedThumbnail("not base64", "<script>alert(1)</script>", False, b"<script>"),
+        PlantedThumbnail("empty", "", False),
+    ]

@@ -16,6 +16,16 @@ Rows are upserted by their ids, so writing an image twice (a re-run, a task retr
 it once. Indexes built before names were relative hold absolute paths and database-assigned ids: they are read as
 they are and written as they were (insert), and an absolute path is answered as its file name only
 (:func:`public_name`), so that no path of the machine that built an index reaches a client.
+
+Every database call is bounded in time (``timeout``; loading a collection, which builds its vector index, by
+``LOAD_TIMEOUT_SECONDS``), and every failure of the database is a :class:`DatabaseError` (a
+:class:`DatabaseUnavailable` when it did not answer). A database process that restarted has lost the connection and
+holds the collections released: :meth:`InstanceIndex.reconnect` connects again and loads them. The server does not
+call this class directly but through :class:`maskrcnn_serving.search.service.SearchService`.
+
+Thumbnails are checked to be what they claim, when stored and when served (:func:`decoded_thumbnail`): a JPEG of at
+most ``THUMBNAIL_SIZE`` pixels a side that the decoding gate (:mod:`maskrcnn_serving.imaging`) decodes. What a client
+gets is those pixels encoded again here, never the stored bytes themselves.
 """
 
 from __future__ import annotations
@@ -36,15 +46,23 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from maskrcnn_serving.errors import DatabaseError, DimensionMismatch
+from maskrcnn_serving import imaging
+from maskrcnn_serving.errors import DatabaseError, DatabaseUnavailable, DimensionMismatch, NotAnImage, ServingError
 from maskrcnn_serving.search.database import connect
 
 log = logging.getLogger(__name__)
+# pymilvus logs every failed call (and reconnection) with a traceback, once per retry; the index reports failures
+# itself, in one line.
+for _noisy in ("pymilvus.decorators", "pymilvus.client.connection_manager"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 
 DEFAULT_COLLECTION = "instances"
 THUMBNAIL_SIZE = 96  # longest side in pixels
+THUMBNAIL_QUALITY = 80
+CALL_TIMEOUT_SECONDS = 30.0  # a database call of the command line (the server sets its own, shorter)
+LOAD_TIMEOUT_SECONDS = 900.0  # loading a collection builds its HNSW graph: minutes at 100,000 instances in Milvus Lite
 # HNSW: a graph index that both Milvus Lite (faiss) and Milvus servers build; search explores HNSW_EF candidates.
 HNSW_BUILD = {"M": 16, "efConstruction": 64}
 HNSW_EF = 64
@@ -169,16 +187,54 @@ def thumbnail_jpeg(image: np.ndarray, xywh: Sequence[float], size: int = THUMBNA
     if scale < 1:
         crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))),
                           interpolation=cv2.INTER_AREA)
-    return cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+    jpeg = _encode_jpeg(crop)
+    decoded_thumbnail(jpeg)  # what is stored passes the check it must pass when served
+    return jpeg
+
+
+def decoded_thumbnail(data: bytes) -> np.ndarray:
+    """The pixels (H, W, 3 BGR) of a stored thumbnail, if it is one: a JPEG (by its magic bytes) of at most
+    ``THUMBNAIL_SIZE`` pixels a side, decoded through the decoding gate. Raises the gate's refusal otherwise (a
+    :class:`~maskrcnn_serving.errors.ServingError`: an HTML page, another format, a corrupt or oversized JPEG)."""
+    if imaging.identify(data) != "JPEG":
+        raise NotAnImage("The thumbnail is not a JPEG.")
+    pixels = imaging.decode_image(data, THUMBNAIL_SIZE * THUMBNAIL_SIZE)
+    if max(pixels.shape[:2]) > THUMBNAIL_SIZE:
+        raise NotAnImage(f"The thumbnail is larger than {THUMBNAIL_SIZE} pixels a side.")
+    return pixels
+
+
+def _encode_jpeg(pixels: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])[1].tobytes()
+
+
+class _Bounded:
+    """A database client whose every call has a ``timeout`` (unless the call names its own)."""
+
+    def __init__(self, client, timeout: float) -> None:
+        self._client, self._timeout = client, timeout
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def bounded(*args, **kwargs):
+            kwargs.setdefault("timeout", self._timeout)
+            return method(*args, **kwargs)
+
+        return bounded
 
 
 class InstanceIndex:
     """A handle on one index (two collections) in one database; see the module docstring."""
 
-    def __init__(self, db: str, collection: str, client) -> None:
+    def __init__(self, db: str, collection: str, client, timeout: float = CALL_TIMEOUT_SECONDS,
+                 start_database: bool = True, reconnect: bool = True) -> None:
         self.db = db
         self.collection = collection
         self.images_collection = f"{collection}_images"
+        self.timeout = timeout
+        self.start_database = start_database
+        self.reconnects = reconnect
         self._client = client
 
     # --------------------------------------------------------------------------------------------- opening
@@ -190,29 +246,62 @@ class InstanceIndex:
         dim: int | None = None,
         image_dim: int | None = None,
         create: bool = False,
+        timeout: float = CALL_TIMEOUT_SECONDS,
+        start_database: bool = True,
+        reconnect: bool = True,
     ) -> InstanceIndex:
         """Open the index ``collection`` of ``db``. With ``dim``, its vectors must have that length
         (:class:`DimensionMismatch` otherwise); with ``create``, a missing index is created (``dim`` and
-        ``image_dim`` needed). Raises :class:`DatabaseError` for a database that cannot be used."""
+        ``image_dim`` needed). ``timeout``: seconds each database call may take. ``start_database``: for a local
+        folder, start its database process when none runs (the server's workers only wait for the one ``serve``
+        starts). ``reconnect``: after a lost connection, reconnect once and retry the call (the command line; the
+        server's :class:`~maskrcnn_serving.search.service.SearchService` reconnects on a thread of its own instead).
+        Raises :class:`DatabaseError` for a database that cannot be used."""
         if not collection.replace("_", "").isalnum() or not collection[0].isalpha() or len(collection) > 200:
             raise DatabaseError(f"--collection {collection!r}: use letters, digits and underscores, starting with a "
                                 "letter.")
-        index = cls(db, collection, connect(db))
-        if index._client.has_collection(collection):
-            for name in (collection, index.images_collection):
-                index._client.load_collection(name)  # a reopened collection starts released
-            if dim is not None and index.dim != dim:
+        index = cls(db, collection, connect(db, timeout, start_database), timeout, start_database, reconnect)
+        try:
+            index._open(dim, image_dim, create)
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    def _open(self, dim: int | None, image_dim: int | None, create: bool) -> None:
+        if self._call(lambda c: c.has_collection(self.collection)):
+            self.load()
+            found = self.dim
+            if dim is not None and found != dim:
                 raise DimensionMismatch(
-                    f"The collection {collection!r} in {db} holds vectors of {index.dim} values; this model's have "
-                    f"{dim}. Index into another --collection (or --db), or use the model that built it."
+                    f"The collection {self.collection!r} in {self.db} holds vectors of {found} values; this model's "
+                    f"have {dim}. Index into another --collection (or --db), or use the model that built it."
                 )
         elif create:
             if dim is None or image_dim is None:
                 raise ValueError("creating an index needs dim and image_dim")
-            index._create(dim, image_dim)
+            self._create(dim, image_dim)
         else:
-            raise DatabaseError(f"{db} has no index {collection!r}; build one with `maskrcnn-serving index build`.")
-        return index
+            raise DatabaseError(f"{self.db} has no index {self.collection!r}; build one with `maskrcnn-serving index "
+                                "build`.")
+
+    def load(self) -> None:
+        """Load both collections (a reopened or restarted database holds them released; loading a loaded one is
+        immediate)."""
+        for name in (self.collection, self.images_collection):
+            self._call(lambda c, name=name: c.load_collection(name, timeout=LOAD_TIMEOUT_SECONDS), reconnect=False)
+
+    def reconnect(self) -> None:
+        """Connect again and load the collections: after the database process restarted, or a connection broke.
+        Raises :class:`DatabaseError` (:class:`DatabaseUnavailable` while it does not answer)."""
+        old, self._client = self._client, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - a broken channel may fail to close; it is dropped either way
+                log.debug("closing the old database client failed", exc_info=True)
+        self._client = connect(self.db, self.timeout, self.start_database)
+        self.load()
 
     def _create(self, dim: int, image_dim: int) -> None:
         from pymilvus import DataType, MilvusClient
@@ -243,7 +332,8 @@ class InstanceIndex:
             self._client.create_collection(name, schema=schema, index_params=params)
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -253,6 +343,16 @@ class InstanceIndex:
 
     def count(self) -> int:
         return int(self._call(lambda c: c.get_collection_stats(self.collection))["row_count"])
+
+    def check_loaded(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless the database answers and holds both collections loaded (two
+        cheap calls: the server's heartbeat)."""
+        from pymilvus.client.types import LoadState
+
+        for name in (self.collection, self.images_collection):
+            state = self._call(lambda c, name=name: c.get_load_state(name))["state"]
+            if state != LoadState.Loaded:
+                raise DatabaseUnavailable(f"the collection {name!r} in {self.db} is not loaded ({state.name})")
 
     def image_count(self) -> int:
         return int(self._call(lambda c: c.get_collection_stats(self.images_collection))["row_count"])
@@ -329,7 +429,7 @@ class InstanceIndex:
         vector index of sealed data on load)."""
         for name in (self.collection, self.images_collection):
             self._call(lambda c, name=name: c.release_collection(name))
-            self._call(lambda c, name=name: c.load_collection(name))
+        self.load()
 
     def insert_rows(self, rows: Sequence[dict]) -> None:
         """Insert instance rows as they are (every field of the instance schema; a row without an ``id`` gets a
@@ -369,9 +469,18 @@ class InstanceIndex:
         )
 
     def thumbnail(self, instance_id: int) -> bytes | None:
-        """The JPEG thumbnail of an indexed instance, None for an unknown id."""
+        """The JPEG thumbnail of an indexed instance, as checked pixels encoded again (module docstring); None for
+        an unknown id, and for stored bytes that are not a JPEG thumbnail (logged: someone wrote them into the
+        database)."""
         rows = self._call(lambda c: c.get(self.collection, ids=[int(instance_id)], output_fields=["thumbnail"]))
-        return base64.b64decode(rows[0]["thumbnail"]) if rows else None
+        if not rows:
+            return None
+        try:
+            return _encode_jpeg(decoded_thumbnail(base64.b64decode(rows[0]["thumbnail"], validate=True)))
+        except (ServingError, ValueError) as exc:  # the gate's refusals; binascii.Error is a ValueError
+            log.warning("the stored thumbnail of instance %d is not a JPEG thumbnail (%s); not served", instance_id,
+                        exc)
+            return None
 
     def records(self, ids: Sequence[int]) -> list[dict]:
         """Every stored field but the vector, of the instances ``ids`` (in their order; unknown ids are left out)."""
@@ -407,16 +516,66 @@ class InstanceIndex:
         return count
 
     # ------------------------------------------------------------------------------------------- plumbing
-    def _call(self, operation: Callable[[Any], T]) -> T:
-        """Run ``operation(client)``; after a lost connection (e.g. the shared Milvus Lite process stopped with
-        its owner) reconnect once and retry."""
-        from pymilvus.exceptions import MilvusException
-
+    def _call(self, operation: Callable[[Any], T], reconnect: bool | None = None) -> T:
+        """Run ``operation(client)``, each call of it bounded by ``timeout``. After a lost connection or released
+        collections (the database process restarted), with ``reconnect`` (default: the index's), reconnect once
+        (:meth:`reconnect`) and retry. A database failure is raised as :class:`DatabaseError`
+        (:class:`DatabaseUnavailable` when the database did not answer)."""
+        reconnect = self.reconnects if reconnect is None else reconnect
         try:
-            return operation(self._client)
-        except MilvusException as exc:
-            if "connect" not in str(exc).lower() and "unavailable" not in str(exc).lower():
+            if self._client is None:  # the last reconnection failed
+                raise DatabaseUnavailable(f"not connected to the Milvus database at {self.db}")
+            return operation(_Bounded(self._client, self.timeout))
+        except Exception as exc:
+            failure = _database_failure(exc, self.db)
+            if failure is None:
                 raise
-            log.warning("lost the connection to %s (%s); reconnecting", self.db, exc)
-            self._client = connect(self.db)
-            return operation(self._client)
+            if not reconnect or not isinstance(failure, DatabaseUnavailable):
+                raise failure from None
+            log.warning("lost the database %s (%s); reconnecting", self.db, failure)
+        self.reconnect()
+        try:
+            return operation(_Bounded(self._client, self.timeout))
+        except Exception as exc:
+            failure = _database_failure(exc, self.db)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+# What pymilvus says when the database is not there, or not yet ready again: no connection, a call past its time, or
+# collections a restarted database holds released.
+_UNAVAILABLE_SIGNS = ("unavailable", "connect", "deadline", "timeout", "timed out", "not loaded", "released",
+                      "closed channel", "socket")
+
+
+def _database_failure(exc: Exception, db: str) -> DatabaseError | None:
+    """The :class:`DatabaseError` that an exception of the database client stands for: pymilvus's and gRPC's own,
+    and any other raised inside them (gRPC raises a ValueError for a call on a channel closed meanwhile). None for
+    any other exception (a fault of this program, raised as it is)."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    if isinstance(exc, DatabaseError):
+        return exc
+    if isinstance(exc, grpc.RpcError):
+        text = f"{exc.code()}: {exc.details()}" if hasattr(exc, "code") else str(exc)
+    elif isinstance(exc, MilvusException):
+        text = exc.message or str(exc)
+    elif _raised_in_client(exc):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        return None
+    text = " ".join(text.split())[:500]
+    if any(sign in text.lower() for sign in _UNAVAILABLE_SIGNS):
+        return DatabaseUnavailable(f"the Milvus database at {db} did not answer: {text}")
+    return DatabaseError(f"the Milvus database at {db} refused a call: {text}")
+
+
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by code of pymilvus or gRPC (the innermost frame of its traceback)."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    module = "" if trace is None else trace.tb_frame.f_globals.get("__name__", "")
+    return module.split(".")[0] in ("pymilvus", "grpc")

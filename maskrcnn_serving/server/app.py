@@ -66,8 +66,9 @@ def hex_color(bgr: tuple[int, int, int]) -> str:
 def model_metadata(pipeline: Pipeline, limits: Limits) -> dict[str, Any]:
     """The ``GET /model`` document (docs/openapi.yaml ``ModelMetadata``): the classes (without "BG") and their
     colours as :func:`maskrcnn_serving.visualize.class_color` draws them, the test-time resize, the defaults and
-    limits a client needs, the length of the instances' embeddings, and whether instance search is available (the
-    pipeline has an index) with how many instances it holds."""
+    limits a client needs, the length of the instances' embeddings, and instance search: whether the server has an
+    index (``configured``), whether it can be searched now (``available``: false while its database is down) and
+    how many instances it holds (null when it cannot be asked)."""
     backend, index = pipeline.backend, pipeline.index
     names = list(backend.class_names[1:])
     return {
@@ -79,7 +80,8 @@ def model_metadata(pipeline: Pipeline, limits: Limits) -> dict[str, Any]:
         "default_score_threshold": pipeline.default_options().score_threshold,
         "has_masks": backend.has_masks,
         "embedding_dim": backend.embedding_dim,
-        "search": {"available": index is not None, "indexed": None if index is None else index.count()},
+        "search": {"configured": index is not None, "available": index is not None and index.available,
+                   "indexed": None if index is None else index.count()},
         "max_request_bytes": limits.max_request_bytes,
     }
 
@@ -177,14 +179,19 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> Flask:
 
     @app.get("/index/thumbnail/<int:instance_id>")
     def index_thumbnail(instance_id: int) -> Response:
-        """The stored JPEG thumbnail of an indexed instance, by its id only (never a path from the request)."""
+        """The stored JPEG thumbnail of an indexed instance, by its id only (never a path from the request), checked
+        to be a JPEG thumbnail and encoded again (never the stored bytes as they are: search/index.py); 503 while
+        the index's database cannot be used."""
         _require_ready(0.0)
         index = runner.pipeline.index
-        thumbnail = None if index is None or instance_id >= 2**63 else index.thumbnail(instance_id)
+        if index is None:
+            raise NotFound("This server has no index.")
+        thumbnail = None if instance_id >= 2**63 else index.thumbnail(instance_id, Deadline.after(deadline_seconds))
         if thumbnail is None:
-            raise NotFound(f"No indexed instance {instance_id}." if index is not None else "This server has no index.")
+            raise NotFound(f"No indexed instance {instance_id}.")
         response = Response(thumbnail, mimetype="image/jpeg")
         response.headers["Cache-Control"] = "max-age=3600"
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.get("/metrics")

@@ -14,6 +14,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -35,6 +36,20 @@ STAGE_SECONDS = Histogram(
 )
 IMAGES = Counter("maskrcnn_images", "Images run through the model.")
 DETECTIONS = Counter("maskrcnn_detections", "Detections returned to clients.")
+# Instance search (servers with --index; no sample without one): 1 when every live worker can search the index, 0
+# while one cannot (the lowest value over the live workers); each loss and each recovery counted.
+SEARCH_AVAILABLE = Gauge("maskrcnn_search_available", "1 when instance search works in every live worker, else 0.",
+                         ["collection"], multiprocess_mode="livemin")
+SEARCH_CHANGES = Counter("maskrcnn_search_changes", "Instance search of a worker became unavailable or available "
+                         "again.", ["collection", "to"])
+
+
+def search_available(collection: str, available: bool, changed: bool = True) -> None:
+    """A worker's instance search of ``collection`` works, or does not; ``changed``: it did not a moment ago (the
+    change is counted), else this is the worker's first word about it."""
+    SEARCH_AVAILABLE.labels(collection).set(1 if available else 0)
+    if changed:
+        SEARCH_CHANGES.labels(collection, "available" if available else "unavailable").inc()
 
 
 def render(directory: str | None) -> tuple[bytes, str]:

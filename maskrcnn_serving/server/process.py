@@ -3,6 +3,7 @@
 The process tree::
 
     serve                        serve(): the CLI's process, the supervisor (Supervisor)
+    |-- index database           with a local --index folder: python -m maskrcnn_serving.search.lite_server ...
     |-- model check              python -m maskrcnn_serving.server.process --check-model   (exits before the rest)
     |-- gunicorn master          python -m maskrcnn_serving.server.process --run-gunicorn --bind ADDRESS ...
     |   `-- workers              forked by the master; each builds its Flask app (server/app.py) and loads its model
@@ -15,24 +16,29 @@ What :func:`serve` does, in order:
    this run and removed after it: every worker writes its samples there and ``/metrics`` sums them
    (:mod:`.metrics`).
 2. **Index database.** With a local Milvus Lite ``--index``, its one database process is started here, in the
-   process that outlives every worker (:mod:`maskrcnn_serving.search.database`).
+   process that outlives every worker, on a unix socket only this user can reach
+   (:mod:`maskrcnn_serving.search.database`). ``serve`` owns it: it checks every second that it answers and starts
+   it again when it does not (killed, crashed), and stops it after the workers. The workers never start one: they
+   wait for this one (their search is unavailable meanwhile: :mod:`maskrcnn_serving.search.service`).
 3. **Model check**, in a child process, before anything listens: the model directory must load and the index (if
    any) must hold vectors of the model's length; otherwise :func:`serve` raises :class:`ModelLoadError` and nothing
    starts. A child, because TensorFlow must not be imported here (this process forks its children) nor in the
    gunicorn master (which forks the workers).
 4. **gunicorn**, then **nginx** once gunicorn's socket exists; both are supervised until a signal or until one of
    them exits. SIGTERM / SIGINT: nginx first (it stops listening and finishes the requests in flight, which gunicorn
-   still serves), then gunicorn (its workers finish theirs), and ``serve`` exits 0 within SageMaker's 30 s. A child
-   that exits on its own stops the other, and ``serve`` exits non-zero (the container is restarted).
+   still serves), then gunicorn (its workers finish theirs), then the index database, and ``serve`` exits 0 within
+   SageMaker's 30 s. A child that exits on its own stops the other, and ``serve`` exits non-zero (the container is
+   restarted); the index database is not such a child: it is started again.
 5. **Readiness.** While they run, the supervisor gathers the workers' states every 0.1 s and writes the answer to
    ``/ping`` in the run's readiness directory, which nginx (or, with gunicorn alone, each worker's ping thread)
    answers from (:mod:`.readiness`); from the first signal on, ``/ping`` says 503.
 
 **Children die with serve.** Every child is started with Linux's parent-death signal (``PR_SET_PDEATHSIG``, kept
-across ``exec``): when ``serve`` ends in any way, SIGKILL included, the kernel sends the model check, the gunicorn
-master and the nginx master SIGTERM. nginx's master then stops its workers at once; gunicorn's master stops its
-workers as on any SIGTERM (its workers also leave by themselves when their master is gone). So the port and the
-socket are free again within seconds (tests/server/test_process.py measures it).
+across ``exec``; :func:`maskrcnn_serving.lifetime.die_with_parent`): when ``serve`` ends in any way, SIGKILL
+included, the kernel sends the index database, the model check, the gunicorn master and the nginx master SIGTERM.
+nginx's master then stops its workers at once; gunicorn's master stops its workers as on any SIGTERM (its workers
+also leave by themselves when their master is gone). So the port and the sockets are free again within seconds
+(tests/server/test_process.py measures it).
 
 **The children's interface** is this module's command line (``python -m maskrcnn_serving.server.process --help``).
 Settings travel as environment variables (:meth:`Settings.to_env`, with :func:`worker_environment` and
@@ -48,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -64,6 +69,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 
 from maskrcnn_serving.errors import ModelLoadError
+from maskrcnn_serving.lifetime import die_with_parent
 from maskrcnn_serving.server import front
 from maskrcnn_serving.server.logs import configure_logging
 from maskrcnn_serving.server.readiness import REFRESH_SECONDS, ReadinessBoard
@@ -76,10 +82,10 @@ MODULE = "maskrcnn_serving.server.process"  # the children's entry point: python
 SHUTDOWN_SECONDS = 28.0
 GRACEFUL_SECONDS = 25
 SOCKET_WAIT_SECONDS = 60.0  # for gunicorn's unix socket to appear before nginx starts
+DATABASE_CHECK_SECONDS = 1.0  # how often serve checks that the local index database answers
 # glibc malloc arenas per process (glibc's default is 8 per core): fewer arenas keep less freed memory
 # (docs/reliability.md has the measurements); an explicit MALLOC_ARENA_MAX from the user wins.
 MALLOC_ARENA_MAX = "2"
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 log = logging.getLogger("maskrcnn_serving.serve")
 
@@ -110,29 +116,6 @@ def child_environment(settings: Settings, environ: Mapping[str, str]) -> dict[st
     return {**environ, **worker_environment(settings, environ), **process_environment(settings, environ)}
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child gets ``sig`` when this process ends, however it ends
-    (Linux's ``PR_SET_PDEATHSIG``, kept across ``exec``). If this process is already gone when the child sets it
-    (between the fork and the call), the child exits at once, since no signal would come. None (nothing to run)
-    where there is no ``prctl``, i.e. not on Linux.
-
-    The kernel sends the signal when the *thread* that started the child ends: start children from the main thread
-    (``serve`` does). The function only calls ``prctl`` and ``getppid`` in the child, between ``fork`` and ``exec``.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, in the parent
-    parent = os.getpid()
-
-    def set_parent_death_signal() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(sig)) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return set_parent_death_signal
-
-
 # ---------------------------------------------------------------------------------------- the metrics, the index
 
 
@@ -149,16 +132,57 @@ def metrics_directory(settings: Settings) -> Iterator[Settings]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def start_index_database(db: str | None) -> None:
-    """For a local Milvus Lite index, start its one database process here, in ``serve``, so that every worker
-    connects to it (this process owns it and stops it on exit); nothing to do for a Milvus URL or without an index.
-    Raises :class:`~maskrcnn_serving.errors.DatabaseError`."""
-    if not db:
-        return
-    from maskrcnn_serving.search import database
+class IndexDatabase:
+    """The local Milvus Lite process of ``--index FOLDER``, owned by ``serve`` (module docstring, step 2); nothing
+    to do for a Milvus URL or without an index. :meth:`keep` is called by the supervisor's loop, on the main thread
+    (the database's parent-death signal is tied to the thread that starts it)."""
 
-    if not database.is_remote(db):
-        database.local_uri(database.check_local_path(db))
+    def __init__(self, db: str | None) -> None:
+        from maskrcnn_serving.search import database
+
+        self.folder = None if not db or database.is_remote(db) else database.check_local_path(db)
+        self._next_check = 0.0
+        self._failures = 0
+
+    def start(self) -> None:
+        """Start it (or find it running). Raises :class:`~maskrcnn_serving.errors.DatabaseError`."""
+        from maskrcnn_serving.search import database
+
+        if self.folder is not None:
+            database.keep_local_server(self.folder)
+
+    def keep(self) -> None:
+        """Every ``DATABASE_CHECK_SECONDS``: start it again if it does not answer (backing off while it cannot be
+        started, and saying so in the log)."""
+        from maskrcnn_serving.errors import DatabaseError
+        from maskrcnn_serving.search import database
+
+        if self.folder is None or time.monotonic() < self._next_check:
+            return
+        try:
+            database.keep_local_server(self.folder)
+            self._failures = 0
+        except DatabaseError as exc:
+            self._failures += 1
+            log.error("the index database cannot be started", extra={"fields": {
+                "folder": str(self.folder), "attempt": self._failures, "reason": str(exc)}})
+        self._next_check = time.monotonic() + min(DATABASE_CHECK_SECONDS * 2 ** self._failures, 30.0)
+
+    def stop(self) -> None:
+        from maskrcnn_serving.search import database
+
+        database.stop_local_servers()
+
+
+@contextlib.contextmanager
+def index_database(db: str | None) -> Iterator[IndexDatabase]:
+    """The index database of ``db`` started for the block (:class:`IndexDatabase`) and stopped after it."""
+    keeper = IndexDatabase(db)
+    try:
+        keeper.start()
+        yield keeper
+    finally:
+        keeper.stop()
 
 
 # ------------------------------------------------------------------------------------------- the model check
@@ -191,7 +215,8 @@ def run_model_check(settings: Settings) -> int:
             from maskrcnn_serving.search.index import InstanceIndex
 
             dim = backend_class.embedding_dim_of(bundle)
-            InstanceIndex.open(settings.index, settings.index_collection, dim=dim).close()
+            InstanceIndex.open(settings.index, settings.index_collection, dim=dim, timeout=settings.index_timeout,
+                               start_database=False).close()
     except (ModelLoadError, DatabaseError, ValueError) as exc:
         print(str(exc).replace("\n", " "), file=sys.stderr)
         return 2
@@ -263,8 +288,10 @@ class Supervisor:
     """Runs the gunicorn master and, with ``nginx`` (its binary), nginx in front of it; stops them in order (module
     docstring). :meth:`run` returns ``serve``'s exit status."""
 
-    def __init__(self, settings: Settings, host: str, port: int, nginx: str | None, log_level: str) -> None:
+    def __init__(self, settings: Settings, host: str, port: int, nginx: str | None, log_level: str,
+                 database: IndexDatabase | None = None) -> None:
         self.settings, self.host, self.port, self.nginx, self.log_level = settings, host, port, nginx, log_level
+        self.database = database
         self.signal: int | None = None
         self.front: front.NginxFront | None = None
         self.readiness: ReadinessBoard | None = None
@@ -327,6 +354,8 @@ class Supervisor:
             self.readiness.refresh(gunicorn.pid)
             if condition():
                 return True
+            if self.database is not None:
+                self.database.keep()
             if stop_at is not None and time.monotonic() > stop_at:
                 return False
             time.sleep(REFRESH_SECONDS)
@@ -364,12 +393,11 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "INFO") -> 
     opened), :class:`ModelLoadError` (the model check failed) or
     :class:`~maskrcnn_serving.errors.FrontError` (the front cannot run)."""
     configure_logging(log_level)
-    with metrics_directory(settings) as settings:
-        start_index_database(settings.index)
+    with metrics_directory(settings) as settings, index_database(settings.index) as database:
         error = check_model(settings)
         if error is not None:
             raise ModelLoadError(error)
-        return Supervisor(settings, host, port, front.choose(settings.front), log_level).run()
+        return Supervisor(settings, host, port, front.choose(settings.front), log_level, database).run()
 
 
 # ------------------------------------------------------------------------------------- the children's entry point

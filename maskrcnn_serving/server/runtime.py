@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -19,9 +20,13 @@ from maskrcnn_serving.backends.base import Backend, load_backend
 from maskrcnn_serving.pipeline import Pipeline
 from maskrcnn_serving.request import RequestOptions
 from maskrcnn_serving.scheduler import Scheduler
+from maskrcnn_serving.server import metrics
 from maskrcnn_serving.server.guards import apply_memory_headroom, configure_memory_return
 from maskrcnn_serving.server.readiness import WorkerReadiness, WorkerState
 from maskrcnn_serving.settings import Settings
+
+if TYPE_CHECKING:
+    from maskrcnn_serving.search.service import SearchService
 
 log = logging.getLogger("maskrcnn_serving.server")
 
@@ -88,13 +93,7 @@ class ModelRunner:
                                                         **self.backend.description}})
             # A lone request waits for others to share its graph call only where calls can be shared.
             delay = settings.max_batch_delay_ms / 1000.0 if self.backend.max_batch_size > 1 else 0.0
-            index = None
-            if settings.index:
-                from maskrcnn_serving.search.index import InstanceIndex
-
-                index = InstanceIndex.open(settings.index, settings.index_collection, dim=self.backend.embedding_dim)
-                log.info("instance index open", extra={"fields": {"collection": settings.index_collection,
-                                                                   "instances": index.count()}})
+            index = self._open_index() if settings.index else None
             self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits, index)
             start = time.perf_counter()
             warm_up(self.pipeline)
@@ -120,6 +119,23 @@ class ModelRunner:
     @property
     def worker_state(self) -> WorkerState:
         return WorkerState(self.state, self.message)
+
+    def _open_index(self) -> SearchService:
+        """The worker's instance search (``settings.index``). It never starts a database process (``serve`` owns the
+        local one) and never fails the worker: while the database cannot be used, search is unavailable (503 for
+        neighbours, detections served) and comes back by itself (:mod:`maskrcnn_serving.search.service`)."""
+        from maskrcnn_serving.search.service import SearchService
+
+        settings = self.settings
+        collection = settings.index_collection
+        service = SearchService(settings.index, collection, self.backend.embedding_dim, settings.index_timeout,
+                                start_database=False,
+                                on_change=lambda available: metrics.search_available(collection, available))
+        if service.open():
+            log.info("instance index open", extra={"fields": {"collection": collection,
+                                                               "instances": service.count()}})
+        metrics.search_available(collection, service.available, changed=False)
+        return service
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether the model is ready, waiting up to ``timeout`` seconds while it is still loading (not after a

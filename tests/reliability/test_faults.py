@@ -1,10 +1,12 @@
 """Faults: broken model directories, and a real server (nginx in front of its own gunicorn, 2 workers, a READ-ONLY
-copy of the demo model, short deadlines) under a huge image, an over-long request, stalled clients, a killed worker
-and SIGTERM.
+copy of the demo model, an instance index in a local Milvus Lite folder, short deadlines) under a huge image, an
+over-long request, stalled clients, every fault of its index's database (killed, stalled, slow, restarted), a
+killed worker and SIGTERM.
 
 The server of this module is the session's third one (after ``live_server`` and ``gunicorn_server``); its settings
 make each fault cheap to provoke: ``MODEL_SERVER_REQUEST_DEADLINE=4`` s, ``MODEL_SERVER_CLIENT_TIMEOUT=2`` s,
-``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=600`` with a pixel limit above what that headroom can decode.
+``MODEL_SERVER_INDEX_TIMEOUT=2`` s, ``MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB=600`` with a pixel limit above what that
+headroom can decode.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,14 +30,27 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from indexes import build_index
 from live_server import nginx_missing
 from PIL import Image
 
-from testsupport.server import ServerProcess, clean_environment, free_port, ping, serve_command
+from maskrcnn_serving.search import database
+from testsupport.hostile import database_faults
+from testsupport.server import (
+    ServerProcess,
+    children,
+    clean_environment,
+    free_port,
+    ping,
+    serve_command,
+    worker_pids,
+)
 
 WORKERS = 2
 DEADLINE_SECONDS = 4.0
 CLIENT_TIMEOUT_SECONDS = 2.0
+INDEX_TIMEOUT_SECONDS = 2.0
+SEARCH_RECOVERY_SECONDS = 60.0  # database restarted by serve (1 s checks) + each worker's reconnection (back-off)
 # The headroom is well above what the 512-image request needs (its worker's data segment grew by 150-280 MB on
 # an Intel Xeon; 360-374 MB before images were prepared as the model takes them) and well below the bomb (768 MB).
 HEADROOM_MB = 600
@@ -140,10 +156,12 @@ def test_serve_exits_nonzero_and_never_listens(tmp_path, demo_model_dir):
 # ------------------------------------------------------------------------------------------- the fault server
 
 
-def fault_server_process(model_dir: Path, log_path: Path) -> ServerProcess:
+def fault_server_process(model_dir: Path, log_path: Path, index: str) -> ServerProcess:
     env = {
         "MODEL_SERVER_REQUEST_DEADLINE": str(DEADLINE_SECONDS),
         "MODEL_SERVER_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT_SECONDS),
+        "MODEL_SERVER_INDEX": index,
+        "MODEL_SERVER_INDEX_TIMEOUT": str(INDEX_TIMEOUT_SECONDS),
         "MODEL_SERVER_WORKER_MEMORY_HEADROOM_MB": str(HEADROOM_MB),
         "MODEL_SERVER_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
         "MODEL_SERVER_MAX_IMAGES": str(LONG_REQUEST_IMAGES),
@@ -170,14 +188,18 @@ def read_only_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fault_server(read_only_model_dir, tmp_path_factory):
+def fault_server(read_only_model_dir, demo_model_dir, example_images, tmp_path_factory):
     if nginx_missing():
         pytest.skip(nginx_missing())
     before = _snapshot(read_only_model_dir)
-    server = fault_server_process(read_only_model_dir, tmp_path_factory.mktemp("fault_server") / "server.log").start()
+    root = tmp_path_factory.mktemp("fault_server")
+    db = str(root / "instances.db")
+    build_index(root / "images", example_images[:2], demo_model_dir, [db])  # the server takes the database over
+    server = fault_server_process(read_only_model_dir, root / "server.log", db).start()
     try:
         server.wait_ready()
         server.model_dir_before = before
+        server.index_folder = database.check_local_path(db)
         yield server
     finally:
         server.stop(graceful=False)
@@ -290,6 +312,111 @@ def test_stalled_clients_are_dropped_and_cannot_starve_the_workers(fault_server,
     assert time.monotonic() - start < CLIENT_TIMEOUT_SECONDS + 5
 
 
+# ------------------------------------------------------------------------------------ the index's database (23)
+
+
+def _search_gauge(url: str) -> float | None:
+    """``maskrcnn_search_available`` of the server: 1 when every live worker can search, 0 while one cannot."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    found = re.search(r'^maskrcnn_search_available\{collection="instances"\} (\S+)$', text, re.M)
+    return None if found is None else float(found.group(1))
+
+
+def _timed(call) -> tuple[requests.Response, float]:
+    start = time.monotonic()
+    answer = call()
+    return answer, time.monotonic() - start
+
+
+def _wait_until_search_works(server: ServerProcess, scene: np.ndarray) -> float:
+    """Seconds until both workers search again (the gauge is 1 over every live worker) and answer neighbours."""
+    start = time.monotonic()
+    while time.monotonic() - start < SEARCH_RECOVERY_SECONDS:
+        if _search_gauge(server.url) == 1.0 and all(
+                _post_png(server.url, _png(scene), format="boxes", neighbours=2).status_code == 200 for _ in range(4)):
+            return time.monotonic() - start
+        time.sleep(0.25)
+    raise AssertionError(f"search did not come back within {SEARCH_RECOVERY_SECONDS} s:\n{server.log()[-3000:]}")
+
+
+def _database_processes(serve_pid: int) -> list[int]:
+    """The index database processes under ``serve`` (at any depth)."""
+    found, pending = [], [serve_pid]
+    while pending:
+        pid = pending.pop()
+        for child in children(pid):
+            pending.append(child)
+            if b"search.lite_server" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
+@pytest.mark.parametrize("fault", database_faults(), ids=lambda fault: fault.name)
+def test_database_faults_are_503_within_the_deadline_and_search_comes_back(fault_server, scene, fault):
+    """The index's database killed, stalled, slow or restarted under a running server, with 10 neighbour requests
+    (more than the 2 x 4 request threads), plain requests and pings at the same time: neighbours get 503
+    ``search_unavailable`` (or 200 once search is back, or 504 for a request whose deadline passed while it waited
+    for the model behind the others), never a 500, each within the deadline; plain requests and pings are served
+    meanwhile; ``/model``, the metrics and thumbnails tell the truth during a stall; search comes back by itself;
+    the one database process is serve's child (none started by a worker)."""
+    url = fault_server.url
+    _wait_until_search_works(fault_server, scene)
+    first = _post_png(url, _png(scene), format="boxes", neighbours=2).json()["annotations"][0]["neighbours"][0]["id"]
+    pid = database.server_pid(fault_server.index_folder)
+    assert _database_processes(fault_server.process.pid) == [pid] and pid in children(fault_server.process.pid)
+    fault.begin(pid, INDEX_TIMEOUT_SECONDS)
+    if fault.answered:
+        answer, seconds = _timed(lambda: _post_png(url, _png(scene), format="boxes", neighbours=2))
+        assert answer.status_code == 200 and seconds < DEADLINE_SECONDS, answer.text
+        return
+
+    def search() -> requests.Response:
+        return _post_png(url, _png(scene), timeout=30, format="boxes", neighbours=2)
+
+    def plain() -> requests.Response:
+        return _post_png(url, _png(scene), timeout=30, format="boxes")
+
+    def ping() -> requests.Response:
+        return requests.get(f"{url}/ping", timeout=30, headers={"Connection": "close"})
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        searches = [pool.submit(_timed, search) for _ in range(10)]
+        plains = [pool.submit(_timed, plain) for _ in range(2)]
+        pings = [pool.submit(_timed, ping) for _ in range(4)]
+        searched, served, pinged = ([f.result() for f in group] for group in (searches, plains, pings))
+    statuses = [answer.status_code for answer, _ in searched]
+    assert set(statuses) <= {200, 503, 504} and 503 in statuses, statuses
+    for answer, seconds in searched:
+        assert seconds < DEADLINE_SECONDS + 1.0, (answer.status_code, seconds)
+        code = {200: None, 503: "search_unavailable", 504: "deadline_exceeded"}[answer.status_code]
+        assert code is None or answer.json()["error"]["code"] == code, answer.text
+    # Neither waits for the database: at most for a request thread, which no search holds past its bound (how fast
+    # /ping is under load otherwise is docs/reliability.md's).
+    assert {answer.status_code for answer, _ in served} <= {200, 504}, served
+    assert all(answer.status_code == 200 and seconds < DEADLINE_SECONDS for answer, seconds in pinged), pinged
+    if fault.kind == "stalled":  # the outage lasts: every worker has noticed it (heartbeat) and says so
+        start = time.monotonic()
+        while _search_gauge(url) != 0.0:
+            assert time.monotonic() - start < 3 * INDEX_TIMEOUT_SECONDS + 5
+            time.sleep(0.2)
+        answers = [requests.get(f"{url}/model", timeout=10, headers={"Connection": "close"}).json()["search"]
+                   for _ in range(6)]
+        assert all(a == {"configured": True, "available": False, "indexed": None} for a in answers), answers
+        thumbnail, seconds = _timed(lambda: requests.get(f"{url}/index/thumbnail/{first}", timeout=30))
+        assert thumbnail.status_code == 503 and thumbnail.json()["error"]["code"] == "search_unavailable"
+        assert seconds < INDEX_TIMEOUT_SECONDS + 1.0
+        os.kill(pid, signal.SIGCONT)
+    recovered = _wait_until_search_works(fault_server, scene)
+    thumbnail = requests.get(f"{url}/index/thumbnail/{first}", timeout=30)
+    assert thumbnail.status_code == 200 and thumbnail.headers["X-Content-Type-Options"] == "nosniff"
+    database_now = _database_processes(fault_server.process.pid)
+    assert database_now == [database.server_pid(fault_server.index_folder)], database_now
+    for worker in worker_pids(fault_server.process.pid):  # no worker owns a database process
+        assert not _database_processes(worker)
+    assert "unhandled error" not in fault_server.log()
+    print(f"{fault.name}: search back {recovered:.2f} s after the fault ended")
+
+
 def _busiest(pids: set[int], seconds: float = 0.5) -> int:
     def cpu(pid: int) -> int:
         with open(f"/proc/{pid}/stat") as stat_file:
@@ -304,8 +431,9 @@ def _busiest(pids: set[int], seconds: float = 0.5) -> int:
 def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     """SIGKILL the worker busy with a request: its client gets 502 bad_gateway from nginx (nothing else can be done
     for it), the other worker keeps answering, and gunicorn starts a replacement that loads, warms up and
-    answers."""
+    answers. The index database is untouched: the same process, serve's, serves the newcomer too."""
     workers = fault_server.worker_pids()
+    databases = _database_processes(fault_server.process.pid)
     body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
                        for i in range(12)])
     outcome: dict = {}
@@ -337,6 +465,9 @@ def test_killed_worker_is_replaced_and_ping_recovers(fault_server, scene):
     replacement = fault_server.wait_ready(workers=1, exclude=workers)
     assert fault_server.worker_pids() == (workers - {victim}) | replacement
     assert fault_server.process.poll() is None
+    assert _database_processes(fault_server.process.pid) == databases == [
+        database.server_pid(fault_server.index_folder)]
+    assert all(not _database_processes(worker) for worker in fault_server.worker_pids())
 
 
 def _pings_until(url: str, done, timeout: float = 300.0) -> list[tuple[int, dict, float]]:
@@ -375,7 +506,11 @@ def test_ping_is_503_at_once_while_no_worker_can_serve(fault_server):
 
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(fault_server, scene):
     """SIGTERM to the master while requests are running: they complete with 200, new connections are refused,
-    and the master exits with status 0 well within SageMaker's 30 s grace period."""
+    and the master exits with status 0 well within SageMaker's 30 s grace period, its index database stopped
+    (after the workers) and its socket removed."""
+    (database_pid,) = _database_processes(fault_server.process.pid)
+    socket_path = database.run_directory(fault_server.index_folder) / "milvus.sock"
+    assert socket_path.exists()
     body = json.dumps([{"img_id": i, "img_data": base64.b64encode(_png(scene)).decode(), "format": "boxes"}
                        for i in range(4)])
 
@@ -393,5 +528,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(fault_server, scene
     elapsed = time.monotonic() - start
     assert statuses == [200, 200, 200]
     assert exit_code == 0 and elapsed < 30
+    assert not Path(f"/proc/{database_pid}").exists() and not socket_path.exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{fault_server.url}/ping", timeout=5)

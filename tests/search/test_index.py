@@ -1,11 +1,20 @@
 """The instance index on a real Milvus Lite database: storing, resuming, searching (with the class filter inside the
-database), thumbnails, exports, the dimension check, bad database values, and the shared database process."""
+database), thumbnails (checked when stored and served), exports, the dimension check, bad database values, and the
+shared database process (on a private unix socket; reconnected and reloaded after a restart)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +22,7 @@ import pytest
 from maskrcnn_serving.search import database
 from maskrcnn_serving.search.database import DatabaseError
 from maskrcnn_serving.search.index import DimensionMismatch, InstanceIndex
+from testsupport.hostile import planted_thumbnails
 
 DIM, IMAGE_DIM = 6, 3
 
@@ -186,3 +196,165 @@ def test_an_index_built_before_names_were_relative_keeps_working(tmp_path, monke
     finally:
         old.close()
         database.stop_local_servers()
+
+
+# ------------------------------------------------------------------------------ the database process (issue 23)
+
+
+def _listening_tcp_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def test_the_database_listens_on_a_private_unix_socket_only(index):
+    """No TCP port (nothing for another local user to find or reach) and no world-readable address file: a unix
+    socket in a directory of mode 0700 owned by this user; the database folder it created is private too."""
+    folder = database.check_local_path(index.db)
+    pid = database.server_pid(folder)
+    run = database.run_directory(folder)
+    assert run == folder.with_name(folder.name + ".run")
+    info = run.lstat()
+    assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert stat.S_ISSOCK((run / "milvus.sock").lstat().st_mode)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not list(folder.parent.glob("*.endpoint"))
+    assert _socket_inodes(pid) and not _socket_inodes(pid) & _listening_tcp_inodes()
+
+
+OTHER_USER = 65534  # nobody
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # one any user may run (this venv's interpreter may be in a private home)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(),
+                    reason="needs root (to act as another local user, uid 65534) and /usr/bin/python3")
+def test_another_local_user_cannot_reach_the_database():
+    """The adversarial pass's local user, with the database in a folder anyone may enter: a socket there that is
+    open to all is reachable (the check works), the database's is not (its run directory is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="maskrcnn-other-user-", dir="/tmp"))
+    base.chmod(0o755)
+    probe_code = ("import socket, sys\n"
+                  "s = socket.socket(socket.AF_UNIX)\n"
+                  "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(3)\nsys.exit(0)\n")
+
+    def connects_as_other_user(path: Path) -> int:
+        return subprocess.run([str(SYSTEM_PYTHON), "-c", probe_code, str(path)], user=OTHER_USER, group=OTHER_USER,
+                              timeout=60, capture_output=True, check=False).returncode
+
+    try:
+        open_socket = socket.socket(socket.AF_UNIX)
+        open_socket.bind(str(base / "open.sock"))
+        open_socket.listen()
+        (base / "open.sock").chmod(0o777)
+        index = InstanceIndex.open(str(base / "inst.db"), "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+        sock = database.run_directory(database.check_local_path(index.db)) / "milvus.sock"
+        assert connects_as_other_user(base / "open.sock") == 0
+        assert connects_as_other_user(sock) == 3
+        index.close()
+        open_socket.close()
+    finally:
+        database.stop_local_servers()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_run_directory_that_is_not_the_users_own_is_refused(tmp_path):
+    """A symbolic link where the run directory goes (it could point at another user's socket) is refused, and so
+    is, when the tests run as root, a directory of another user."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "a.db.run").symlink_to(elsewhere)
+    with pytest.raises(DatabaseError, match="not a directory of this user"):
+        InstanceIndex.open(str(tmp_path / "a.db"), "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+    if os.geteuid() == 0:
+        (tmp_path / "b.db.run").mkdir(mode=0o700)
+        os.chown(tmp_path / "b.db.run", 65534, 65534)
+        with pytest.raises(DatabaseError, match="not a directory of this user"):
+            InstanceIndex.open(str(tmp_path / "b.db"), "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+
+
+def test_a_folder_too_deep_for_a_socket_path_gets_a_private_directory_elsewhere(tmp_path):
+    deep = tmp_path.joinpath(*["d" * 30] * 4)
+    deep.mkdir(parents=True)
+    folder = deep / "inst.db"
+    run = database.run_directory(folder)
+    assert len(os.fsencode(folder.with_name("inst.db.run") / "milvus.sock")) > database.MAX_SOCKET_PATH
+    assert run.parent.name == f"maskrcnn-serving-{os.getuid()}" and run == database.run_directory(folder)
+    try:
+        index = InstanceIndex.open(str(folder), "things", dim=DIM, image_dim=IMAGE_DIM, create=True)
+        add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+        assert index.count() == 1 and stat.S_IMODE(run.stat().st_mode) == 0o700
+        index.close()
+    finally:
+        database.stop_local_servers()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_command_line_index_reconnects_and_loads_after_its_database_restarted(index):
+    """``index build`` / ``index search`` beside a server whose database restarted: the next call reconnects (a
+    process that may start the database starts a new one) and loads the collections again, instead of failing on
+    'released' collections for good."""
+    add(index, "data/a.jpg", [[1, 0, 0, 0, 0, 0]], [1])
+    folder = database.check_local_path(index.db)
+    old = database.server_pid(folder)
+    os.kill(old, signal.SIGKILL)
+    found = index.search(unit([[1, 0, 0, 0, 0, 0]]), k=1)[0]
+    assert [n.image for n in found] == ["data/a.jpg"] and database.server_pid(folder) != old
+    assert index.count() == 1 and index.has_image("data/a.jpg")
+
+
+def test_stored_thumbnails_are_checked_before_they_are_served(index):
+    """Bytes planted in the thumbnail field (someone with access to the database), every case of the catalogue:
+    only a JPEG thumbnail the decoding gate decodes is served, and then as pixels encoded again here, never the
+    planted bytes."""
+    cases = planted_thumbnails()
+    vectors = unit(np.eye(len(cases), DIM + len(cases))[:, :DIM] + 0.01 * np.arange(len(cases))[:, None])
+    for case, vector in zip(cases, vectors, strict=True):
+        index.insert_rows([{"vector": vector.tolist(), "image": case.name, "bbox": [0.0, 0.0, 1.0, 1.0],
+                            "category": "cat", "category_id": 1, "score": 0.5, "height": 40, "width": 60, "mask": "",
+                            "thumbnail": case.stored}])
+    ids = {n.image: n.id for n in index.search(vectors[:1], k=len(cases))[0]}
+    assert set(ids) == {case.name for case in cases}
+    for case in cases:
+        served = index.thumbnail(ids[case.name])
+        if not case.served:
+            assert served is None, case.name
+            continue
+        assert served[:3] == b"\xff\xd8\xff" and served.endswith(b"\xff\xd9"), case.name
+        assert served == thumbnail_jpeg_of(base64.b64decode(case.stored)), case.name  # decoded pixels, encoded here
+        assert not case.payload or case.payload not in served, case.name
+
+
+def thumbnail_jpeg_of(jpeg: bytes) -> bytes:
+    """What the index must serve for the stored JPEG ``jpeg``: its pixels, encoded again at the thumbnails'
+    quality (and nothing of the stored bytes)."""
+    import cv2
+
+    from maskrcnn_serving.search.index import THUMBNAIL_QUALITY
+
+    pixels = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])[1].tobytes()
+
+
+def test_a_thumbnail_is_checked_when_it_is_stored():
+    from maskrcnn_serving.search.index import decoded_thumbnail, thumbnail_jpeg
+
+    image = np.random.default_rng(1).integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    jpeg = thumbnail_jpeg(image, [10.0, 20.0, 400.0, 200.0])
+    assert max(decoded_thumbnail(jpeg).shape[:2]) == 96

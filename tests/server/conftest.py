@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from indexes import build_index
 
-from maskrcnn_serving import cli
-from maskrcnn_serving.search import database
 from testsupport.hostile import SEARCH_SERVER_MAX_RESPONSE_BYTES
 from testsupport.server import ServerProcess
 
@@ -18,12 +15,7 @@ def indexed_server(tmp_path_factory, demo_model_dir, example_images):
     images; yields the server, the database folder and a scratch folder."""
     root = tmp_path_factory.mktemp("search_server")
     db = str(root / "instances.db")
-    first = root / "first"
-    first.mkdir()
-    for path in example_images[:2]:
-        shutil.copy(path, first / path.name)
-    assert cli.main(["index", "build", "--model-dir", str(demo_model_dir), "--db", db, str(first)]) == 0
-    database.stop_local_servers()  # the server's master takes the database over
+    build_index(root / "first", example_images[:2], demo_model_dir, [db])  # the server takes the database over
     # (the limit the search cases of the hostile catalogue are sized for, far above the other tests' answers)
     flags = ["--index", db, "--max-response-bytes", str(SEARCH_SERVER_MAX_RESPONSE_BYTES)]
     server = ServerProcess(demo_model_dir, root / "server.log", workers=2, flags=flags).start()

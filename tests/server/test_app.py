@@ -286,13 +286,14 @@ def test_model_metadata_says_what_a_client_needs(openapi, client, tensorpack_bac
     assert (metadata["backend"], metadata["precision"]) == ("tensorpack", "float32")
     assert metadata["default_score_threshold"] == tensorpack_backend.bundle.inference.vis_score_threshold
     assert metadata["has_masks"] is True and metadata["embedding_dim"] == 64 + 4 + 1 == tensorpack_backend.embedding_dim
-    assert metadata["search"] == {"available": False, "indexed": None}
+    assert metadata["search"] == {"configured": False, "available": False, "indexed": None}
     assert metadata["max_request_bytes"] == Settings().max_request_bytes
 
 
 def test_model_metadata_is_503_while_loading_and_reports_an_index(runner, tmp_path):
     from maskrcnn_serving.search import database
     from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.search.service import SearchService
 
     loading = create_app(Settings(ready_wait=30.0), ModelRunner()).test_client()
     start = time.perf_counter()
@@ -304,12 +305,15 @@ def test_model_metadata_is_503_while_loading_and_reports_an_index(runner, tmp_pa
     row = {"vector": [1.0] + [0.0] * (dim - 1), "image": "a.jpg", "bbox": [0.0, 0.0, 1.0, 1.0], "category": "ring",
            "category_id": 4, "score": 0.9, "height": 1, "width": 1, "mask": "", "thumbnail": ""}
     index.insert_rows([row] * 3)
-    runner.pipeline.index = index
+    service = SearchService(index.db, index.collection, dim, timeout=5.0)
+    assert service.open()
+    runner.pipeline.index = service
     try:
-        assert create_app(Settings(), runner).test_client().get("/model").json["search"] == {"available": True,
-                                                                                              "indexed": 3}
+        assert create_app(Settings(), runner).test_client().get("/model").json["search"] == {
+            "configured": True, "available": True, "indexed": 3}
     finally:
         runner.pipeline.index = None
+        service.close()
         index.close()
         database.stop_local_servers()
 

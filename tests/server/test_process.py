@@ -179,10 +179,21 @@ KILLED_SERVE_SECONDS = 15.0
 
 @needs_nginx
 def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
-    """``serve`` (the demo model, 2 workers, nginx in front) SIGKILLed once ready: nothing is left to stop it in
-    order, yet within seconds the nginx master and workers and the gunicorn master and workers are gone and the port
-    is free (the kernel's parent-death signal, server/process.py)."""
-    server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=2, front="nginx").start()
+    """``serve`` (the demo model, 2 workers, nginx in front, an instance index in a Milvus Lite folder) SIGKILLed
+    once ready: nothing is left to stop it in order, yet within seconds the nginx master and workers, the gunicorn
+    master and workers and the index database are gone and the port is free (the kernel's parent-death signal,
+    server/process.py)."""
+    from maskrcnn_serving.backends.base import Backend
+    from maskrcnn_serving.model_dir import load_model_dir
+    from maskrcnn_serving.search import database
+    from maskrcnn_serving.search.index import InstanceIndex
+
+    db = str(tmp_path / "instances.db")
+    dim = Backend.embedding_dim_of(load_model_dir(demo_model_dir, environ={}))
+    InstanceIndex.open(db, dim=dim, image_dim=8, create=True).close()
+    database.stop_local_servers()  # serve takes the database over
+    server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=2, front="nginx",
+                           flags=["--index", db]).start()
     processes: dict[int, str] = {}
     left_behind: list[Path] = []  # serve's temporary directories, which a killed serve cannot remove
     try:
@@ -193,7 +204,9 @@ def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
         assert len(nginx) == 3 and sum("nginx: worker" in processes[pid] for pid in nginx) == 2, processes
         server_workers = server.worker_pids()
         assert server_workers < set(processes) and len(server_workers) == 2
-        assert set(processes) == {master, *nginx, *server_workers}, processes
+        index_database = database.server_pid(database.check_local_path(db))
+        assert index_database in children(server.process.pid) and "search.lite_server" in processes[index_database]
+        assert set(processes) == {master, *nginx, *server_workers, index_database}, processes
         socket_path = processes[master].split("--bind unix:", 1)[1].split()[0]
         metrics_dir = next(entry.split(b"=", 1)[1].decode() for entry in Path(f"/proc/{master}/environ").read_bytes()
                            .split(b"\0") if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
@@ -214,7 +227,8 @@ def test_a_killed_serve_takes_every_process_with_it(tmp_path, demo_model_dir):
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(("127.0.0.1", server.port))
             listener.listen()
-        roles = {"nginx": nginx, "gunicorn workers": server_workers, "gunicorn master": [master]}
+        roles = {"nginx": nginx, "gunicorn workers": server_workers, "gunicorn master": [master],
+                 "index database": [index_database]}
         print(f"killed serve: {len(processes)} processes gone after {gone_after:.2f} s;",
               ", ".join(f"{role} {max(gone[pid] for pid in pids):.2f} s" for role, pids in roles.items()))
     finally:
