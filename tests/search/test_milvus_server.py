@@ -120,7 +120,7 @@ def test_serve_answers_neighbours_and_survives_the_milvus_server_stopping(milvus
         annotations = answer.json()["annotations"]
         assert annotations and all(len(a["neighbours"]) == 3 for a in annotations)
         best = annotations[0]["neighbours"][0]
-        assert best["image"] == query.name  # stored relative to the folder indexed and best["distance"] < 1e-4
+        assert best["image"] == query.name and best["distance"] < 1e-4  # stored relative to the folder indexed
         assert model() == {"configured": True, "available": True, "indexed": milvus_count(milvus)}
         assert requests.get(f"{server.url}/index/thumbnail/{best['id']}", timeout=10).status_code == 200
 
