@@ -173,6 +173,7 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
     from maskrcnn_serving.errors import ResponseTooLarge
     from maskrcnn_serving.search import database
     from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.search.service import SearchService
     from maskrcnn_serving.settings import Limits
 
     dim = tensorpack_backend.embedding_dim
@@ -185,13 +186,15 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
     search, paste = InstanceIndex.search, postprocess.paste_patches
     monkeypatch.setattr(InstanceIndex, "search", lambda self, *a, **k: searched.append(1) or search(self, *a, **k))
     monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: pasted.append(1) or paste(dets, opts))
+    service = SearchService(index.db, index.collection, dim, 30.0)  # as a server's worker searches it
+    assert service.open()
     data = example_images[1].read_bytes()
     options = {"score_threshold": 0.0, "max_detections": 60, "format": "coco", "embeddings": True, "neighbours": 10}
 
     def run(limit: int | None):
         searched.clear()
         pasted.clear()
-        limited = Pipeline(tensorpack_backend, limits=Limits(max_response_bytes=limit or 1 << 30), index=index)
+        limited = Pipeline(tensorpack_backend, limits=Limits(max_response_bytes=limit or 1 << 30), index=service)
         try:
             return limited.handle(request(limited, [data], **options))
         finally:
@@ -215,6 +218,7 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
             assert "format=coco" in info.value.message
         assert run(len(full.body)).body == full.body
     finally:
+        service.close()
         index.close()
         database.stop_local_servers()
 
