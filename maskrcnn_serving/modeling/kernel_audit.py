@@ -461,10 +461,10 @@ def load_backend_for_gpu(
 
 def audit_backend(backend: Backend, batch_size: int = 1) -> GpuAuditReport:
     """Audit the graph one ``predict`` call of ``backend`` runs: for ``optimized``, the traced concrete function of
-    ``detect_function(batch_size, with_embeddings=True)`` (with its nested and XLA-compiled functions: every op a
-    request may run); for ``tensorpack``, its session graph from every fetchable output back."""
+    ``detect_function(with_embeddings=True)`` (one graph for every batch size, with its nested and XLA-compiled
+    functions: every op a request may run); for ``tensorpack``, its session graph from every fetchable output back."""
     if backend.name == "optimized":
-        function = backend.detect_function(batch_size, with_embeddings=True)  # every op a request may run
+        function = backend.detect_function(with_embeddings=True)  # every op a request may run
         outputs = list(function.graph.outputs) + list(function.graph.control_outputs)
         report = audit_graph(function.graph, outputs, "optimized", backend.network.compute_dtype.name)
         report.details["batch_size"] = batch_size

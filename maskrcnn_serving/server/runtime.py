@@ -34,6 +34,13 @@ def warmup_image(short_edge: int) -> np.ndarray:
     return image
 
 
+def warm_up(pipeline: Pipeline) -> None:
+    """What a worker runs before ``/ping`` says ready: the backend's own warm-up (every batch size traced, every
+    compilation done), then one inference through the whole pipeline."""
+    pipeline.backend.warm_up()
+    pipeline.process(warmup_items(pipeline), StageTimes())
+
+
 def warmup_items(pipeline: Pipeline) -> list[wire.ImageRequest]:
     """One PNG at the test size, score threshold 0 so that the mask head and the encoders run on real detections
     too (its answer is not sent anywhere, so it is not held to the response size limit)."""
@@ -93,7 +100,7 @@ class ModelRunner:
                                                                    "instances": index.count()}})
             self.pipeline = Pipeline(self.backend, Scheduler.for_backend(self.backend, delay), settings.limits, index)
             start = time.perf_counter()
-            self.pipeline.process(warmup_items(self.pipeline), StageTimes())
+            warm_up(self.pipeline)
             self.warmup_seconds = time.perf_counter() - start
             # opt-in RLIMIT_DATA, measured from the loaded, warmed-up model
             apply_memory_headroom(settings.worker_memory_headroom_mb)
