@@ -120,9 +120,10 @@ class Settings:
     index_collection: str = _setting(
         "instances", "MODEL_SERVER_INDEX_COLLECTION", str, "Index name in the --index database.", flag=True)
     precision: str = _setting(
-        "float32", "MASKRCNN_PRECISION", str,
-        "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "
-        "with AVX512-BF16/AMX).", flag=True)
+        "mixed", "MASKRCNN_PRECISION", str,
+        "Optimized backend compute dtype: mixed (the default: float16 on a GPU, bfloat16 on CPUs where it was measured "
+        "faster, AMX or AMD with AVX512-BF16, else float32), float32 (the tensorpack backend's answers), bfloat16, "
+        "float16.", flag=True)
     winograd: str = _setting(
         "auto", "MASKRCNN_WINOGRAD", parse_winograd,
         "Optimized backend Winograd convolutions: auto (float32 without a GPU), on, off.", flag=True)

