@@ -8,6 +8,9 @@ ones. Runs in its own environment, beside ours but not in it:
     python -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /tmp/tv/bin/python benchmarks/torchvision_reference.py --images 6 --json torchvision.json
 
+``--precision bfloat16`` runs the model under ``torch.autocast("cpu", dtype=torch.bfloat16)``, torchvision's own
+reduced-precision path on CPU (convolutions and matrix products in bfloat16, the rest in float32).
+
 Alternate it with ``maskrcnn-serving bench model`` at the same setting to measure both in one run
 (docs/optimized-backend.md, "Speed", has the commands and figures).
 """
@@ -15,6 +18,7 @@ Alternate it with ``maskrcnn-serving bench model`` at the same setting to measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,11 +31,21 @@ import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6, help="Timed images (default 6).")
     parser.add_argument("--warmup", type=int, default=1, help="Discarded images (default 1).")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="float32, or bfloat16 under torch.autocast on the CPU (default float32).")
     parser.add_argument("--json", type=Path, help="Write the report as JSON here.")
     args = parser.parse_args()
 
@@ -44,7 +58,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.uniform(0, 1, (3, 480, 640)).astype(np.float32))
     times, detections = [], []
-    with torch.inference_mode():
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bfloat16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         for index in range(args.warmup + args.images):
             start = time.perf_counter()
             output = model([image])[0]
@@ -59,12 +75,13 @@ def main() -> None:
                               "min": float(np.min(times)), "max": float(np.max(times))},
         "img_per_s": len(times) / float(np.sum(times)),
         "detections_per_image": float(np.mean(detections)),
+        "precision": args.precision,
         "threads": args.threads,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform()},
     }
-    print(f"torchvision Mask R-CNN R50-FPN: {report['seconds_per_image']['mean']:.3f} s/img "
+    print(f"torchvision Mask R-CNN R50-FPN, {args.precision}: {report['seconds_per_image']['mean']:.3f} s/img "
           f"(p50 {report['seconds_per_image']['p50']:.3f}, {len(times)} images, "
           f"{report['detections_per_image']:.0f} detections/img)")
     if args.json:

@@ -123,9 +123,10 @@ class Settings:
         "Directory where the workers publish their state and /ping is answered from (server/readiness.py); serve "
         "makes one for its run and sets it for its children, whatever the environment says.")
     precision: str = _setting(
-        "float32", "MASKRCNN_PRECISION", str,
-        "Optimized backend compute dtype: float32, bfloat16, float16, or mixed (float16 on GPU, bfloat16 on CPUs "
-        "with AVX512-BF16/AMX).", flag=True)
+        "mixed", "MASKRCNN_PRECISION", str,
+        "Optimized backend compute dtype: mixed (the default: float16 on a GPU, bfloat16 on CPUs where it was measured "
+        "faster, AMX or AMD with AVX512-BF16, else float32), float32 (the tensorpack backend's answers), bfloat16, "
+        "float16.", flag=True)
     winograd: str = _setting(
         "auto", "MASKRCNN_WINOGRAD", parse_winograd,
         "Optimized backend Winograd convolutions: auto (float32 without a GPU), on, off.", flag=True)

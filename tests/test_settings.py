@@ -13,7 +13,7 @@ def test_defaults_are_the_seed_containers_and_ours():
     settings = Settings.from_env({})
     assert (settings.model_dir, settings.backend, settings.workers, settings.timeout) == (None, "tensorpack", 1, 70)
     assert settings.limits == Limits() and settings.deadline_seconds == 63.0
-    assert (settings.precision, settings.winograd, settings.xla, settings.max_batch_size) == ("float32", "auto", False,
+    assert (settings.precision, settings.winograd, settings.xla, settings.max_batch_size) == ("mixed", "auto", False,
                                                                                               8)
 
 

@@ -159,6 +159,10 @@ class Backend(ABC):
         thread at a time.
         """
 
+    def warm_up(self) -> None:  # noqa: B027 - most backends have nothing to prepare
+        """Prepare, before the first request, whatever a request would otherwise pay for the first time it meets a
+        batch size or an image size (traces, compilations). The server runs it before ``/ping`` says ready."""
+
     def predict(self, images: Sequence[np.ndarray], options: PredictOptions | None = None) -> list[Detections]:
         """Detect objects in decoded BGR images, one forward call per image: the simple in-process use (tests,
         notebooks). Servers and batch jobs go through :class:`maskrcnn_serving.pipeline.Pipeline` instead."""

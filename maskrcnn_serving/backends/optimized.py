@@ -8,21 +8,22 @@ bfloat16 / float16 compute and XLA. It uses no GPU-only op, so it runs on CPU an
 Size buckets: a graph call takes B images zero-padded to one size. Each resized image's bucket is its size rounded
 up to a multiple of ``bucket_step`` (default 32, the multiple the network pads to anyway, so no work is wasted; it
 must be a multiple of that, :func:`check_bucket_step`); only images of the same bucket share a call
-(:meth:`OptimizedBackend.batch_key`). The traced graph has dynamic height and width, so a new size never
-retraces: one trace per batch size (1..max_batch_size). With XLA on, each (batch, bucket) shape compiles once;
-use a coarser ``bucket_step`` (e.g. 128) there to bound the number of compilations. Because the network masks the
+(:meth:`OptimizedBackend.batch_key`). The traced graph has a dynamic batch size, height and width, so neither a new
+size nor a new batch size retraces it: one trace (two with the search vectors). Because the network masks the
 padding where buckets are coarser than 32 (:func:`masks_bucket_padding`, see tf2_network), the detections of an
 image do not depend on its bucket or its batch.
 
 Settings (:class:`maskrcnn_serving.settings.Settings`, from the environment or flags): ``MASKRCNN_PRECISION``
-(float32 | bfloat16 | float16 | mixed: float16 on GPU, bfloat16 on CPUs with AVX512-BF16 or AMX),
+(float32 | bfloat16 | float16 | mixed: float16 on GPU, bfloat16 on CPUs where it was measured faster),
 ``MASKRCNN_WINOGRAD`` (auto | 0 | 1; auto: on for float32 without a GPU, whose cuDNN picks its own algorithms),
 ``MASKRCNN_XLA`` (0/1), ``MASKRCNN_MAX_BATCH_SIZE`` (default 8), ``MASKRCNN_BUCKET_STEP`` (default 32).
 
-With Winograd on, each new (batch size, bucket) shape also compiles a few small XLA programs on first use (about
-0.3-0.8 s each, five shapes for ResNet-50-FPN), and so does each new padded detection count of the mask head
-(multiples of 8); the server's warm-up inference (a 4:3 landscape image at the test size) compiles the most common
-shape before ``/ping`` says ready.
+With Winograd on, its convolutions are XLA programs compiled per input size (modeling/winograd.py). So that a new
+image size never waits for a compilation, they run at a few fixed canvases (:func:`winograd_canvases`: five image
+sizes, square, 4:3 and the longest per orientation): a batch's Winograd layers run zero-padded to the smallest
+canvas that holds its bucket, image by image, and :meth:`OptimizedBackend.warm_up`, which the server runs before
+``/ping`` says ready, compiles them all. With ``MASKRCNN_XLA`` the dense part is compiled per shape: use a coarser
+``bucket_step`` (e.g. 128) there to bound the number of compilations.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16
 
 def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
     """Whether bfloat16 is measured faster than float32 on this CPU: Intel CPUs with AMX tiles (amx_bf16), and AMD
-    CPUs with AVX512-BF16. Measured (docs/optimized-backend.md): an AMD EPYC with AVX512-BF16 ran the R50 fixture
-    2.07x faster in bfloat16; an Intel Xeon with AVX512-BF16 but no AMX visible ran it at 0.46x float32's speed.
-    ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
+    CPUs with AVX512-BF16. Measured (docs/optimized-backend.md): an Intel Xeon with AMX ran the R50 fixture 3-4x
+    faster in bfloat16 than in float32 (oneDNN's AMX kernels); an AMD EPYC with AVX512-BF16 1.5x; an Intel Xeon with
+    AVX512-BF16 but no AMX visible at 0.46x float32's speed. ``cpuinfo``: the text of /proc/cpuinfo (read when
+    None)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -61,6 +63,21 @@ def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
     flags = next((line for line in lines if line.startswith("flags")), "").split()
     vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
     return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
+
+
+def winograd_canvases(short_edge: int, max_size: float, step: int) -> tuple[tuple[int, int], ...]:
+    """The image sizes (H, W) at which the Winograd convolutions run, smallest first: every image of the test
+    resize (short edge ``short_edge``, long edge at most ``max_size``), padded to its bucket of ``step``, fits in
+    one. Per orientation the short side is the bucketed short edge and the long side one of: square, 4:3 (the
+    commonest photo) and the longest, so a 4:3 photo runs unpadded and any other pads its Winograd layers by at most
+    the gap to the next canvas. Five sizes in all (three programs' worth of each Winograd layer per orientation)."""
+    def up(side: float) -> int:
+        return -(-int(side) // step) * step
+
+    short = up(min(short_edge, max_size))
+    longs = sorted({min(up(side), up(max_size)) for side in (short_edge, round(short_edge * 4 / 3), max_size)})
+    landscape = [(short, long) for long in longs if long >= short]
+    return tuple(sorted(set(landscape + [(w, h) for h, w in landscape]), key=lambda c: (c[0] * c[1], c)))
 
 
 def _has_gpu(for_gpu: bool | None) -> bool:
@@ -78,7 +95,8 @@ def resolve_precision(precision: str, for_gpu: bool | None = None) -> str:
         return "float16"
     if cpu_prefers_bfloat16():
         return "bfloat16"
-    log.warning("precision=mixed: no GPU and no bfloat16 support in this CPU; computing in float32.")
+    log.info("precision=mixed: float32 on this CPU (bfloat16 was measured faster only with AMX or on AMD CPUs with "
+             "AVX512-BF16)")
     return "float32"
 
 
@@ -116,7 +134,13 @@ class OptimizedBackend(Backend):
         self.settings = settings
         self.dtype_name = dtype_name
         self.max_batch_size = self.batch_size_for(settings)
-        self._functions: dict[tuple[int, bool], tf.types.experimental.ConcreteFunction] = {}
+        inference = bundle.inference
+        self.canvases = (
+            winograd_canvases(inference.short_edge_size, inference.max_size, settings.bucket_step)
+            if network.winograd else ()
+        )
+        self.traces = 0  # graphs traced so far: one with and one without the search vectors, at most
+        self._functions: dict[bool, tf.types.experimental.ConcreteFunction] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -148,30 +172,59 @@ class OptimizedBackend(Backend):
     @property
     def description(self) -> dict:
         return {"backend": self.name, "precision": self.dtype_name, "winograd": self.network.winograd,
-                "xla": self.settings.xla, "max_batch_size": self.max_batch_size}
+                "winograd_canvases": [f"{h}x{w}" for h, w in self.canvases], "xla": self.settings.xla,
+                "max_batch_size": self.max_batch_size}
 
-    def detect_function(self, batch_size: int, with_embeddings: bool = False) -> tf.types.experimental.ConcreteFunction:
-        """The traced graph for ``batch_size`` images of any (H, W) (traced on first use, then cached), with or
-        without the search vectors."""
-        key = (batch_size, with_embeddings)
+    def detect_function(self, with_embeddings: bool = False) -> tf.types.experimental.ConcreteFunction:
+        """The traced graph for a batch of any size of images of any (H, W) (traced on first use, then cached),
+        with or without the search vectors. Arguments: images, image_hw, score_threshold, max_detections and
+        winograd_canvas (:meth:`winograd_canvas`), as :meth:`MaskRCNN.detect` takes them."""
+        key = with_embeddings
         with self._lock:
             if key not in self._functions:
                 signature = [
-                    tf.TensorSpec([batch_size, None, None, 3], tf.uint8, name="images"),
-                    tf.TensorSpec([batch_size, 2], tf.int32, name="image_hw"),
+                    tf.TensorSpec([None, None, None, 3], tf.uint8, name="images"),
+                    tf.TensorSpec([None, 2], tf.int32, name="image_hw"),
                     tf.TensorSpec([], tf.float32, name="score_threshold"),
                     tf.TensorSpec([], tf.int32, name="max_detections"),
+                    tf.TensorSpec([2], tf.int32, name="winograd_canvas"),
                 ]
-                function = tf.function(self.network.detect)
+
+                def detect(*args, **kwargs):
+                    self.traces += 1  # Python runs only while tracing
+                    return self.network.detect(*args, **kwargs)
+
+                function = tf.function(detect)
                 self._functions[key] = function.get_concrete_function(*signature, with_embeddings=with_embeddings)
             return self._functions[key]
 
     def inference_graph(self, batch_size: int = 1) -> InferenceGraph:
-        """The traced function of :meth:`detect_function` with the search vectors (every op a request may run,
-        through its nested and XLA-compiled functions)."""
-        graph = self.detect_function(batch_size, with_embeddings=True).graph
+        """The traced function of :meth:`detect_function` with the search vectors (one graph for every batch size,
+        through its nested and XLA-compiled functions: every op a request may run)."""
+        graph = self.detect_function(with_embeddings=True).graph
         return InferenceGraph(graph, [*graph.outputs, *graph.control_outputs], self.dtype_name,
                               {"batch_size": batch_size, "winograd": self.network.winograd})
+
+    def winograd_canvas(self, bucket_hw: tuple[int, int]) -> tuple[int, int]:
+        """The canvas (see :func:`winograd_canvases`) a batch of padded size ``bucket_hw`` runs its Winograd
+        convolutions at: the smallest that holds it; (0, 0) (direct convolutions) when none does or without
+        Winograd."""
+        fitting = [c for c in self.canvases if c[0] >= bucket_hw[0] and c[1] >= bucket_hw[1]]
+        return min(fitting, key=lambda c: c[0] * c[1]) if fitting else (0, 0)
+
+    def warm_up(self) -> None:
+        """Trace the graph, with and without the search vectors (on a tiny image, direct convolutions), then
+        compile the Winograd programs of every canvas (one image of each canvas size): after this, no request
+        traces or compiles, whatever its batch size and image size."""
+        # Score threshold 0: every stage runs on as many detections as a request can have.
+        options = (tf.constant(0.0), tf.constant(self.bundle.inference.results_per_image))
+        side = SIZE_MULTIPLE
+        for with_embeddings in (False, True):
+            self.detect_function(with_embeddings)(tf.zeros([1, side, side, 3], tf.uint8), tf.constant([[side, side]]),
+                                                  *options, tf.zeros([2], tf.int32))
+        for height, width in self.canvases:
+            self.detect_function()(tf.zeros([1, height, width, 3], tf.uint8), tf.constant([[height, width]]),
+                                   *options, tf.constant([height, width]))
 
     def batch_key(self, resized: np.ndarray) -> tuple[int, int]:
         """The padded (H, W) a resized image runs at: each side rounded up to a multiple of ``bucket_step``."""
@@ -190,8 +243,9 @@ class OptimizedBackend(Backend):
                 raise ValueError("a forward call takes images of one size bucket")
             images[row, : image.resized.shape[0], : image.resized.shape[1]] = image.resized
             image_hw[row] = image.resized.shape[:2]
-        outputs = self.detect_function(len(batch), options.embeddings)(
-            tf.constant(images), tf.constant(image_hw), tf.constant(threshold, tf.float32), tf.constant(limit, tf.int32)
+        outputs = self.detect_function(options.embeddings)(
+            tf.constant(images), tf.constant(image_hw), tf.constant(threshold, tf.float32),
+            tf.constant(limit, tf.int32), tf.constant(self.winograd_canvas((height, width)), tf.int32),
         )
         outputs = {k: v.numpy() for k, v in outputs.items()}
         ends = np.cumsum(outputs["counts"])

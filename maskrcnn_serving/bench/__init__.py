@@ -6,6 +6,7 @@ Modules:
     workload   requests through the serving pipeline, timed by its stages: decode -> preprocess -> queue -> model ->
                postprocess -> encode
     model      ``bench model``: throughput, latency and the stage breakdown per image size and batch size
+    traffic    real traffic: a seeded stream of photos of mixed sizes and orientations (``--stream``)
     seed_rle   the seed containers' ``groupby`` row-major RLE encoder, kept only as the comparison baseline
     compare    ``bench compare``: two pipelines, or two RLE encoders, interleaved in one run
     loadgen    ``bench http``: closed-loop and open-loop load against a URL or a SageMaker endpoint

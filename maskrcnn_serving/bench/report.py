@@ -90,3 +90,17 @@ def http_table(runs: Sequence[dict]) -> str:
              round(run["response_bytes"]["mean"] / 1024, 1) if run["response_bytes"] else None]
         )
     return table(headers, rows)
+
+
+def stream_table(report: dict) -> str:
+    """``bench model --stream``: the two passes of the stream, per-image seconds, and what new sizes cost."""
+    rows = []
+    for name in ("first_pass", "repeat_pass"):
+        run = report[name]
+        per_image, model = run["s_per_image"], run["model_s_per_image"]
+        rows.append([name.replace("_", " "), run["images"], run["wall_s"], per_image["p50"], per_image["p90"],
+                     per_image["p99"], per_image["max"], model["p50"], model["p99"]])
+    text = table(["pass", "images", "wall s", "p50 s", "p90 s", "p99 s", "max s", "model p50 s", "model p99 s"], rows)
+    return (f"{text}\nload {report['load_s']:.1f} s, warm-up {report['warmup_s']:.1f} s; first pass p99/p50 "
+            f"{report['p99_over_p50']:.2f}; new sizes cost {report['new_size_share']:.1%} of the first pass; "
+            f"load + warm-up + first pass {report['wall_incl_load_s']:.1f} s")

@@ -1,6 +1,7 @@
 """``maskrcnn-serving bench``: measure the model in-process, an endpoint under load, or two configurations side by side.
 
     bench model    --model-dir DIR [--backend NAME] [--precision P] [--sizes ...] [--batch-sizes ...] [--json OUT]
+    bench model    --model-dir DIR --stream N        (real traffic: N photos of mixed sizes, after the warm-up)
     bench http     (--url URL | --sagemaker-endpoint NAME) [--concurrency 1,2,4] [--rates 1,2] [--json OUT]
     bench compare model --model-dir DIR --a SPEC --b SPEC     (two pipelines, interleaved, ratio B/A)
     bench compare rle   [--a legacy --b seed]                 (two mask encoders, interleaved, identical output?)
@@ -60,6 +61,11 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Score threshold (default 0, so that weak or random weights cannot shrink the work).")
 
 
+def _add_stream_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--stream", type=int, default=0, metavar="N", help=help_text)
+    parser.add_argument("--stream-seed", type=int, default=0, help="Seed of the --stream (default 0).")
+
+
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="Write the report as JSON here.")
     parser.add_argument("--plot", type=Path, default=None,
@@ -98,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="Seconds for all configurations together (default 180): when a configuration overruns, "
                        "the following ones get less time, never fewer than 2 timed calls.")
     model.add_argument("--warmup", type=int, default=1, help="Discarded calls per configuration (default 1).")
+    _add_stream_arguments(model, "Instead of --sizes: after the server's warm-up, send N photos of mixed sizes and "
+                          "orientations (bench/traffic.py), one per request, then the same N again; report per-image "
+                          "p50/p99 and the share of the first pass that new sizes cost.")
     _add_output_arguments(model)
     model.set_defaults(func=run_model)
 
@@ -114,6 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     http.add_argument("--images", type=Path, nargs="*", default=None,
                       help="Image files or folders to send (default: synthetic JPEGs of --size).")
     http.add_argument("--size", type=_size, default=(640, 480), help="Synthetic image size (default 640x480).")
+    _add_stream_arguments(http, "Instead of one --size: the first N photos of the mixed stream of bench/traffic.py "
+                          "(sizes and orientations of real traffic), sent in that order.")
     http.add_argument("--images-per-request", type=int, default=1, help="Images per request (list form).")
     http.add_argument("--raw", action="store_true", help="Send raw image/jpeg bodies instead of JSON.")
     http.add_argument("--field", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -238,6 +249,8 @@ def run_model(args: argparse.Namespace) -> int:
     if args.precision:
         options["precision"] = args.precision
     settings = settings_from_args(args).with_text(options)
+    if args.stream:
+        return _run_model_stream(args, settings, options)
     pipeline = _open(settings, _environ(args.config), f"{settings.backend} {options or ''}")
     workload = Workload(pipeline, args.score_threshold, args.detections, args.format)
     bench_settings = ModelBenchSettings(
@@ -268,6 +281,36 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_model_stream(args: argparse.Namespace, settings: Settings, options: dict) -> int:
+    """``bench model --stream N``: load, the server's warm-up, then the stream twice (bench/traffic.py)."""
+    from maskrcnn_serving.bench.report import stream_table
+    from maskrcnn_serving.bench.stats import machine_info
+    from maskrcnn_serving.bench.traffic import mixed_stream, run_stream
+    from maskrcnn_serving.bench.workload import Workload
+    from maskrcnn_serving.server.runtime import warm_up
+
+    photos = mixed_stream(args.stream, args.stream_seed)  # made before the clock starts
+    started = time.perf_counter()
+    pipeline = _open(settings, _environ(args.config), f"{settings.backend} {options or ''}")
+    loaded = time.perf_counter()
+    warm_up(pipeline)
+    warmed = time.perf_counter()
+    print(f"loaded in {loaded - started:.1f} s, warmed up in {warmed - loaded:.1f} s", file=sys.stderr, flush=True)
+    workload = Workload(pipeline, args.score_threshold, args.detections, args.format)
+    report = run_stream(workload, photos, lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    report["load_s"], report["warmup_s"] = loaded - started, warmed - loaded
+    report["wall_incl_load_s"] = report["load_s"] + report["warmup_s"] + report["first_pass"]["wall_s"]
+    report["stream"] = {"images": args.stream, "seed": args.stream_seed}
+    report["model"] = _model_description(pipeline, args.model_dir, options, args.config)
+    report["model"]["format"] = args.format
+    report["detections"] = args.detections
+    report["score_threshold"] = args.score_threshold
+    report["machine"] = machine_info()
+    print(stream_table(report))
+    _write_outputs(report, args.json, None, None)
+    return 0
+
+
 def _read_images(paths: list[Path]) -> list[bytes]:
     from maskrcnn_serving.sources import collect_images
 
@@ -276,16 +319,20 @@ def _read_images(paths: list[Path]) -> list[bytes]:
 
 def run_http(args: argparse.Namespace) -> int:
     from maskrcnn_serving.bench import loadgen
-    from maskrcnn_serving.bench.images import format_size, synthetic_jpegs
+    from maskrcnn_serving.bench.images import synthetic_jpegs
     from maskrcnn_serving.bench.plots import plot_http
     from maskrcnn_serving.bench.report import http_table
     from maskrcnn_serving.bench.stats import machine_info
+    from maskrcnn_serving.bench.traffic import mixed_stream
 
     if args.url:
         target = loadgen.HttpTarget(args.url, args.timeout)
     else:
         target = loadgen.SageMakerTarget(args.sagemaker_endpoint, args.region, args.timeout)
-    images = _read_images(args.images) if args.images else synthetic_jpegs(args.size, 8)
+    if args.stream:
+        images = [photo.jpeg for photo in mixed_stream(args.stream, args.stream_seed)]
+    else:
+        images = _read_images(args.images) if args.images else synthetic_jpegs(args.size, 8)
     if not images:
         raise SystemExit("error: no images found")
     fields = {key: _parse_value(value) for key, value in args.field}
@@ -304,7 +351,7 @@ def run_http(args: argparse.Namespace) -> int:
         "target": target.description,
         "images_per_request": args.images_per_request,
         "payload": {
-            "images": [str(p) for p in args.images] if args.images else f"synthetic {format_size(args.size)} JPEG",
+            "images": _payload_description(args),
             "fields": fields,
             "raw": args.raw,
         },
@@ -316,6 +363,14 @@ def run_http(args: argparse.Namespace) -> int:
     print("latency from the scheduled send time (open loop) or the send time (closed loop); successful requests")
     _write_outputs(report, args.json, args.plot, plot_http)
     return 0
+
+
+def _payload_description(args: argparse.Namespace) -> str | list[str]:
+    from maskrcnn_serving.bench.images import format_size
+
+    if args.stream:
+        return f"mixed stream of {args.stream} photos, seed {args.stream_seed} (bench/traffic.py)"
+    return [str(p) for p in args.images] if args.images else f"synthetic {format_size(args.size)} JPEG"
 
 
 def _parse_spec(text: str) -> tuple[str, dict[str, str]]:

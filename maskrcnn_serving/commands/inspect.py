@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "host by design. Exit status 1 when an op would leave the GPU.",
     )
     audit.add_argument("--precision", default=None, choices=PRECISIONS,
-                       help="Optimized backend precision (default: $MASKRCNN_PRECISION or float32; mixed = float16).")
+                       help="Optimized backend precision (default: $MASKRCNN_PRECISION or mixed = float16 on a GPU).")
     audit.add_argument("--batch-size", type=int, default=1, help="Images per graph call to trace (default 1).")
     audit.add_argument("--json", type=Path, default=None, help="Also write the audit as JSON here.")
     parser.set_defaults(func=run)

@@ -17,7 +17,9 @@ is computed:
   outputs, mask logits, proposals, NMS and RoIAlign stay float32.
 * Optional Winograd F(4x4, 3x3) for the float32 3x3 stride-1 convolutions with many channels on CPU
   (:mod:`.winograd`): the backbone's conv2 of groups 1-3, the FPN / RPN convolutions on P2-P4 and the mask head,
-  where it needs 4x fewer multiplies.
+  where it needs 4x fewer multiplies; run at a fixed canvas size chosen by the caller, so that few programs compile.
+* The batch size is dynamic: the per-image steps (proposals, per-class NMS) run in a while loop, so one traced graph
+  serves every batch size.
 
 Frames: input images are BGR uint8, already resized by :func:`~maskrcnn_serving.modeling.preprocess.resize_image`;
 boxes are (x1, y1, x2, y2) float32 in resized-image pixels.
@@ -25,7 +27,7 @@ boxes are (x1, y1, x2, y2) float32 in resized-image pixels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -67,6 +69,36 @@ def valid_feature_hw(image_hw: tf.Tensor, stride: int) -> tf.Tensor:
     return (padded + stride - 1) // stride
 
 
+def _per_image(
+    step: Callable[[tf.Tensor], Sequence[tf.Tensor]], batch: tf.Tensor, dtypes: Sequence[tf.DType]
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+    """Run ``step(b)`` for every image b < ``batch`` in a while loop, so that one graph serves every batch size.
+    Each output of ``step`` (of ``dtypes``; int32 ones 1-D) has a first dimension that varies per image. Returns
+    each output concatenated over the images, the (B,) int32 count of each image's rows and the (N,) int32 image
+    of each row. int32 results are concatenated in the loop from shapes and host values, not passed through a
+    TensorArray: on a GPU they stay in host memory, where TensorFlow keeps int32 tensors (no device copy)."""
+
+    def accumulate(accumulator, b, output):
+        return tf.concat([accumulator, output], 0) if output.dtype == tf.int32 else accumulator.write(b, output)
+
+    def body(b, counts, images, *accumulators):
+        outputs = step(b)
+        count = tf.shape(outputs[0])[:1]
+        return (b + 1, tf.concat([counts, count], 0), tf.concat([images, tf.fill(count, b)], 0),
+                *[accumulate(acc, b, out) for acc, out in zip(accumulators, outputs, strict=True)])
+
+    vector = tf.TensorShape([None])
+    accumulators = [tf.zeros([0], tf.int32) if dtype == tf.int32 else tf.TensorArray(dtype, batch, infer_shape=False)
+                    for dtype in dtypes]
+    invariants = [vector if dtype == tf.int32 else tf.TensorShape(None) for dtype in dtypes]
+    _, counts, images, *accumulators = tf.while_loop(
+        lambda b, *_: b < batch, body, (0, tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), *accumulators),
+        shape_invariants=(tf.TensorShape([]), vector, vector, *invariants),
+    )
+    outputs = [acc if isinstance(acc, tf.Tensor) else acc.concat() for acc in accumulators]
+    return outputs, counts, images
+
+
 def _valid_mask(feature: tf.Tensor, valid_hw: tf.Tensor) -> tf.Tensor:
     """[B, H, W, 1] mask (feature dtype): 1 inside each image's valid region, 0 in the batch padding."""
     shape = tf.shape(feature)
@@ -91,8 +123,8 @@ class MaskRCNN(tf.Module):
     ``compute_dtype``: tf.float32, tf.bfloat16 or tf.float16 for the convolutions and hidden FC layers.
     ``jit_compile``: compile the dense part (backbone, FPN, RPN head) with XLA; it is traced per input shape.
     ``winograd``: run the float32 3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels
-    (the FPN / RPN ones only at feature strides 4-16) by Winograd F(4x4, 3x3) (XLA-compiled per input shape);
-    float32 only.
+    (the FPN / RPN ones only at feature strides 4-16) by Winograd F(4x4, 3x3) (XLA-compiled per canvas size, see
+    :meth:`detect`); float32 only.
     ``masked_padding``: mask the batch padding beyond each image's own multiple of 32 (see the module docstring);
     False is only correct when every image of a call pads to the call's size.
     """
@@ -184,14 +216,20 @@ class MaskRCNN(tf.Module):
         x = tf.nn.bias_add(tf.nn.conv2d(tf.cast(x, kernel.dtype), kernel, stride, padding), bias)
         return tf.nn.relu(x) if relu else x
 
-    def _conv3x3(self, x: tf.Tensor, scope: str, stride: int, mask: tf.Tensor | None, relu: bool) -> tf.Tensor:
-        """A SAME 3x3 stride-1 conv at feature ``stride``; ``mask`` zeroes the batch padding first (None: none)."""
+    def _conv3x3(
+        self, x: tf.Tensor, scope: str, stride: int, mask: tf.Tensor | None, relu: bool, canvas: tf.Tensor | None
+    ) -> tf.Tensor:
+        """A SAME 3x3 stride-1 conv at feature ``stride``; ``mask`` zeroes the batch padding first (None: none).
+        Winograd (where the layer has it) runs the map on the ``canvas`` image size divided by the stride, or the
+        direct convolution when the canvas is (0, 0) or None."""
         if mask is not None:
             x = x * tf.cast(mask, x.dtype)
         transformed = self.params.get(f"{scope}/U")
-        if transformed is not None and (scope != "rpn/conv0" or stride in WINOGRAD_STRIDES):
-            return winograd.conv3x3(x, transformed, self.params[f"{scope}/b"], relu)
-        return self._conv(x, scope, relu=relu)
+        if transformed is None or canvas is None or (scope == "rpn/conv0" and stride not in WINOGRAD_STRIDES):
+            return self._conv(x, scope, relu=relu)
+        bias = self.params[f"{scope}/b"]
+        return tf.cond(canvas[0] > 0, lambda: winograd.conv3x3(x, transformed, bias, relu, canvas // stride),
+                       lambda: self._conv(x, scope, relu=relu))
 
     def _fc(self, x: tf.Tensor, scope: str, relu: bool = True) -> tf.Tensor:
         kernel, bias = self.params[f"{scope}/W"], self.params[f"{scope}/b"]
@@ -199,7 +237,8 @@ class MaskRCNN(tf.Module):
         return tf.nn.relu(x) if relu else x
 
     def _bottleneck(
-        self, x: tf.Tensor, prefix: str, stride: int, feature_stride: int, mask: tf.Tensor | None
+        self, x: tf.Tensor, prefix: str, stride: int, feature_stride: int, mask: tf.Tensor | None,
+        canvas: tf.Tensor | None,
     ) -> tf.Tensor:
         y = self._conv(x, f"{prefix}/conv1")
         if stride == 2:
@@ -207,13 +246,13 @@ class MaskRCNN(tf.Module):
             y = tf.pad(y, [[0, 0], [1, 0], [1, 0], [0, 0]])
             y = self._conv(y, f"{prefix}/conv2", stride=2, padding="VALID")
         else:
-            y = self._conv3x3(y, f"{prefix}/conv2", feature_stride, mask, relu=True)
+            y = self._conv3x3(y, f"{prefix}/conv2", feature_stride, mask, relu=True, canvas=canvas)
         y = self._conv(y, f"{prefix}/conv3", relu=False)
         if f"{prefix}/convshortcut/W" in self.params:
             x = self._conv(x, f"{prefix}/convshortcut", stride=stride, relu=False)
         return tf.nn.relu(y + x)
 
-    def _backbone_fpn(self, image: tf.Tensor, image_hw: tf.Tensor) -> list[tf.Tensor]:
+    def _backbone_fpn(self, image: tf.Tensor, image_hw: tf.Tensor, canvas: tf.Tensor | None) -> list[tf.Tensor]:
         """P2..P6 (compute dtype) of a [B, H, W, 3] normalized batch, H and W multiples of 32."""
         x = tf.pad(image, [[0, 0], [3, 2], [3, 2], [0, 0]])
         x = self._conv(x, "conv0", stride=2, padding="VALID")
@@ -226,7 +265,8 @@ class MaskRCNN(tf.Module):
                 stride = 2 if group > 0 and block == 0 else 1
                 if stride == 1 and mask is None:
                     mask = self._padding_mask(x, image_hw, RESNET_GROUP_STRIDES[group])
-                x = self._bottleneck(x, f"group{group}/block{block}", stride, RESNET_GROUP_STRIDES[group], mask)
+                x = self._bottleneck(x, f"group{group}/block{block}", stride, RESNET_GROUP_STRIDES[group], mask,
+                                     canvas)
             features.append(x)
 
         laterals = [self._conv(c, f"fpn/lateral_1x1_c{i + 2}", relu=False) for i, c in enumerate(features)]
@@ -236,19 +276,19 @@ class MaskRCNN(tf.Module):
         outputs = []
         for i, s in enumerate(summed[::-1]):
             mask = self._padding_mask(s, image_hw, self.strides[i])
-            outputs.append(self._conv3x3(s, f"fpn/posthoc_3x3_p{i + 2}", self.strides[i], mask, relu=False))
+            outputs.append(self._conv3x3(s, f"fpn/posthoc_3x3_p{i + 2}", self.strides[i], mask, False, canvas))
         return outputs + [outputs[-1][:, ::2, ::2, :]]
 
     def _padding_mask(self, feature: tf.Tensor, image_hw: tf.Tensor, stride: int) -> tf.Tensor | None:
         """The valid-region mask at ``stride``, or None when the padding needs no masking."""
         return _valid_mask(feature, valid_feature_hw(image_hw, stride)) if self.masked_padding else None
 
-    def _dense_impl(self, images: tf.Tensor, image_hw: tf.Tensor):
+    def _dense_impl(self, images: tf.Tensor, image_hw: tf.Tensor, canvas: tf.Tensor | None):
         """Normalize, backbone, FPN and RPN head. Returns (P2..P5 float32, per-level RPN logits [B, h, w, A] and
         deltas [B, h, w, A, 4], float32)."""
         normalized = (tf.cast(images, tf.float32) - self.pixel_mean) * self.inv_pixel_std
         normalized *= _valid_mask(normalized, image_hw)
-        features = self._backbone_fpn(tf.cast(normalized, self.compute_dtype), image_hw)
+        features = self._backbone_fpn(tf.cast(normalized, self.compute_dtype), image_hw, canvas)
         # rpn/class and rpn/box as one 1x1 conv (A + 4A outputs): one pass over each level instead of two.
         num_anchors = self.params["rpn/class/W"].shape[-1]
         kernel = tf.concat([self.params["rpn/class/W"], self.params["rpn/box/W"]], axis=3)
@@ -256,7 +296,7 @@ class MaskRCNN(tf.Module):
         logits, deltas = [], []
         for stride, feature in zip(self.strides, features, strict=True):
             mask = self._padding_mask(feature, image_hw, stride)
-            hidden = tf.cast(self._conv3x3(feature, "rpn/conv0", stride, mask, relu=True), tf.float32)
+            hidden = tf.cast(self._conv3x3(feature, "rpn/conv0", stride, mask, True, canvas), tf.float32)
             outputs = tf.nn.bias_add(tf.nn.conv2d(hidden, kernel, 1, "SAME"), bias)
             shape = tf.shape(outputs)
             logits.append(outputs[..., :num_anchors])
@@ -271,35 +311,27 @@ class MaskRCNN(tf.Module):
         image_hw: tf.Tensor,
         score_threshold: tf.Tensor,
         max_detections: tf.Tensor,
+        winograd_canvas: tf.Tensor | None = None,
         with_embeddings: bool = False,
     ) -> dict[str, tf.Tensor]:
-        """Detect objects in a batch. The batch size must be static (it unrolls the per-image NMS).
+        """Detect objects in a batch of any size: one traced graph serves every batch size (the per-image steps,
+        proposals and per-class NMS, run in a ``tf.map_fn`` over the images).
 
         images: [B, H, W, 3] uint8 BGR, resized, zero-padded bottom/right, H and W multiples of 32.
         image_hw: [B, 2] int32 resized (unpadded) size of each image.
+        winograd_canvas: (2,) int32, with Winograd: the image size, at least (H, W) and a multiple of 32, at which
+        the Winograd convolutions run (zero-padded; see :func:`.winograd.conv3x3`); (0, 0) or None: the direct
+        convolutions (the mask head's Winograd stack runs either way).
         Returns ``boxes`` (D, 4) float32 in resized-image pixels, ``scores`` (D,), ``labels`` (D,) int32 in 1..K,
         ``masks`` (D, 28, 28) float32 probabilities (absent without a mask head) and ``counts`` (B,) int32: the
         detections of image b are rows ``sum(counts[:b]) ..`` of each output, in descending score order. With
         ``with_embeddings`` (a Python bool: traced separately) also ``embeddings`` (D, C + K + 1) and
         ``image_embeddings`` (B, C) (:mod:`.embeddings`).
         """
-        batch = images.shape[0]
-        features, rpn_logits, rpn_deltas = self._dense(images, image_hw)
-
-        proposals = []
-        for b in range(batch):
-            level_boxes, level_logits = [], []
-            for level, stride in enumerate(self.strides):
-                valid = valid_feature_hw(image_hw[b : b + 1], stride)[0]
-                logits = tf.reshape(rpn_logits[level][b, : valid[0], : valid[1]], [-1])
-                deltas = tf.reshape(rpn_deltas[level][b, : valid[0], : valid[1]], [-1, 4])
-                anchors = tf.reshape(self.anchors[level][: valid[0], : valid[1]], [-1, 4])
-                level_boxes.append(tf_ops.decode_boxes(deltas, anchors, self.box_clip))
-                level_logits.append(logits)
-            boxes, _ = tf_ops.generate_fpn_proposals(
-                level_boxes, level_logits, image_hw[b], self.rpn_topk, self.rpn_nms, self.rpn_min_size
-            )
-            proposals.append(boxes)
+        batch = tf.shape(image_hw)[0]
+        features, rpn_logits, rpn_deltas = self._dense(images, image_hw, winograd_canvas)
+        (rois,), roi_counts, roi_images = _per_image(
+            lambda b: [self._proposals(rpn_logits, rpn_deltas, image_hw, b)], batch, [tf.float32])
 
         roi_features = features
         if self.masked_padding:
@@ -307,7 +339,7 @@ class MaskRCNN(tf.Module):
                 _replicate_edges(f, valid_feature_hw(image_hw, s)) for f, s in zip(features, self.strides, strict=False)
             ]
         roi_features = [tf_ops.pad_edges(f) for f in roi_features]  # once for both heads
-        rois, roi_images = self._concat_with_indices(proposals)
+        roi_ends = tf.cumsum(roi_counts)
         pooled = tf_ops.multilevel_roi_align(
             roi_features, rois, self.strides, BOX_RESOLUTION, roi_images, edge_padded=True
         )
@@ -318,44 +350,47 @@ class MaskRCNN(tf.Module):
             self._fc(tf.cast(hidden, tf.float32), "fastrcnn/outputs/box", relu=False), [-1, self.num_classes, 4]
         )
 
-        counts = tf.stack([tf.shape(p)[0] for p in proposals])
-        det_boxes, det_scores, det_labels, det_probs = [], [], [], []
-        for b, (probs, deltas, props) in enumerate(
-            zip(tf.split(class_probs, counts, num=batch), tf.split(box_deltas, counts, num=batch), proposals,
-                strict=True)
-        ):
-            decoded = tf_ops.decode_fastrcnn_boxes(deltas, props, self.reg_weights, self.box_clip, image_hw[b])
+        def predictions(b: tf.Tensor) -> list[tf.Tensor]:
+            rows = slice(roi_ends[b] - roi_counts[b], roi_ends[b])
+            decoded = tf_ops.decode_fastrcnn_boxes(box_deltas[rows], rois[rows], self.reg_weights, self.box_clip,
+                                                   image_hw[b])
+            probs = class_probs[rows]
             boxes, scores, labels, sources = tf_ops.fastrcnn_predictions(
                 decoded, probs, score_threshold, max_detections, self.frcnn_nms
             )
-            det_boxes.append(boxes)
-            det_scores.append(scores)
-            det_labels.append(labels)
-            det_probs.append(tf.gather(probs, sources))
+            return [boxes, scores, labels, tf.gather(probs, sources)]
 
-        boxes, box_images = self._concat_with_indices(det_boxes)
-        labels = tf.concat(det_labels, axis=0)
-        outputs = {
-            "boxes": boxes,
-            "scores": tf.concat(det_scores, axis=0),
-            "labels": labels,
-            "counts": tf.stack([tf.shape(s)[0] for s in det_scores]),
-        }
+        (boxes, scores, labels, det_probs), counts, box_images = _per_image(
+            predictions, batch, [tf.float32, tf.float32, tf.int32, tf.float32])
+        outputs = {"boxes": boxes, "scores": scores, "labels": labels, "counts": counts}
         if self.has_masks:
             outputs["masks"] = self._mask_head(roi_features, boxes, box_images, labels)
         if with_embeddings:
             outputs["embeddings"] = embeddings.instance_embeddings(
-                roi_features, boxes, self.strides, tf.concat(det_probs, axis=0), box_images
+                roi_features, boxes, self.strides, det_probs, box_images
             )
             outputs["image_embeddings"] = embeddings.image_embeddings(
                 features[3], valid_feature_hw(image_hw, self.strides[3])
             )
         return outputs
 
-    @staticmethod
-    def _concat_with_indices(per_image: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        indices = [tf.fill([tf.shape(t)[0]], b) for b, t in enumerate(per_image)]
-        return tf.concat(per_image, axis=0), tf.concat(indices, axis=0)
+    def _proposals(
+        self, rpn_logits: list[tf.Tensor], rpn_deltas: list[tf.Tensor], image_hw: tf.Tensor, b: tf.Tensor
+    ) -> tf.Tensor:
+        """Image ``b``'s FPN proposals from the RPN outputs of its valid region: (P, 4) float32 boxes in
+        resized-image pixels."""
+        level_boxes, level_logits = [], []
+        for level, stride in enumerate(self.strides):
+            valid = valid_feature_hw(image_hw[b : b + 1], stride)[0]
+            logits = tf.reshape(rpn_logits[level][b, : valid[0], : valid[1]], [-1])
+            deltas = tf.reshape(rpn_deltas[level][b, : valid[0], : valid[1]], [-1, 4])
+            anchors = tf.reshape(self.anchors[level][: valid[0], : valid[1]], [-1, 4])
+            level_boxes.append(tf_ops.decode_boxes(deltas, anchors, self.box_clip))
+            level_logits.append(logits)
+        boxes, _ = tf_ops.generate_fpn_proposals(
+            level_boxes, level_logits, image_hw[b], self.rpn_topk, self.rpn_nms, self.rpn_min_size
+        )
+        return boxes
 
     def _mask_head(self, features, boxes: tf.Tensor, box_images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         """(D, 28, 28) sigmoid probabilities of each detection's own class; ``features`` went through pad_edges."""
@@ -377,12 +412,14 @@ class MaskRCNN(tf.Module):
         return tf.sigmoid(tf.reshape(tf.transpose(logits, [0, 1, 3, 2, 4]), [-1, MASK_SIZE, MASK_SIZE]))
 
     def _upsample_deconv_relu(self, x: tf.Tensor) -> tf.Tensor:
-        """ReLU of ``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one fused matmul + bias + ReLU: every input
-        pixel writes its own 2x2 output block, ``out[2i + dy, 2j + dx] = x[i, j] @ W[dy, dx].T`` with W in
-        [kh, kw, out, in] layout. Returns the blocks un-interleaved, (N, 14, 14, 2, 2, out) = [n, i, j, dy, dx]."""
+        """ReLU of ``maskrcnn/deconv`` (2x2 kernel, stride 2, SAME) as one 1x1 convolution to 2x2x``out`` channels
+        + bias + ReLU: every input pixel writes its own 2x2 output block, ``out[2i + dy, 2j + dx] = x[i, j] @
+        W[dy, dx].T`` with W in [kh, kw, out, in] layout. Returns the blocks un-interleaved, (N, 14, 14, 2, 2, out) =
+        [n, i, j, dy, dx]. (The same sums as a matmul over the flattened pixels; as a 1x1 convolution oneDNN runs
+        it on AMX tiles in bfloat16: 22 against 136 ms for 100 RoIs on a Xeon with AMX, and as fast in float32.)"""
         kernel, bias = self.params["maskrcnn/deconv/W"], self.params["maskrcnn/deconv/b"]
         out_channels = kernel.shape[2]
-        weight = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [kernel.shape[3], 4 * out_channels])
-        y = tf.matmul(tf.reshape(x, [-1, kernel.shape[3]]), weight)  # (N*14*14, 2*2*out)
+        weight = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [1, 1, kernel.shape[3], 4 * out_channels])
+        y = tf.nn.conv2d(x, weight, 1, "VALID")  # (N, 14, 14, 2*2*out)
         y = tf.nn.relu(tf.nn.bias_add(y, tf.tile(bias, [4])))
         return tf.reshape(y, [-1, MASK_RESOLUTION, MASK_RESOLUTION, 2, 2, out_channels])

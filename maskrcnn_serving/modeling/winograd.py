@@ -13,8 +13,13 @@ The result equals the direct convolution up to float32 rounding (the transforms 
 rounding error is about 10x that of the direct convolution: ~1e-5 relative). It is meant for float32 only: in
 bfloat16 or float16 that amplified rounding would be visible, and those dtypes have fast direct kernels anyway.
 
-XLA compiles once per input shape (batch, height, width, channels); the compiled program takes the kernel as an
-argument, so every layer of one shape shares it. Frames: NHWC, SAME padding (one zero row/column on each side).
+XLA compiles once per input shape. To keep the number of shapes small, the program takes one image at a time (a
+batch runs image by image: the programs do not depend on the batch size), the kernel and the ReLU as arguments
+(every layer of one map size and channel count shares it), and :func:`conv3x3` can run a map zero-padded to a
+larger ``canvas``, so that all the sizes that fit in a canvas share that canvas's program: the optimized backend
+runs each request at one of a few canvas sizes per orientation and compiles them all while it warms up
+(backends/optimized.py). The mask head's stack runs in chunks of a fixed number of RoIs: one program for any
+detection count. Frames: NHWC, SAME padding (one zero row/column on each side).
 """
 
 from __future__ import annotations
@@ -75,57 +80,95 @@ def transform_kernel(kernel: np.ndarray) -> np.ndarray:
     return transformed.reshape(INPUT_TILE**2, *kernel.shape[2:]).astype(np.float32)
 
 
-def _winograd_conv(x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool) -> tf.Tensor:
+def _overlapping_tiles(x: tf.Tensor, count: tf.Tensor, axis: int) -> tf.Tensor:
+    """Split ``axis`` (length ``OUTPUT_TILE * count + 2``) into ``count`` overlapping windows of ``INPUT_TILE``
+    starting every ``OUTPUT_TILE``: [..., L, ...] -> [..., count, INPUT_TILE, ...]."""
+    m = OUTPUT_TILE
     shape = tf.shape(x)
-    batch, height, width = shape[0], shape[1], shape[2]
-    channels, out_channels = x.shape[-1], transformed_kernel.shape[-1]
+    blocked = tf.concat([shape[:axis], [count, m], shape[axis + 1 :]], axis=0)
+    head = tf.reshape(tf.gather(x, tf.range(m * count), axis=axis), blocked)
+    tail = tf.reshape(tf.gather(x, tf.range(m, m * count + m), axis=axis), blocked)
+    return tf.concat([head, tf.gather(tail, tf.range(INPUT_TILE - m), axis=axis + 1)], axis=axis + 1)
+
+
+def _winograd_conv(x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, floor: tf.Tensor) -> tf.Tensor:
+    """``max(conv(x) + bias, floor)``: ``floor`` 0 is the ReLU, -inf none (a runtime value, so that one compiled
+    program serves both)."""
+    shape = tf.shape(x)
+    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    out_channels = tf.shape(transformed_kernel)[2]
     m, a = OUTPUT_TILE, INPUT_TILE
     tiles_h, tiles_w = (height + m - 1) // m, (width + m - 1) // m
     # SAME padding (1 on top/left) plus enough bottom/right to complete the last tiles.
     padded = tf.pad(x, [[0, 0], [1, m * tiles_h + 1 - height], [1, m * tiles_w + 1 - width], [0, 0]])
-    # Input tile (ty, tx) is padded[m*ty : m*ty + 6, m*tx : m*tx + 6]; its element (i, j) is phase slice (i, j).
-    phases = tf.stack(
-        [padded[:, i : i + m * tiles_h : m, j : j + m * tiles_w : m] for i in range(a) for j in range(a)]
-    )
+    # Input tile (ty, tx) is padded[m*ty : m*ty + 6, m*tx : m*tx + 6]: per axis, the m rows of block ty and the
+    # first two of block ty + 1: reshapes of contiguous ranges (36 strided slices gave the same program but took XLA
+    # 3x longer to compile).
+    rows = _overlapping_tiles(padded, tiles_h, axis=1)  # [B, th, 6, W', C]
+    windows = _overlapping_tiles(rows, tiles_w, axis=3)  # [B, th, 6, tw, 6, C]
+    phases = tf.transpose(windows, [2, 4, 0, 1, 3, 5])  # [6, 6, B, th, tw, C]
     tiles = tf.matmul(_INPUT_TRANSFORM, tf.reshape(phases, [a * a, -1]))
     products = tf.matmul(tf.reshape(tiles, [a * a, -1, channels]), transformed_kernel)  # [36, tiles, K]
     out = tf.matmul(_OUTPUT_TRANSFORM, tf.reshape(products, [a * a, -1]))  # [16, tiles * K]
     out = tf.reshape(out, [m, m, batch, tiles_h, tiles_w, out_channels])
     out = tf.reshape(tf.transpose(out, [2, 3, 0, 4, 1, 5]), [batch, m * tiles_h, m * tiles_w, out_channels])
-    out = out[:, :height, :width] + bias
-    return tf.nn.relu(out) if relu else out
+    return tf.maximum(out[:, :height, :width] + bias, floor)
 
 
-_compiled = {
-    relu: tf.function(lambda x, u, b, relu=relu: _winograd_conv(x, u, b, relu), jit_compile=True)
-    for relu in (False, True)
-}
+# One image at a time, any size and channel count: XLA compiles once per concrete (H, W, C, K), whatever the batch
+# size of the network call and whether a ReLU follows.
+_compiled_conv = tf.function(
+    _winograd_conv, jit_compile=True, reduce_retracing=True,
+    input_signature=[tf.TensorSpec([1, None, None, None], tf.float32), tf.TensorSpec([INPUT_TILE**2, None, None]),
+                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.float32)],
+)
 
 
-def conv3x3(x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool = False) -> tf.Tensor:
+def _floor(relu: bool) -> tf.Tensor:
+    return tf.constant(0.0 if relu else -np.inf, tf.float32)
+
+
+def conv3x3(
+    x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool = False, canvas_hw: tf.Tensor | None = None
+) -> tf.Tensor:
     """SAME 3x3 stride-1 convolution + bias (+ ReLU) of float32 NHWC ``x`` [B, H, W, C] with a kernel prepared by
-    :func:`transform_kernel` ([36, C, K]); returns [B, H, W, K]. One XLA program per input shape."""
-    return _compiled[relu](x, transformed_kernel, bias)
+    :func:`transform_kernel` ([36, C, K]); returns [B, H, W, K].
+
+    Each image runs in one XLA program compiled per input size. ``canvas_hw`` ((2,) int32, at least (H, W)): run
+    every image zero-padded bottom/right to that size instead, and crop the result; the valid region's sums are
+    the same (SAME padding reads zeros there too), and the programs compiled are those of the canvas sizes only."""
+    height, width = tf.shape(x)[1], tf.shape(x)[2]
+    if canvas_hw is not None:
+        x = tf.pad(x, [[0, 0], [0, canvas_hw[0] - height], [0, canvas_hw[1] - width], [0, 0]])
+    floor = _floor(relu)
+    out = tf.map_fn(lambda image: _compiled_conv(image[None], transformed_kernel, bias, floor)[0], x,
+                    fn_output_signature=tf.TensorSpec([None, None, transformed_kernel.shape[-1]], tf.float32))
+    return out[:, :height, :width] if canvas_hw is not None else out
 
 
-@tf.function(jit_compile=True)
+# The mask head's RoI maps run in chunks of this many: one compiled program for any number of detections.
+MASK_CHUNK = 16
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
 def _relu_stack(x: tf.Tensor, transformed_kernels: list[tf.Tensor], biases: list[tf.Tensor]) -> tf.Tensor:
+    floor = _floor(True)
     for kernel, bias in zip(transformed_kernels, biases, strict=True):
-        x = _winograd_conv(x, kernel, bias, relu=True)
+        x = _winograd_conv(x, kernel, bias, floor)
     return x
-
-
-def padded_count(count: tf.Tensor) -> tf.Tensor:
-    """The batch size a stack of ``count`` small maps is padded to, so that XLA compiles a few shapes rather than
-    one per count: a multiple of 8 up to 128 (at most 7 maps of waste), of 32 beyond; at least 8."""
-    step = tf.where(count > 128, 32, 8)
-    return tf.maximum((count + step - 1) // step * step, 8)
 
 
 def conv3x3_relu_stack(x: tf.Tensor, transformed_kernels: list[tf.Tensor], biases: list[tf.Tensor]) -> tf.Tensor:
     """Several SAME 3x3 convolutions, each followed by bias and ReLU, in one XLA program: the mask head's
-    ``[N, 14, 14, C]`` stack. ``x`` is zero-padded along N to :func:`padded_count` (the extra maps are dropped), so
-    it compiles once per padded count. Winograd saves less on 14x14 maps (4x4 tiles cover 16x16) but still ~15%."""
+    ``[N, 14, 14, C]`` stack. It runs on chunks of :data:`MASK_CHUNK` maps (the last one zero-padded, its extra
+    maps dropped), so it compiles once whatever N. Winograd saves less on 14x14 maps (4x4 tiles cover 16x16) but
+    still ~15%."""
     count = tf.shape(x)[0]
-    padded = tf.pad(x, [[0, padded_count(count) - count], [0, 0], [0, 0], [0, 0]])
-    return _relu_stack(padded, list(transformed_kernels), list(biases))[:count]
+    chunks = (count + MASK_CHUNK - 1) // MASK_CHUNK
+    padded = tf.pad(x, [[0, chunks * MASK_CHUNK - count], [0, 0], [0, 0], [0, 0]])
+    padded = tf.reshape(padded, [chunks, MASK_CHUNK, *x.shape[1:]])
+    kernels, biases = list(transformed_kernels), list(biases)
+    out_shape = [MASK_CHUNK, *x.shape[1:3], kernels[-1].shape[-1]]
+    out = tf.map_fn(lambda chunk: _relu_stack(chunk, kernels, biases), padded,
+                    fn_output_signature=tf.TensorSpec(out_shape, tf.float32))
+    return tf.reshape(out, [-1, *out_shape[1:]])[:count]

@@ -42,8 +42,11 @@ def warmup_image(short_edge: int) -> np.ndarray:
 
 
 def warm_up(pipeline: Pipeline) -> None:
-    """Run one PNG at the test size, score threshold 0 so that the mask head and the encoders run on real
-    detections too (its answer is not sent anywhere, so it is not held to the response size limit)."""
+    """What a worker runs before ``/ping`` says ready: the backend's own warm-up (every graph traced, every
+    compilation done), then one PNG at the test size through the whole pipeline, score threshold 0 so that the mask
+    head and the encoders run on real detections too (its answer is not sent anywhere, so it is not held to the
+    response size limit)."""
+    pipeline.backend.warm_up()
     png = cv2.imencode(".png", warmup_image(pipeline.inference.short_edge_size))[1].tobytes()
     options = RequestOptions(score_threshold=0.0, format=pipeline.default_options().format)
     for _ in pipeline.run_files([png], options):

@@ -3,6 +3,10 @@ Winograd, precision settings."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -18,6 +22,7 @@ from maskrcnn_serving.backends.optimized import (
     masks_bucket_padding,
     resolve_precision,
     resolve_winograd,
+    winograd_canvases,
 )
 from maskrcnn_serving.evaluation import evaluate
 from maskrcnn_serving.model_dir import load_model_dir
@@ -57,7 +62,7 @@ def test_forced_detection_count_matches_tensorpack(optimized_backend, tensorpack
 def coarse_bucket_backend(demo_model_dir):
     """Buckets of 128: images of different sizes share calls, so the network masks the padding."""
     backend = OptimizedBackend.from_bundle(load_model_dir(demo_model_dir, environ={}),
-                                           Settings(bucket_step=128, max_batch_size=4))
+                                           Settings(precision="float32", bucket_step=128, max_batch_size=4))
     assert backend.network.masked_padding
     return backend
 
@@ -83,14 +88,15 @@ def test_results_do_not_depend_on_batch_or_padding(optimized_backend, coarse_buc
     for i, r in enumerate(resized):
         batch[i, : r.shape[0], : r.shape[1]] = r
     hw = np.asarray([r.shape[:2] for r in resized], np.int32)
-    out = backend.detect_function(2)(
-        tf.constant(batch), tf.constant(hw), tf.constant(0.0), tf.constant(30)
+    direct = tf.zeros([2], tf.int32)  # no Winograd canvas
+    out = backend.detect_function()(
+        tf.constant(batch), tf.constant(hw), tf.constant(0.0), tf.constant(30), direct
     )
     counts = out["counts"].numpy()
     assert counts.tolist() == [len(alone[0]), len(alone[1])]
-    single = backend.detect_function(1)(
+    single = backend.detect_function()(
         tf.constant(batch[1:, : -(-hw[1, 0] // 32) * 32, : -(-hw[1, 1] // 32) * 32]), tf.constant(hw[1:]),
-        tf.constant(0.0), tf.constant(30),
+        tf.constant(0.0), tf.constant(30), direct,
     )
     np.testing.assert_allclose(out["boxes"].numpy()[counts[0] :], single["boxes"].numpy(), atol=1e-3)
     np.testing.assert_allclose(out["masks"].numpy()[counts[0] :], single["masks"].numpy(), atol=1e-4)
@@ -119,6 +125,41 @@ def test_winograd_network_matches_the_direct_one(winograd_backend, optimized_bac
     images = [read(p) for p in example_images]
     for a, b in zip(optimized_backend.predict(images, ALL), winograd_backend.predict(images, ALL), strict=True):
         assert_same_detections(a, b, box_atol=0.02, min_mask_iou=0.99)
+
+
+def test_no_trace_or_compilation_after_warm_up(demo_model_dir, tmp_path):
+    """After ``warm_up``, images of sizes and batch sizes never seen run without tracing the graph again and
+    without compiling an XLA program: every Winograd convolution runs at one of the canvases compiled while warming
+    up. Counted in a child process whose XLA persistent cache writes one file per compilation."""
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    env = {**os.environ, "TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={cache}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    script = Path(__file__).with_name("no_compile_after_warm_up.py")
+    done = subprocess.run([sys.executable, str(script), str(demo_model_dir), str(cache)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    canvases = {tuple(c) for c in report["canvases"]}
+    assert len(canvases) == 5 and len({tuple(b) for b in report["buckets"]} - canvases) >= 5  # new sizes
+    warm = report["after_warm_up"]
+    assert warm["traces"] == 2  # with and without the search vectors, for every batch size
+    assert warm["compilations"] >= len(canvases) + 1  # each canvas's convolutions, and the mask head's chunk
+    assert report["after_requests"] == warm
+
+
+def test_winograd_canvases_hold_every_resized_image():
+    """Every image the test resize can make, bucketed, fits a canvas; per orientation the canvases are square,
+    4:3 (a 4:3 photo runs unpadded) and the longest."""
+    from maskrcnn_serving.modeling.preprocess import resized_shape
+
+    canvases = winograd_canvases(800, 1344.0, 32)
+    assert canvases == ((800, 800), (800, 1088), (1088, 800), (800, 1344), (1344, 800))
+    step = 32
+    for height, width in [(480, 640), (3024, 4032), (1080, 1920), (1, 5000), (5000, 3), (999, 1000), (1170, 2532)]:
+        h, w = resized_shape(height, width, 800, 1344.0)
+        bucket = (-(-h // step) * step, -(-w // step) * step)
+        assert any(c[0] >= bucket[0] and c[1] >= bucket[1] for c in canvases), (height, width, bucket)
+    assert winograd_canvases(800, 1344.0, 32)[1] == (800, -(-1067 // 32) * 32)  # 640x480 -> 800x1067 -> 1088
+    assert winograd_canvases(320, 576.0, 128) == ((384, 384), (384, 512), (512, 384), (384, 640), (640, 384))
 
 
 def test_winograd_defaults_and_validation():
@@ -162,7 +203,7 @@ def test_r101_both_fc6_row_orders_match_tensorpack(r101_model_dirs, r101_tensorp
     expected = r101_tensorpack_backend.predict([image], options)[0]
     assert len(expected) == 20
     for model_dir in (first, last):
-        backend = load_backend("optimized", model_dir, Settings(), environ={})
+        backend = load_backend("optimized", model_dir, Settings(precision="float32"), environ={})
         assert_same_detections(expected, backend.predict([image], options)[0], box_atol=1e-2, min_mask_iou=0.97)
 
 

@@ -53,11 +53,32 @@ def test_winograd_relu_stack_equals_direct_convolutions_for_any_count(count):
     np.testing.assert_allclose(actual.numpy(), expected, atol=1e-4 * np.abs(expected).max(initial=1.0))
 
 
-def test_winograd_padded_counts_are_few():
-    from maskrcnn_serving.modeling.winograd import padded_count
+def test_winograd_relu_stack_is_one_program_for_every_count():
+    """The mask head's stack runs in chunks of MASK_CHUNK maps: one trace (so one XLA program) whatever the count."""
+    from maskrcnn_serving.modeling import winograd
 
-    counts = np.arange(0, 801)
-    padded = padded_count(tf.constant(counts, tf.int32)).numpy()
-    assert (padded >= counts).all() and (padded >= 8).all()
-    assert (padded - counts)[(counts > 0) & (counts <= 128)].max() == 7 and (padded - counts).max() == 31
-    assert len(np.unique(padded)) == 16 + (800 - 128) // 32
+    rng = np.random.default_rng(0)
+    kernels = [tf.constant(winograd.transform_kernel(rng.normal(size=(3, 3, 5, 5)).astype(np.float32)))] * 2
+    biases = [tf.zeros([5])] * 2
+    before = winograd._relu_stack.experimental_get_tracing_count()
+    for count in (1, winograd.MASK_CHUNK, winograd.MASK_CHUNK + 1, 5 * winograd.MASK_CHUNK - 3):
+        out = winograd.conv3x3_relu_stack(tf.zeros([count, 14, 14, 5]), kernels, biases)
+        assert out.shape == (count, 14, 14, 5)
+    assert winograd._relu_stack.experimental_get_tracing_count() - before == 1
+
+
+def test_winograd_on_a_canvas_equals_the_unpadded_convolution():
+    """A map zero-padded to a larger canvas gives the same sums in its own region; every size and batch size goes
+    through the one traced single-image program."""
+    from maskrcnn_serving.modeling import winograd
+
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=(3, 3, 6, 7)).astype(np.float32)
+    transformed, bias = tf.constant(winograd.transform_kernel(kernel)), tf.constant(rng.normal(size=7), tf.float32)
+    for shape, canvas in (((1, 9, 14, 6), (12, 16)), ((3, 10, 7, 6), (16, 8)), ((2, 8, 8, 6), (8, 8))):
+        x = tf.constant(rng.normal(size=shape).astype(np.float32))
+        expected = winograd.conv3x3(x, transformed, bias, relu=True)
+        actual = winograd.conv3x3(x, transformed, bias, relu=True, canvas_hw=tf.constant(canvas))
+        assert actual.shape == shape[:3] + (7,)
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-5 * np.abs(expected.numpy()).max())
+    assert len(winograd._compiled_conv._list_all_concrete_functions()) == 1
