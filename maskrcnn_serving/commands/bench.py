@@ -301,7 +301,7 @@ def _run_model_stream(args: argparse.Namespace, settings: Settings, options: dic
     report["load_s"], report["warmup_s"] = loaded - started, warmed - loaded
     report["wall_incl_load_s"] = report["load_s"] + report["warmup_s"] + report["first_pass"]["wall_s"]
     report["stream"] = {"images": args.stream, "seed": args.stream_seed}
-    report["model"] = _model_description(pipeline, args.model_dir, options, args.config)
+    report["model"] = _model_description(pipeline, options, args.config)
     report["model"]["format"] = args.format
     report["detections"] = args.detections
     report["score_threshold"] = args.score_threshold
