@@ -187,8 +187,10 @@ class NginxFront:
 
     def start(self, preexec_fn: Callable[[], None] | None = None) -> NginxFront:
         """Start nginx; ``preexec_fn`` runs in the child before nginx is executed (the supervisor makes nginx die
-        with it)."""
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+        with it). nginx runs in a process group of its own, so that :meth:`stop` can reach workers that outlived
+        their master (a master killed outright leaves its workers running, holding the port)."""
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn,
+                                        process_group=0)
         return self
 
     def poll(self) -> int | None:
@@ -196,13 +198,20 @@ class NginxFront:
 
     def stop(self, timeout: float) -> None:
         """Graceful stop (SIGQUIT: stop listening, finish the requests in flight), at most ``timeout`` seconds, then
-        fast (SIGTERM), then SIGKILL."""
-        if self.process is None or self.process.poll() is not None:
+        fast (SIGTERM), then SIGKILL; then whatever is left of its process group (the workers of a master that
+        died)."""
+        if self.process is None:
             return
         for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                break
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=max(0.1, wait))
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the usual case: the master stopped its workers
+            pass

@@ -366,8 +366,8 @@ class Supervisor:
         gunicorn; the exit status says why ``serve`` stopped."""
         start = time.monotonic()
         self.readiness.stopping()  # /ping says 503 while nginx finishes the requests in flight
-        # nginx gone while nobody asked the server to stop (a signal to the whole process group, e.g. Ctrl-C or
-        # killpg, stops nginx too: that is a stop, not a failure)
+        # nginx gone while nobody asked the server to stop (it runs in a process group of its own, so a Ctrl-C or a
+        # killpg of serve's group reaches serve, which stops it: that is a stop, not a failure)
         front_died = self.signal is None and self.front is not None and self.front.poll() is not None
         if front_died:
             log.error("nginx exited", extra={"fields": {"status": self.front.poll()}})

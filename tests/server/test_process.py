@@ -153,7 +153,8 @@ def _command(pid: int) -> str:
 
 @needs_nginx
 def test_serve_stops_when_nginx_dies(tmp_path, demo_model_dir):
-    """nginx killed under a running server: ``serve`` stops gunicorn and exits 1 instead of running unreachable."""
+    """nginx killed under a running server: ``serve`` stops gunicorn and nginx's orphaned workers and exits 1
+    instead of running unreachable."""
     server = ServerProcess(demo_model_dir, tmp_path / "server.log", workers=1, front="nginx").start()
     try:
         deadline = time.monotonic() + 120
@@ -163,11 +164,15 @@ def test_serve_stops_when_nginx_dies(tmp_path, demo_model_dir):
         master = gunicorn_master_pid(server.process.pid)
         nginx = [pid for pid in children(server.process.pid) if pid != master]
         assert len(nginx) == 1
+        nginx_workers = children(nginx[0])
+        assert nginx_workers
         os.kill(nginx[0], signal.SIGKILL)
         assert server.process.wait(timeout=60) == 1
         assert '"message": "nginx exited"' in server.log()
         with pytest.raises(ProcessLookupError):
             os.kill(master, 0)
+        # a killed master leaves its workers holding the port: serve stops them
+        assert not [worker for worker in nginx_workers if _running(worker)]
     finally:
         server.stop(graceful=False)
 
