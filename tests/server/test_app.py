@@ -372,6 +372,7 @@ def test_every_answer_carries_the_security_headers(client, runner, example_image
 
     from maskrcnn_serving.search import database
     from maskrcnn_serving.search.index import InstanceIndex
+    from maskrcnn_serving.search.service import SearchService
     from maskrcnn_serving.server import headers
 
     dim = runner.backend.embedding_dim
@@ -381,7 +382,9 @@ def test_every_answer_carries_the_security_headers(client, runner, example_image
                         "category": "ring", "category_id": 4, "score": 0.9, "height": 1, "width": 1, "mask": "",
                         "thumbnail": thumbnail}])
     (hit,) = index.search(np.asarray([[1.0] + [0.0] * (dim - 1)]), 1)[0]
-    runner.pipeline.index = index
+    service = SearchService(index.db, index.collection, dim, timeout=5.0)  # as a worker searches it
+    assert service.open()
+    runner.pipeline.index = service
     image = example_images[0].read_bytes()
     loading = create_app(Settings(ready_wait=0.0), ModelRunner()).test_client()
     try:
@@ -403,6 +406,7 @@ def test_every_answer_carries_the_security_headers(client, runner, example_image
         }
     finally:
         runner.pipeline.index = None
+        service.close()
         index.close()
         database.stop_local_servers()
     for name, response in answers.items():
