@@ -36,6 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # testsupport/ lives in the checkout: pip does not install it
 
+from maskrcnn_serving.bench.stats import machine_info  # noqa: E402
 from testsupport.ray_cluster import RayHead, ray_head  # noqa: E402
 
 SAMPLE_SECONDS = 0.2
@@ -121,10 +122,8 @@ def main() -> int:
                          "wall_s": statistics.median(r["wall_s"] for r in reports),
                          "first_image_s": statistics.median(r["first_image_s"] for r in reports),
                          "peak_rss_mb": reports[-1]["peak_rss_mb"]}
-    machine = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in machine.splitlines() if line.startswith("Model name")), "")
     report = {"model_dir": str(args.model_dir), "images": args.limit, "rounds": args.rounds, "cpus": args.cpus,
-              "cpu": model, "load_average_at_end": os.getloadavg(), "summary": summary, "runs": runs}
+              "machine": machine_info(), "load_average_at_end": os.getloadavg(), "summary": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
