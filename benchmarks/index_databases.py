@@ -35,6 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # testsupport/, beside the package
 
+from maskrcnn_serving.bench.report import write_json_report  # noqa: E402
 from maskrcnn_serving.bench.stats import machine_info  # noqa: E402
 from maskrcnn_serving.search import database  # noqa: E402
 from maskrcnn_serving.search.index import InstanceIndex  # noqa: E402
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = {**machine_info(), "load_average": Path("/proc/loadavg").read_text().split()[:3]}
     print(json.dumps(report, indent=1))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json_report(report, args.json)
     return 0
 
 

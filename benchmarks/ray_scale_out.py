@@ -36,6 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # testsupport/ lives in the checkout: pip does not install it
 
+from maskrcnn_serving.bench.report import write_json_report  # noqa: E402
 from maskrcnn_serving.bench.stats import machine_info  # noqa: E402
 from testsupport.ray_cluster import RayHead, ray_head  # noqa: E402
 
@@ -126,8 +127,7 @@ def main() -> int:
               "machine": machine_info(), "load_average_at_end": os.getloadavg(), "summary": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json_report(report, args.json)
     return 0
 
 

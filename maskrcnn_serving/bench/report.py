@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from maskrcnn_serving.pipeline import STAGES
 
@@ -104,3 +106,9 @@ def stream_table(report: dict) -> str:
     return (f"{text}\nload {report['load_s']:.1f} s, warm-up {report['warmup_s']:.1f} s; first pass p99/p50 "
             f"{report['p99_over_p50']:.2f}; new sizes cost {report['new_size_share']:.1%} of the first pass; "
             f"load + warm-up + first pass {report['wall_incl_load_s']:.1f} s")
+
+
+def write_json_report(report: dict, path: Path) -> None:
+    """Write a benchmark's report as indented JSON at ``path`` (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -13,7 +13,6 @@ to the JSON). docs/benchmarks.md explains the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -220,10 +219,11 @@ def _model_description(pipeline, options: dict, config_overrides: list) -> dict:
 
 
 def _write_outputs(report: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    from maskrcnn_serving.bench.report import write_json_report
+
     report.setdefault("command", "maskrcnn-serving " + " ".join(sys.argv[1:]))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_report(report, json_path)
         print(f"JSON report: {json_path}")
     if plot_path is None and json_path is not None:
         plot_path = json_path.with_suffix(".png")
