@@ -96,7 +96,7 @@ def _paste_accurate(box, mask, image_hw, threshold):
     wy = _interp_weights(np.arange(ya, yb) + 0.5, by0, by1, knots)
     with _single_threaded_blas():
         values = wy @ padded @ wx.T
-    return ya, xa, (values >= threshold).astype(np.uint8)
+    return ya, xa, (values >= threshold).view(np.uint8)  # bool is one byte of 0 / 1: no copy
 
 
 def _paste_fast(box, mask, image_hw, threshold):

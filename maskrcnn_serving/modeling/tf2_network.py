@@ -16,7 +16,7 @@ is computed:
 * Optional reduced precision (bfloat16 / float16) for the convolutions and hidden FC layers; the RPN, box and class
   outputs, mask logits, proposals, NMS and RoIAlign stay float32.
 * Optional Winograd F(4x4, 3x3) for the float32 3x3 stride-1 convolutions with many channels on CPU
-  (:mod:`.winograd`): the backbone's conv2 of groups 1-3, the FPN / RPN convolutions on P2-P4 and the mask head,
+  (:mod:`.winograd`): the backbone's conv2 of groups 2-3, the FPN / RPN convolutions on P2-P4 and the mask head,
   where it needs 4x fewer multiplies; run at a fixed canvas size chosen by the caller, so that few programs compile.
 * The batch size is dynamic: the per-image steps (proposals, per-class NMS) run in a while loop, so one traced graph
   serves every batch size.
@@ -46,9 +46,12 @@ from maskrcnn_serving.modeling.constants import (
 
 # Winograd pays off where channels are many (measured: 3x3 256->256 at 200x272 86 vs 165 ms, at 50x68 6 vs 11 ms, on
 # 100 RoIs of 14x14 88 vs 105 ms; 512->512 at 25x34 15 vs 20 ms; but 64 channels at 200x272 33 vs 22 ms and 256 at
-# 25x34 about even): at least 128 input channels, and for the FPN / RPN convolutions feature strides 4-16.
+# 25x34 about even): at least 256 input channels, and for the FPN / RPN convolutions feature strides 4-16. 128
+# channels (ResNet group 1, 100x136) lost on an Intel Xeon (25 vs 20 ms) and, with them, the R50 backbone + FPN + RPN
+# at 800x1088 took the same time (median 1.14 s either way) while a new canvas compiled twice as many programs (7.1
+# vs 3.5 s): docs/optimized-backend.md#no-compile-cliff.
 WINOGRAD_STRIDES = (4, 8, 16)
-WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_CHANNELS = 256
 
 
 def fold_frozen_bn(weights: Mapping[str, np.ndarray], scope: str) -> tuple[np.ndarray, np.ndarray]:
