@@ -5,6 +5,7 @@ one by one (``run_files``)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import weakref
 
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from maskrcnn_serving import pipeline as pipeline_module
 from maskrcnn_serving import postprocess, wire
 from maskrcnn_serving.backends.base import PredictOptions
 from maskrcnn_serving.deadline import Deadline
@@ -115,10 +117,18 @@ def test_a_many_image_request_holds_a_bounded_number_of_prepared_images(pipeline
     assert pipeline.backend.preprocess(cv2.imread(str(example_images[0]))).resized.shape[0] > 30
 
 
+@pytest.mark.parametrize("workers", [False, True], ids=["one thread", "annotation workers"])
 @pytest.mark.parametrize("fmt", ["legacy", "coco", "polygon", "boxes"])
-def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(pipeline, example_images, monkeypatch, fmt):
-    """annotate() pastes and encodes detection by detection (memory for one mask): the records equal those of
-    pasting every mask of the image at once, byte for byte."""
+def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(
+    pipeline, example_images, monkeypatch, fmt, workers
+):
+    """annotate() pastes and encodes detection by detection (memory for one mask), on the caller's thread or, for
+    large boxes, on the annotation workers: the records equal those of pasting every mask of the image at once,
+    byte for byte, in the same order."""
+    if workers:
+        if pipeline_module.ANNOTATION_WORKERS < 2:
+            pytest.skip("one CPU: the annotation workers are not used")
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)  # every image counts as large
     data = example_images[1].read_bytes()
     result = pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())[0]
     options = wire.parse_options({"format": fmt, "score_threshold": 0.0}, pipeline.default_options(),
@@ -127,18 +137,30 @@ def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(pipelin
                                              postprocess.paste_patches(result.detections, options))
     assert len(result.detections) > 20
     assert json.dumps(result.annotations) == json.dumps(at_once)
-    sizes = []
+    sizes, threads = [], set()
     real = postprocess.paste_patches
-    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: sizes.append(len(dets)) or real(dets, opts))
+
+    def recorded(dets, opts):
+        sizes.append(len(dets))
+        threads.add(threading.current_thread().name.startswith("annotate"))
+        return real(dets, opts)
+
+    monkeypatch.setattr(postprocess, "paste_patches", recorded)
     pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())
     assert sizes == [1] * len(result.detections)
+    assert threads == ({True} if workers and fmt != "boxes" else {False})
 
 
+@pytest.mark.parametrize("workers", [False, True], ids=["one thread", "annotation workers"])
 def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_pasted(tensorpack_backend, example_images,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, workers):
     """The records without their masks already exceed the limit: 413 before any mask is pasted. Just above that
-    floor, the running total refuses the answer part-way, before pasting the rest."""
+    floor, the running total refuses the answer part-way, before pasting the rest (with the annotation workers,
+    the few they had started ahead)."""
     from maskrcnn_serving.errors import ResponseTooLarge
+
+    if workers:
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)
     from maskrcnn_serving.settings import Limits
 
     data = example_images[1].read_bytes()
@@ -160,7 +182,8 @@ def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_paste
                 small.handle(request(small, [data], score_threshold=0.0, max_detections=200))
         finally:
             small.close()
-        assert len(pasted) <= most and "format=coco" in info.value.message
+        ahead = 2 * pipeline_module.ANNOTATION_WORKERS if workers and most else 0
+        assert len(pasted) <= min(count, most + ahead) and "format=coco" in info.value.message
         if most:
             assert len(pasted) > 0
 
@@ -223,7 +246,10 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
         database.stop_local_servers()
 
 
-def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch):
+@pytest.mark.parametrize("workers", [False, True], ids=["one thread", "annotation workers"])
+def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch, workers):
+    if workers:
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)
     data = example_images[1].read_bytes()
     parsed = request(pipeline, [data], score_threshold=0.0, max_detections=100)
     real = postprocess.paste_patches

@@ -22,11 +22,16 @@ counts); the thresholded masks are the same (tests/modeling/test_paste.py compar
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import cv2
 import numpy as np
 from threadpoolctl import ThreadpoolController
+
+PASTE_CHUNK_VALUES = 1 << 20  # float64 values per band of the accurate paste: 8 MB
 
 
 def _interp_weights(centres: np.ndarray, lo: float, hi: float, knots: int) -> np.ndarray:
@@ -53,9 +58,30 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _single_threaded_blas():
-    """Context manager: BLAS calls inside it use one thread (about 5 us to enter and leave)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+# BLAS's thread count is one setting for the whole process, and several threads paste at once (the pipeline's
+# annotation workers, the server's request threads): the first to enter limits it, the last to leave restores it.
+# Each entering and leaving by itself would let one thread restore the threads while another is still pasting.
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """BLAS calls inside it use one thread, in every thread that is inside it (about 5 us to enter and leave)."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def paste_mask_patch(
@@ -94,9 +120,16 @@ def _paste_accurate(box, mask, image_hw, threshold):
     padded[1:-1, 1:-1] = mask
     wx = _interp_weights(np.arange(xa, xb) + 0.5, bx0, bx1, knots)
     wy = _interp_weights(np.arange(ya, yb) + 0.5, by0, by1, knots)
+    patch = np.empty((yb - ya, xb - xa), np.uint8)
+    # The float64 values are made and thresholded PASTE_CHUNK_VALUES at a time (a band of rows), so that a box the
+    # size of a large photo does not hold h x w x 8 bytes at once (400 MB for 8100x6075); each value is the same
+    # product as over the whole box.
+    step = max(1, PASTE_CHUNK_VALUES // patch.shape[1])
     with _single_threaded_blas():
-        values = wy @ padded @ wx.T
-    return ya, xa, (values >= threshold).view(np.uint8)  # bool is one byte of 0 / 1: no copy
+        rows = wy @ padded
+        for top in range(0, patch.shape[0], step):
+            np.greater_equal(rows[top : top + step] @ wx.T, threshold, out=patch[top : top + step].view(np.bool_))
+    return ya, xa, patch
 
 
 def _paste_fast(box, mask, image_hw, threshold):

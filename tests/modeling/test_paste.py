@@ -146,3 +146,59 @@ def test_paste_on_one_blas_thread_gives_the_same_bits_as_threaded_blas(monkeypat
     with threadpool_limits(limits=2, user_api="blas"):
         double = wy @ padded @ wx.T
     assert np.abs(single - double).max() < 1e-14
+
+
+def test_one_blas_thread_holds_while_any_thread_is_still_pasting():
+    """Threads paste at once (the pipeline's annotation workers, the server's request threads): BLAS stays on one
+    thread until the last of them is done, then gets its own setting back."""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from maskrcnn_serving.modeling import paste
+
+    def blas_threads() -> set[int]:  # numpy's BLAS (OpenCV brings an OpenBLAS of its own, fixed at one thread)
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"
+                and "numpy" in lib["filepath"]}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip("this numpy's BLAS cannot be set to 2 threads")
+        both_inside, first_left = threading.Barrier(2), threading.Event()
+        seen = {}
+
+        def first():
+            with paste._single_threaded_blas():
+                both_inside.wait()
+            first_left.set()
+
+        def second():
+            with paste._single_threaded_blas():
+                both_inside.wait()
+                first_left.wait(5)
+                seen["after the first left"] = blas_threads()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert seen["after the first left"] == {1}
+        assert blas_threads() == {2}
+
+
+def test_the_paste_in_bands_of_rows_gives_the_mask_of_the_whole_box(monkeypatch):
+    """The accurate paste makes its float values a band of rows at a time (bounded memory for a photo-sized box):
+    the same pixels as one product over the whole box, with bands of one row, a few rows, and one band."""
+    from maskrcnn_serving.modeling import paste
+
+    cases = _random_paste_cases(60, seed=3)
+    monkeypatch.setattr(paste, "PASTE_CHUNK_VALUES", 1 << 40)
+    whole = [paste.paste_mask_patch(box, mask, hw) for box, mask, hw in cases]
+    assert max(patch.size for _, _, patch in whole) > 50_000
+    for band_values in (1, 1000, 4096):
+        monkeypatch.setattr(paste, "PASTE_CHUNK_VALUES", band_values)
+        for (box, mask, hw), (y0, x0, expected) in zip(cases, whole, strict=True):
+            got_y0, got_x0, got = paste.paste_mask_patch(box, mask, hw)
+            assert (got_y0, got_x0) == (y0, x0) and got.dtype == np.uint8
+            np.testing.assert_array_equal(got, expected)
