@@ -49,7 +49,7 @@ from maskrcnn_serving.modeling.constants import (
 # 25x34 about even): at least 256 input channels, and for the FPN / RPN convolutions feature strides 4-16. 128
 # channels (ResNet group 1, 100x136) lost on an Intel Xeon (25 vs 20 ms) and, with them, the R50 backbone + FPN + RPN
 # at 800x1088 took the same time (median 1.14 s either way) while a new canvas compiled twice as many programs (7.1
-# vs 3.5 s): docs/optimized-backend.md#no-compile-cliff.
+# vs 3.5 s): docs/optimized-backend.md#same-answers.
 WINOGRAD_STRIDES = (4, 8, 16)
 WINOGRAD_MIN_CHANNELS = 256
 
