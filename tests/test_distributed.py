@@ -114,7 +114,12 @@ def test_index_build_on_ray_resumes_where_it_stopped_and_matches_the_local_build
     """Stopped with Ctrl-C after a few images, then resumed with its actor killed mid-run: the index of the local
     build, row for row, each image's rows once."""
     address, environment = ray_cluster.address, ray_cluster.environment
-    folder = image_folder / "good"
+    # Four copies of the dozen images: at ~10 images/s a dozen could all be done before the Ctrl-C lands.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for copy in range(4):
+        for image in sorted((image_folder / "good").glob("*.jpg")):
+            (folder / f"{copy}-{image.name}").write_bytes(image.read_bytes())
     count = len(list(folder.glob("*.jpg")))
     local_db, ray_db = str(tmp_path / "local.db"), str(tmp_path / "ray.db")
 
