@@ -43,9 +43,15 @@ def image_folder(tmp_path_factory, example_images) -> Path:
     return root
 
 
+def _interruptible() -> None:
+    # A suite started in the background by a non-interactive shell ignores SIGINT, and a child inherits an ignored
+    # SIGINT (Python then raises no KeyboardInterrupt): the CLI gets the default, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(*args: str, stderr, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "maskrcnn_serving.cli", *args], stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, env=env)
+                            stderr=stderr, text=True, env=env, preexec_fn=_interruptible)
 
 
 def by_image(records: list[dict]) -> dict[str, list[dict]]:
@@ -114,12 +120,7 @@ def test_index_build_on_ray_resumes_where_it_stopped_and_matches_the_local_build
     """Stopped with Ctrl-C after a few images, then resumed with its actor killed mid-run: the index of the local
     build, row for row, each image's rows once."""
     address, environment = ray_cluster.address, ray_cluster.environment
-    # Four copies of the dozen images: at ~10 images/s a dozen could all be done before the Ctrl-C lands.
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for copy in range(4):
-        for image in sorted((image_folder / "good").glob("*.jpg")):
-            (folder / f"{copy}-{image.name}").write_bytes(image.read_bytes())
+    folder = image_folder / "good"
     count = len(list(folder.glob("*.jpg")))
     local_db, ray_db = str(tmp_path / "local.db"), str(tmp_path / "ray.db")
 
