@@ -354,10 +354,10 @@ class Pipeline:
             areas = sides[:, 0] * sides[:, 1]
             order = np.argsort(areas, kind="stable")
             made = self._annotation_records(dets, item.options, order, areas.sum(), deadline)
-            for index, (paste_s, encode_s, record) in zip(order, made, strict=True):
+            for index, (one, paste_s, encode_s, record) in zip(order, made, strict=True):
                 times.add(Stage.POSTPROCESS, paste_s)
                 with times.measure(Stage.ENCODE):
-                    postprocess.add_search_fields([record], dets.select([index]), item.options,
+                    postprocess.add_search_fields([record], one, item.options,
                                                   None if found is None else [found[index]])
                     if budget is not None:
                         budget.add_record(record, floor[index])
@@ -368,19 +368,19 @@ class Pipeline:
 
     def _annotation_records(
         self, dets: Detections, options: RequestOptions, order: np.ndarray, box_area: float, deadline: Deadline
-    ) -> Iterator[tuple[float, float, dict]]:
-        """(paste seconds, encode seconds, record) of each detection in ``order``, made one after the other, or,
-        when the boxes cover at least :data:`PARALLEL_PASTE_AREA` pixels, by the annotation workers a few ahead
-        (pasting a 12-megapixel photo's 100 masks took 0.25 s on one core; numpy's products and comparisons let
-        go of the GIL). At most ``2 x workers`` records wait to be taken, so memory holds a few masks and a 413
+    ) -> Iterator[tuple[Detections, float, float, dict]]:
+        """(the detection, paste seconds, encode seconds, record) of each one in ``order``, made one after the
+        other, or, when the boxes cover at least :data:`PARALLEL_PASTE_AREA` pixels, by the annotation workers a
+        few ahead (pasting a 12-megapixel photo's 100 masks took 0.25 s on one core; numpy's products and
+        comparisons let go of the GIL). At most ``2 x workers`` records wait to be taken, so memory holds a few masks and a 413
         wastes little; a consumer that stops early cancels the rest."""
-        def make(index: int) -> tuple[float, float, dict]:
+        def make(index: int) -> tuple[Detections, float, float, dict]:
             one = dets.select([index])
             start = time.perf_counter()
             patches = postprocess.paste_patches(one, options)
             pasted = time.perf_counter()
             (record,) = postprocess.encode_annotations(one, options, patches)
-            return pasted - start, time.perf_counter() - pasted, record
+            return one, pasted - start, time.perf_counter() - pasted, record
 
         if (box_area < PARALLEL_PASTE_AREA or len(order) < 2 or ANNOTATION_WORKERS < 2
                 or options.format not in MASK_FORMATS):
