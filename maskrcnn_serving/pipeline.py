@@ -372,8 +372,8 @@ class Pipeline:
         """(the detection, paste seconds, encode seconds, record) of each one in ``order``, made one after the
         other, or, when the boxes cover at least :data:`PARALLEL_PASTE_AREA` pixels, by the annotation workers a
         few ahead (pasting a 12-megapixel photo's 100 masks took 0.25 s on one core; numpy's products and
-        comparisons let go of the GIL). At most ``2 x workers`` records wait to be taken, so memory holds a few masks and a 413
-        wastes little; a consumer that stops early cancels the rest."""
+        comparisons let go of the GIL). At most ``2 x workers`` records wait to be taken, so memory holds a few
+        masks and a 413 wastes little; a consumer that stops early cancels the rest."""
         def make(index: int) -> tuple[Detections, float, float, dict]:
             one = dets.select([index])
             start = time.perf_counter()
