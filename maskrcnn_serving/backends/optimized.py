@@ -194,7 +194,7 @@ class OptimizedBackend(Backend):
                     self.traces += 1  # Python runs only while tracing
                     return self.network.detect(*args, **kwargs)
 
-                function = tf.function(detect)
+                function = tf.function(detect, autograph=False)
                 self._functions[key] = function.get_concrete_function(*signature, with_embeddings=with_embeddings)
             return self._functions[key]
 

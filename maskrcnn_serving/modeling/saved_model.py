@@ -112,14 +112,14 @@ class ServingModule(tf.Module):
             spec["masks"] = tf.TensorSpec([k, MASK_SIZE, MASK_SIZE], tf.float32)
         return spec
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def detect_encoded(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         def decode_and_detect(data):
             return self._detect_one(decode_rgb(data))
 
         return tf.map_fn(decode_and_detect, images, fn_output_signature=self._output_signature())
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")], autograph=False)
     def detect_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         return tf.map_fn(self._detect_one, images, fn_output_signature=self._output_signature())
 

@@ -165,7 +165,7 @@ class MaskRCNN(tf.Module):
             tf.constant(a) for a in fpn_anchors(self.strides, cfg.anchor_sizes, cfg.anchor_ratios, cfg.max_size)
         ]
         self.params = self._build_params(bundle)
-        self._dense = tf.function(self._dense_impl, jit_compile=jit_compile)
+        self._dense = tf.function(self._dense_impl, jit_compile=jit_compile, autograph=False)
 
     # ----------------------------------------------------------------------------------------------- weights
     def _build_params(self, bundle: ModelBundle) -> dict[str, tf.Variable]:

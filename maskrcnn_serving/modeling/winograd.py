@@ -76,7 +76,7 @@ def transform_kernel(kernel: np.ndarray) -> np.ndarray:
     """[3, 3, C, K] (HWIO) kernel -> [36, C, K] float32 ``G g G^T`` per (input, output) channel pair, in float64."""
     if kernel.shape[:2] != (KERNEL_SIZE, KERNEL_SIZE):
         raise ValueError(f"expected a 3x3 kernel, got shape {kernel.shape}")
-    transformed = np.einsum("ai,ijck,bj->abck", _G, kernel.astype(np.float64), _G)
+    transformed = np.einsum("ai,ijck,bj->abck", _G, kernel.astype(np.float64), _G, optimize=True)
     return transformed.reshape(INPUT_TILE**2, *kernel.shape[2:]).astype(np.float32)
 
 
@@ -118,7 +118,7 @@ def _winograd_conv(x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor,
 # One image at a time, any size and channel count: XLA compiles once per concrete (H, W, C, K), whatever the batch
 # size of the network call and whether a ReLU follows.
 _compiled_conv = tf.function(
-    _winograd_conv, jit_compile=True, reduce_retracing=True,
+    _winograd_conv, jit_compile=True, reduce_retracing=True, autograph=False,
     input_signature=[tf.TensorSpec([1, None, None, None], tf.float32), tf.TensorSpec([INPUT_TILE**2, None, None]),
                      tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.float32)],
 )
@@ -150,7 +150,7 @@ def conv3x3(
 MASK_CHUNK = 16
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _relu_stack(x: tf.Tensor, transformed_kernels: list[tf.Tensor], biases: list[tf.Tensor]) -> tf.Tensor:
     floor = _floor(True)
     for kernel, bias in zip(transformed_kernels, biases, strict=True):
