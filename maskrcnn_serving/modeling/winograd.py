@@ -146,6 +146,22 @@ def conv3x3(
     return out[:, :height, :width] if canvas_hw is not None else out
 
 
+# What compile_program runs: conv3x3 as the network calls it (one image through tf.map_fn), for any map size.
+_program_call = tf.function(
+    lambda x, kernel, bias: conv3x3(x, kernel, bias), autograph=False,
+    input_signature=[tf.TensorSpec([1, None, None, None], tf.float32), tf.TensorSpec([INPUT_TILE**2, None, None]),
+                     tf.TensorSpec([None], tf.float32)],
+)
+
+
+def compile_program(height: int, width: int, channels: int, out_channels: int) -> None:
+    """Compile the program :func:`conv3x3` runs on [*, height, width, channels] maps to ``out_channels``, by running
+    it once on zeros the way the network calls it: TensorFlow caches an XLA program per call path, and calling the
+    compiled function directly (eagerly) would compile a copy that the network's calls do not use (measured)."""
+    _program_call(tf.zeros([1, height, width, channels]), tf.zeros([INPUT_TILE**2, channels, out_channels]),
+                  tf.zeros([out_channels]))
+
+
 # The mask head's RoI maps run in chunks of this many: one compiled program for any number of detections.
 MASK_CHUNK = 16
 
