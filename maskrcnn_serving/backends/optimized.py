@@ -230,7 +230,7 @@ class OptimizedBackend(Backend):
                 self.detect_function()(tf.zeros([1, height, width, 3], tf.uint8), tf.constant([[height, width]]),
                                        *options, tf.constant([height, width]))
                 continue
-            for stride, channels, out_channels in sorted(self.network.winograd_maps()):
+            for stride, channels, out_channels in sorted(self.network.winograd_maps):  # filled by the traces above
                 winograd.compile_program(height // stride, width // stride, channels, out_channels)
 
     def batch_key(self, resized: np.ndarray) -> tuple[int, int]:

@@ -165,6 +165,10 @@ class MaskRCNN(tf.Module):
             tf.constant(a) for a in fpn_anchors(self.strides, cfg.anchor_sizes, cfg.anchor_ratios, cfg.max_size)
         ]
         self.params = self._build_params(bundle)
+        # (feature stride, input channels, output channels) of each map the traced graphs convolve by Winograd
+        # outside the mask head, recorded as they are traced: at a canvas of H x W their programs are those of
+        # (H / stride) x (W / stride) maps (the mask head's stack runs at one size, whatever the image).
+        self.winograd_maps: set[tuple[int, int, int]] = set()
         self._dense = tf.function(self._dense_impl, jit_compile=jit_compile, autograph=False)
 
     # ----------------------------------------------------------------------------------------------- weights
@@ -213,24 +217,6 @@ class MaskRCNN(tf.Module):
             return self.strides[int(scope[-1]) - 2] in WINOGRAD_STRIDES
         return scope == "rpn/conv0" or scope.startswith("maskrcnn/fcn")  # rpn/conv0: Winograd on P2-P4 only
 
-    def winograd_maps(self) -> set[tuple[int, int, int]]:
-        """(feature stride, input channels, output channels) of every map the backbone, FPN and RPN may convolve by
-        Winograd: at a canvas of H x W, their programs are those of (H / stride) x (W / stride) maps. The mask
-        head's stack is not among them: it runs at one size, whatever the image."""
-        maps = set()
-        for name, transformed in self.params.items():
-            scope = name[: -len("/U")]
-            if not name.endswith("/U") or scope.startswith("maskrcnn/"):
-                continue
-            if scope.startswith("group"):
-                strides = [RESNET_GROUP_STRIDES[int(scope[5])]]
-            elif scope.startswith("fpn/posthoc_3x3_p"):
-                strides = [self.strides[int(scope[-1]) - 2]]
-            else:  # rpn/conv0: by Winograd on the levels at WINOGRAD_STRIDES
-                strides = [stride for stride in self.strides if stride in WINOGRAD_STRIDES]
-            maps.update((stride, *transformed.shape[1:]) for stride in strides)
-        return maps
-
     # --------------------------------------------------------------------------------------------- layers
     def _conv(self, x: tf.Tensor, scope: str, stride: int = 1, padding: str = "SAME", relu: bool = True):
         kernel, bias = self.params[f"{scope}/W"], self.params[f"{scope}/b"]
@@ -249,6 +235,7 @@ class MaskRCNN(tf.Module):
         if transformed is None or canvas is None or (scope == "rpn/conv0" and stride not in WINOGRAD_STRIDES):
             return self._conv(x, scope, relu=relu)
         bias = self.params[f"{scope}/b"]
+        self.winograd_maps.add((stride, *transformed.shape[1:]))
         return tf.cond(canvas[0] > 0, lambda: winograd.conv3x3(x, transformed, bias, relu, canvas // stride),
                        lambda: self._conv(x, scope, relu=relu))
 
