@@ -142,9 +142,13 @@ class Page:
         saved: list[Path] = []
 
         def finished() -> bool:
-            # chromium writes NAME.crdownload beside an empty NAME placeholder, then renames it over NAME
-            files = list(self.downloads.iterdir())
-            saved[:] = [p for p in files if not p.name.endswith(".crdownload") and p.stat().st_size > 0]
+            # chromium writes NAME.crdownload beside an empty NAME placeholder, then renames it over NAME; its own
+            # temporary files may vanish between the listing and their stat
+            try:
+                files = list(self.downloads.iterdir())
+                saved[:] = [p for p in files if not p.name.endswith(".crdownload") and p.stat().st_size > 0]
+            except FileNotFoundError:
+                return False
             return len(saved) == 1 and len(files) == 1
 
         self.wait(finished, f"the download of #{element_id}", timeout=30)
