@@ -13,11 +13,11 @@ meaningful even when the absolute figures are not.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from maskrcnn_serving.bench.images import format_size, synthetic_jpegs, synthetic_masks
+from maskrcnn_serving.bench.images import format_size, synthetic_masks
 from maskrcnn_serving.bench.model import summarize_calls
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.bench.stats import summarize
@@ -32,20 +32,26 @@ def _rounds_order(index: int) -> tuple[int, int]:
 def compare_pipelines(
     a: Workload,
     b: Workload,
-    size: tuple[int, int] = (640, 480),
+    images: Sequence[bytes],
+    description: str,
     batch_size: int = 1,
     rounds: int = 10,
     warmup: int = 2,
     max_seconds: float = 240.0,
-    distinct_images: int = 4,
     labels: tuple[str, str] = ("A", "B"),
+    pass_length: int | None = None,
 ) -> dict:
-    """Interleave calls of ``a`` and ``b`` on the same images; stop after ``rounds`` rounds or ``max_seconds``
-    (at least 2 rounds, so both orders run)."""
-    payloads = synthetic_jpegs(size, max(batch_size, distinct_images))
+    """Interleave calls of ``a`` and ``b`` on the same encoded ``images`` (round i takes the next ``batch_size`` of
+    them, cycling; ``description`` names them in the report); stop after ``rounds`` rounds or ``max_seconds`` (at
+    least 2 rounds, so both orders run). ``warmup`` discarded calls per side come first, on the first images.
+
+    ``pass_length``: also report each complete pass of that many rounds on its own (``passes``), e.g. the first
+    pass over a mixed stream, where every size is new to both sides, and the next, where none is."""
+    if not images:
+        raise ValueError("no images to compare on")
 
     def batch(index: int) -> list[bytes]:
-        return [payloads[(index * batch_size + j) % len(payloads)] for j in range(batch_size)]
+        return [images[(index * batch_size + j) % len(images)] for j in range(batch_size)]
 
     sides = (a, b)
     for i in range(warmup):
@@ -59,10 +65,11 @@ def compare_pipelines(
             calls[which].append(sides[which].run(batch(done)))
         done += 1
     sa, sb = summarize_calls(calls[0]), summarize_calls(calls[1])
-    return {
-        "size": format_size(size),
+    report = {
+        "images": description,
         "batch_size": batch_size,
         "rounds": done,
+        "warmup_calls": warmup,
         "a_label": labels[0],
         "b_label": labels[1],
         "a": sa,
@@ -70,6 +77,13 @@ def compare_pipelines(
         "throughput_ratio_b_over_a": sb["img_per_s"] / sa["img_per_s"],
         "time_ratio_a_over_b": sa["total_s_per_image"] / sb["total_s_per_image"],
     }
+    if pass_length:
+        report["passes"] = [
+            {"a_s": sum(c.seconds for c in calls[0][start:start + pass_length]),
+             "b_s": sum(c.seconds for c in calls[1][start:start + pass_length])}
+            for start in range(0, done - pass_length + 1, pass_length)
+        ]
+    return report
 
 
 # Mask encoders compared by ``compare_rle``: full-size (H, W) uint8 mask -> segmentation record.

@@ -66,7 +66,7 @@ def plot_compare(report: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 3.0))
     _stacked_stages(ax, [f"A: {report['a_label']}", f"B: {report['b_label']}"], [report["a"], report["b"]])
-    ax.set_title(f"B/A throughput {report['throughput_ratio_b_over_a']:.2f}x  ({report['size']}, batch "
+    ax.set_title(f"B/A throughput {report['throughput_ratio_b_over_a']:.2f}x  ({report['images']}, batch "
                  f"{report['batch_size']}, {report['rounds']} interleaved rounds)", fontsize=10, pad=24)
     return _save(fig, path, plt)
 

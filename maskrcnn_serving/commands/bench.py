@@ -157,10 +157,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pipelines.add_argument("--b", required=True, help="Configuration B (SPEC).")
     _add_pipeline_arguments(pipelines)
     pipelines.add_argument("--size", type=_size, default=(640, 480), help="Input size (default 640x480).")
+    _add_stream_arguments(pipelines, "Instead of one --size: the N photos of the mixed stream of bench/traffic.py, "
+                          "one per round, in order, twice by default; each pass is also reported on its own, with "
+                          "each side's load time, and no warm-up by default, so that the first pass is what "
+                          "`predict` meets (every size new).")
     pipelines.add_argument("--batch-size", type=int, default=1, help="Images per call (default 1).")
-    pipelines.add_argument("--rounds", type=int, default=10, help="Interleaved rounds, at most (default 10).")
+    pipelines.add_argument("--rounds", type=int, default=None,
+                           help="Interleaved rounds, at most (default 10; with --stream, 2 x N).")
     pipelines.add_argument("--max-seconds", type=float, default=240.0, help="Seconds of rounds, at most.")
-    pipelines.add_argument("--warmup", type=int, default=2, help="Discarded calls per side (default 2).")
+    pipelines.add_argument("--warmup", type=int, default=None,
+                           help="Discarded calls per side (default 2; with --stream, 0).")
     _add_output_arguments(pipelines)
     pipelines.set_defaults(func=run_compare_model)
 
@@ -382,33 +388,52 @@ def _parse_spec(text: str) -> tuple[str, dict[str, str]]:
 
 def run_compare_model(args: argparse.Namespace) -> int:
     from maskrcnn_serving.bench.compare import compare_pipelines
+    from maskrcnn_serving.bench.images import format_size, synthetic_jpegs
     from maskrcnn_serving.bench.plots import plot_compare
     from maskrcnn_serving.bench.report import compare_table
     from maskrcnn_serving.bench.stats import machine_info
+    from maskrcnn_serving.bench.traffic import mixed_stream
     from maskrcnn_serving.bench.workload import Workload
 
+    if args.stream:
+        photos = mixed_stream(args.stream, args.stream_seed)  # made before the clock starts
+        images, description = [photo.jpeg for photo in photos], _payload_description(args)
+    else:
+        images, description = synthetic_jpegs(args.size, max(args.batch_size, 4)), format_size(args.size)
+    rounds = args.rounds if args.rounds is not None else (2 * args.stream if args.stream else 10)
+    warmup = args.warmup if args.warmup is not None else (0 if args.stream else 2)
     environ = _environ(args.config)
     base = Settings.from_env(os.environ, model_dir=args.model_dir)
     loaded: dict[str, Any] = {}
+    load_seconds: list[float] = []
     workloads = []
     for spec in (args.a, args.b):
         encoder, values = _parse_spec(spec)
         settings = base.with_text(values)
         key = repr(settings)
+        started = time.perf_counter()
         if key not in loaded:  # the same backend and settings on both sides are loaded once
             loaded[key] = _open(settings, environ, spec)
+        load_seconds.append(time.perf_counter() - started)
         workloads.append(Workload(loaded[key], args.score_threshold, args.detections, encoder))
     report = compare_pipelines(
-        workloads[0], workloads[1], args.size, args.batch_size, args.rounds, args.warmup, args.max_seconds,
-        labels=(args.a, args.b),
+        workloads[0], workloads[1], images, description, args.batch_size, rounds, warmup, args.max_seconds,
+        labels=(args.a, args.b), pass_length=args.stream // args.batch_size if args.stream else None,
     )
+    report["a"]["load_s"], report["b"]["load_s"] = load_seconds
     report["detections"] = args.detections
     report["config_overrides"] = dict(args.config)
     report["model_dir"] = args.model_dir
     report["machine"] = machine_info()
     print(compare_table(report))
     print(f"B/A throughput: {report['throughput_ratio_b_over_a']:.3f}x  ({report['rounds']} interleaved rounds, "
-          f"{report['size']}, batch {report['batch_size']}, {args.detections} detections)")
+          f"{description}, batch {report['batch_size']}, {args.detections} detections)")
+    for index, one in enumerate(report.get("passes", [])):
+        with_load = (f"; with each side's load first (A {load_seconds[0]:.1f} s, B {load_seconds[1]:.1f} s): "
+                     f"B/A time {(one['b_s'] + load_seconds[1]) / (one['a_s'] + load_seconds[0]):.3f}"
+                     if index == 0 else "")
+        print(f"pass {index + 1}: A {one['a_s']:.1f} s, B {one['b_s']:.1f} s, B/A time {one['b_s'] / one['a_s']:.3f}"
+              + with_load)
     _write_outputs(report, args.json, args.plot, plot_compare)
     return 0
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from maskrcnn_serving.bench.images import synthetic_jpegs
 from maskrcnn_serving.bench.workload import Workload
 from maskrcnn_serving.pipeline import STAGES, Pipeline
 
@@ -50,7 +51,13 @@ def test_compare_pipelines_interleaves_and_reports_the_ratio(tensorpack_backend,
     pipeline = Pipeline(tensorpack_backend)
     a = Workload(pipeline, 0.0, 10, "legacy")
     b = Workload(pipeline, 0.0, 10, "coco")
-    report = compare_pipelines(a, b, size=(128, 96), rounds=3, warmup=1, labels=("legacy", "coco"))
-    assert report["rounds"] == 3 and report["a"]["calls"] == report["b"]["calls"] == 3
+    images = synthetic_jpegs((128, 96), 2)
+    report = compare_pipelines(a, b, images, "128x96", rounds=5, warmup=1, labels=("legacy", "coco"), pass_length=2)
+    assert report["rounds"] == 5 and report["a"]["calls"] == report["b"]["calls"] == 5
     assert report["throughput_ratio_b_over_a"] == pytest.approx(report["b"]["img_per_s"] / report["a"]["img_per_s"])
+    # Two complete passes of 2 rounds (the fifth round starts a third, incomplete one, left out).
+    assert len(report["passes"]) == 2
+    for side in ("a", "b"):
+        all_calls = report[side]["images"] / report[side]["img_per_s"]
+        assert 0 < sum(one[f"{side}_s"] for one in report["passes"]) < all_calls
     assert plot_compare(report, tmp_path / "c.png").stat().st_size > 5_000

@@ -33,6 +33,26 @@ def test_bench_model_command_writes_json_table_and_png(tensorpack_backend, tmp_p
     assert "128x96" in table and "model ms" in table and "non-model" in table
 
 
+def test_compare_model_on_the_mixed_stream_reports_each_pass_and_the_load(tensorpack_backend, tmp_path, monkeypatch,
+                                                                           capsys):
+    """``bench compare model --stream N``: the stream's photos one per round, twice, no warm-up; each pass and
+    each side's load time in the report, and the first pass's ratio with the loads counted."""
+    from maskrcnn_serving.commands import bench
+
+    monkeypatch.setattr(bench, "_open", lambda settings, *a: Pipeline(tensorpack_backend))
+    out = tmp_path / "compare.json"
+    code = cli.main(["bench", "compare", "model", "--model-dir", "model/demo", "--a", "backend=tensorpack",
+                     "--b", "backend=tensorpack,format=coco", "--stream", "2", "--detections", "5",
+                     "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["rounds"] == 4 and report["warmup_calls"] == 0
+    assert report["images"] == "mixed stream of 2 photos, seed 0 (bench/traffic.py)"
+    assert len(report["passes"]) == 2 and all(one["a_s"] > 0 and one["b_s"] > 0 for one in report["passes"])
+    assert report["a"]["load_s"] >= 0 and report["b"]["load_s"] >= 0
+    printed = capsys.readouterr().out
+    assert "pass 1:" in printed and "with each side's load first" in printed and "pass 2:" in printed
+
+
 def test_compare_rle_finds_identical_output_and_a_speedup(tmp_path, capsys):
     out = tmp_path / "rle.json"
     code = cli.main(["bench", "compare", "rle", "--masks", "6", "--size", "120x90", "--rounds", "2",
