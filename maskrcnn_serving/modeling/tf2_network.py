@@ -234,10 +234,9 @@ class MaskRCNN(tf.Module):
         transformed = self.params.get(f"{scope}/U")
         if transformed is None or canvas is None or (scope == "rpn/conv0" and stride not in WINOGRAD_STRIDES):
             return self._conv(x, scope, relu=relu)
-        bias = self.params[f"{scope}/b"]
         self.winograd_maps.add((stride, *transformed.shape[1:]))
-        return tf.cond(canvas[0] > 0, lambda: winograd.conv3x3(x, transformed, bias, relu, canvas // stride),
-                       lambda: self._conv(x, scope, relu=relu))
+        return winograd.conv3x3(x, self.params[f"{scope}/W"], transformed, self.params[f"{scope}/b"], relu,
+                                canvas // stride)
 
     def _fc(self, x: tf.Tensor, scope: str, relu: bool = True) -> tf.Tensor:
         kernel, bias = self.params[f"{scope}/W"], self.params[f"{scope}/b"]

@@ -128,38 +128,56 @@ def _floor(relu: bool) -> tf.Tensor:
     return tf.constant(0.0 if relu else -np.inf, tf.float32)
 
 
+@tf.function(
+    autograph=False,
+    input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
+                     tf.TensorSpec([KERNEL_SIZE, KERNEL_SIZE, None, None], tf.float32),
+                     tf.TensorSpec([INPUT_TILE**2, None, None], tf.float32), tf.TensorSpec([None], tf.float32),
+                     tf.TensorSpec([], tf.float32), tf.TensorSpec([2], tf.int32)],
+)
+def _canvas_conv(x: tf.Tensor, kernel: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, floor: tf.Tensor,
+                 canvas_hw: tf.Tensor) -> tf.Tensor:
+    """:func:`conv3x3`'s work, traced once for every layer and call: the network's Winograd layers share this one
+    function instead of each building its own copy of the choice, the padding, the map over the images and the crop
+    (which made tracing the float32 graph take about 1 s more)."""
+    def winograd() -> tf.Tensor:
+        height, width = tf.shape(x)[1], tf.shape(x)[2]
+        padded = tf.pad(x, [[0, 0], [0, canvas_hw[0] - height], [0, canvas_hw[1] - width], [0, 0]])
+        out = tf.map_fn(lambda image: _compiled_conv(image[None], transformed_kernel, bias, floor)[0], padded,
+                        fn_output_signature=tf.TensorSpec([None, None, None], tf.float32))
+        return out[:, :height, :width]
+
+    def direct() -> tf.Tensor:
+        return tf.maximum(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias), floor)
+
+    return tf.cond(canvas_hw[0] > 0, winograd, direct)
+
+
 def conv3x3(
-    x: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool = False, canvas_hw: tf.Tensor | None = None
+    x: tf.Tensor, kernel: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool = False,
+    canvas_hw: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """SAME 3x3 stride-1 convolution + bias (+ ReLU) of float32 NHWC ``x`` [B, H, W, C] with a kernel prepared by
-    :func:`transform_kernel` ([36, C, K]); returns [B, H, W, K].
+    """SAME 3x3 stride-1 convolution + bias (+ ReLU) of float32 NHWC ``x`` [B, H, W, C] with ``kernel`` ([3, 3, C,
+    K]) as prepared by :func:`transform_kernel` (``transformed_kernel``, [36, C, K]); returns [B, H, W, K].
 
     Each image runs in one XLA program compiled per input size. ``canvas_hw`` ((2,) int32, at least (H, W)): run
     every image zero-padded bottom/right to that size instead, and crop the result; the valid region's sums are
-    the same (SAME padding reads zeros there too), and the programs compiled are those of the canvas sizes only."""
-    height, width = tf.shape(x)[1], tf.shape(x)[2]
-    if canvas_hw is not None:
-        x = tf.pad(x, [[0, 0], [0, canvas_hw[0] - height], [0, canvas_hw[1] - width], [0, 0]])
-    floor = _floor(relu)
-    out = tf.map_fn(lambda image: _compiled_conv(image[None], transformed_kernel, bias, floor)[0], x,
-                    fn_output_signature=tf.TensorSpec([None, None, transformed_kernel.shape[-1]], tf.float32))
-    return out[:, :height, :width] if canvas_hw is not None else out
-
-
-# What compile_program runs: conv3x3 as the network calls it (one image through tf.map_fn), for any map size.
-_program_call = tf.function(
-    lambda x, kernel, bias: conv3x3(x, kernel, bias), autograph=False,
-    input_signature=[tf.TensorSpec([1, None, None, None], tf.float32), tf.TensorSpec([INPUT_TILE**2, None, None]),
-                     tf.TensorSpec([None], tf.float32)],
-)
+    the same (SAME padding reads zeros there too), and the programs compiled are those of the canvas sizes only.
+    A canvas of (0, 0) runs the direct convolution of ``kernel`` instead (a size no canvas holds)."""
+    if canvas_hw is None:
+        canvas_hw = tf.shape(x)[1:3]
+    out = _canvas_conv(x, kernel, transformed_kernel, bias, _floor(relu), canvas_hw)
+    out.set_shape([*x.shape[:3], transformed_kernel.shape[-1]])
+    return out
 
 
 def compile_program(height: int, width: int, channels: int, out_channels: int) -> None:
     """Compile the program :func:`conv3x3` runs on [*, height, width, channels] maps to ``out_channels``, by running
     it once on zeros the way the network calls it: TensorFlow caches an XLA program per call path, and calling the
     compiled function directly (eagerly) would compile a copy that the network's calls do not use (measured)."""
-    _program_call(tf.zeros([1, height, width, channels]), tf.zeros([INPUT_TILE**2, channels, out_channels]),
-                  tf.zeros([out_channels]))
+    _canvas_conv(tf.zeros([1, height, width, channels]), tf.zeros([KERNEL_SIZE, KERNEL_SIZE, channels, out_channels]),
+                 tf.zeros([INPUT_TILE**2, channels, out_channels]), tf.zeros([out_channels]), _floor(False),
+                 tf.constant([height, width]))
 
 
 # The mask head's RoI maps run in chunks of this many: one compiled program for any number of detections.

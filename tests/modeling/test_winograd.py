@@ -30,9 +30,13 @@ def test_winograd_conv3x3_equals_the_direct_convolution(shape, relu):
     expected = tf.nn.conv2d(x.astype(np.float64), kernel.astype(np.float64), 1, "SAME").numpy() + bias
     if relu:
         expected = np.maximum(expected, 0)
-    actual = winograd.conv3x3(tf.constant(x), tf.constant(winograd.transform_kernel(kernel)), tf.constant(bias), relu)
+    args = tf.constant(x), tf.constant(kernel), tf.constant(winograd.transform_kernel(kernel)), tf.constant(bias)
+    actual = winograd.conv3x3(*args, relu)
     assert actual.shape == expected.shape
     np.testing.assert_allclose(actual.numpy(), expected, atol=1e-4 * np.abs(expected).max())
+    # A (0, 0) canvas (an image no canvas holds) takes the direct convolution instead.
+    direct = winograd.conv3x3(*args, relu, canvas_hw=tf.zeros([2], tf.int32))
+    np.testing.assert_allclose(direct.numpy(), expected, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("count", [0, 3, 8, 13])
@@ -74,11 +78,41 @@ def test_winograd_on_a_canvas_equals_the_unpadded_convolution():
 
     rng = np.random.default_rng(3)
     kernel = rng.normal(size=(3, 3, 6, 7)).astype(np.float32)
-    transformed, bias = tf.constant(winograd.transform_kernel(kernel)), tf.constant(rng.normal(size=7), tf.float32)
+    layer = (tf.constant(kernel), tf.constant(winograd.transform_kernel(kernel)), tf.constant(rng.normal(size=7),
+                                                                                            tf.float32))
     for shape, canvas in (((1, 9, 14, 6), (12, 16)), ((3, 10, 7, 6), (16, 8)), ((2, 8, 8, 6), (8, 8))):
         x = tf.constant(rng.normal(size=shape).astype(np.float32))
-        expected = winograd.conv3x3(x, transformed, bias, relu=True)
-        actual = winograd.conv3x3(x, transformed, bias, relu=True, canvas_hw=tf.constant(canvas))
+        expected = winograd.conv3x3(x, *layer, relu=True)
+        actual = winograd.conv3x3(x, *layer, relu=True, canvas_hw=tf.constant(canvas))
         assert actual.shape == shape[:3] + (7,)
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-5 * np.abs(expected.numpy()).max())
     assert len(winograd._compiled_conv._list_all_concrete_functions()) == 1
+
+
+def test_every_winograd_layer_shares_one_traced_function():
+    """The layers of a graph call one traced function (the choice of path, the padding to the canvas, the map over
+    the images), instead of each building its own copy: that copy per layer made tracing the float32 graph about
+    1 s longer."""
+    from maskrcnn_serving.modeling import winograd
+
+    rng = np.random.default_rng(4)
+    layers = []
+    for channels, out_channels in ((6, 7), (7, 7), (7, 9)):
+        kernel = rng.normal(size=(3, 3, channels, out_channels)).astype(np.float32)
+        layers.append((tf.constant(kernel), tf.constant(winograd.transform_kernel(kernel)), tf.zeros([out_channels])))
+
+    @tf.function(autograph=False)
+    def network(x: tf.Tensor, canvas: tf.Tensor) -> tf.Tensor:
+        for index, layer in enumerate(layers):
+            x = winograd.conv3x3(x, *layer, relu=index < 2, canvas_hw=canvas)
+        return x
+
+    winograd.conv3x3(tf.zeros([1, 4, 4, 6]), *layers[0])  # traced here already (any earlier test may have too)
+    before = winograd._canvas_conv.experimental_get_tracing_count()
+    out = network(tf.constant(rng.normal(size=(2, 9, 11, 6)).astype(np.float32)), tf.constant([12, 12]))
+    assert out.shape == (2, 9, 11, 9)
+    assert winograd._canvas_conv.experimental_get_tracing_count() == before
+    calls = [op for op in network.get_concrete_function(tf.TensorSpec([None, None, None, 6]),
+                                                       tf.TensorSpec([2], tf.int32)).graph.get_operations()
+             if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    assert len(calls) == len(layers)
