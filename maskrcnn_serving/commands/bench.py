@@ -395,12 +395,15 @@ def run_compare_model(args: argparse.Namespace) -> int:
     from maskrcnn_serving.bench.traffic import mixed_stream
     from maskrcnn_serving.bench.workload import Workload
 
+    if args.batch_size < 1 or (args.stream and args.stream % args.batch_size):
+        raise SystemExit("error: --batch-size must be at least 1, and divide --stream (a pass is whole calls)")
     if args.stream:
         photos = mixed_stream(args.stream, args.stream_seed)  # made before the clock starts
         images, description = [photo.jpeg for photo in photos], _payload_description(args)
     else:
         images, description = synthetic_jpegs(args.size, max(args.batch_size, 4)), format_size(args.size)
-    rounds = args.rounds if args.rounds is not None else (2 * args.stream if args.stream else 10)
+    pass_length = args.stream // args.batch_size if args.stream else None
+    rounds = args.rounds if args.rounds is not None else (2 * pass_length if pass_length else 10)
     warmup = args.warmup if args.warmup is not None else (0 if args.stream else 2)
     environ = _environ(args.config)
     base = Settings.from_env(os.environ, model_dir=args.model_dir)
@@ -418,7 +421,7 @@ def run_compare_model(args: argparse.Namespace) -> int:
         workloads.append(Workload(loaded[key], args.score_threshold, args.detections, encoder))
     report = compare_pipelines(
         workloads[0], workloads[1], images, description, args.batch_size, rounds, warmup, args.max_seconds,
-        labels=(args.a, args.b), pass_length=args.stream // args.batch_size if args.stream else None,
+        labels=(args.a, args.b), pass_length=pass_length,
     )
     report["a"]["load_s"], report["b"]["load_s"] = load_seconds
     report["detections"] = args.detections

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from maskrcnn_serving import cli
 from maskrcnn_serving.pipeline import Pipeline
 
@@ -51,6 +53,12 @@ def test_compare_model_on_the_mixed_stream_reports_each_pass_and_the_load(tensor
     assert report["a"]["load_s"] >= 0 and report["b"]["load_s"] >= 0
     printed = capsys.readouterr().out
     assert "pass 1:" in printed and "with each side's load first" in printed and "pass 2:" in printed
+
+
+def test_compare_model_refuses_a_batch_size_that_splits_the_stream_s_passes():
+    with pytest.raises(SystemExit, match="divide --stream"):
+        cli.main(["bench", "compare", "model", "--model-dir", "model/demo", "--a", "backend=tensorpack",
+                  "--b", "backend=optimized", "--stream", "3", "--batch-size", "2"])
 
 
 def test_compare_rle_finds_identical_output_and_a_speedup(tmp_path, capsys):
