@@ -157,8 +157,8 @@ def conv3x3(
     x: tf.Tensor, kernel: tf.Tensor, transformed_kernel: tf.Tensor, bias: tf.Tensor, relu: bool = False,
     canvas_hw: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """SAME 3x3 stride-1 convolution + bias (+ ReLU) of float32 NHWC ``x`` [B, H, W, C] with ``kernel`` ([3, 3, C,
-    K]) as prepared by :func:`transform_kernel` (``transformed_kernel``, [36, C, K]); returns [B, H, W, K].
+    """SAME 3x3 stride-1 convolution + bias (+ ReLU) of float32 NHWC ``x`` [B, H, W, C] by ``kernel`` ([3, 3, C, K]),
+    given also as :func:`transform_kernel` prepared it (``transformed_kernel``, [36, C, K]); returns [B, H, W, K].
 
     Each image runs in one XLA program compiled per input size. ``canvas_hw`` ((2,) int32, at least (H, W)): run
     every image zero-padded bottom/right to that size instead, and crop the result; the valid region's sums are
