@@ -38,7 +38,8 @@ def test_bench_model_command_writes_json_table_and_png(tensorpack_backend, tmp_p
 def test_compare_model_on_the_mixed_stream_reports_each_pass_and_the_load(tensorpack_backend, tmp_path, monkeypatch,
                                                                            capsys):
     """``bench compare model --stream N``: the stream's photos one per round, twice, no warm-up; each pass and
-    each side's load time in the report, and the first pass's ratio with the loads counted."""
+    each side's load time in the report (the process start both share measured apart), and the first pass's
+    ratio with the loads counted."""
     from maskrcnn_serving.commands import bench
 
     monkeypatch.setattr(bench, "_open", lambda settings, *a: Pipeline(tensorpack_backend))
@@ -50,9 +51,10 @@ def test_compare_model_on_the_mixed_stream_reports_each_pass_and_the_load(tensor
     assert code == 0 and report["rounds"] == 4 and report["warmup_calls"] == 0
     assert report["images"] == "mixed stream of 2 photos, seed 0 (bench/traffic.py)"
     assert len(report["passes"]) == 2 and all(one["a_s"] > 0 and one["b_s"] > 0 for one in report["passes"])
-    assert report["a"]["load_s"] >= 0 and report["b"]["load_s"] >= 0
+    assert report["a"]["load_s"] >= 0 and report["b"]["load_s"] >= 0 and report["process_start_s"] >= 0
     printed = capsys.readouterr().out
     assert "pass 1:" in printed and "with each side's load first" in printed and "pass 2:" in printed
+    assert "the process start" in printed
 
 
 def test_compare_model_refuses_a_batch_size_that_splits_the_stream_s_passes():
