@@ -2,9 +2,9 @@
 records (the encode stage's per-detection work).
 
 * :func:`filter_detections`: the class filter, then ``max_detections``;
-* :func:`mask_patches`, :func:`full_masks`: masks pasted from the (N, 28, 28) probabilities into the image frame
-  (the math is :mod:`maskrcnn_serving.modeling.paste`); :func:`paste_patches`: the patches an image's options ask
-  for, at box size;
+* :func:`instance_masks`, :func:`full_masks`: masks pasted from the (N, 28, 28) probabilities into the image frame
+  (the math is :mod:`maskrcnn_serving.modeling.paste`); :func:`paste_for_options`: the masks an image's options ask
+  for, as runs in box-sized windows (:class:`~maskrcnn_serving.structures.MaskRuns`);
 * :func:`encode_annotations`: the annotation records of each format (bbox, class, score, segmentation);
 * :func:`add_search_fields`: each instance's embedding and neighbours on its record (:func:`neighbour_records`).
 
@@ -18,13 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle, polygons_of_patch
-from maskrcnn_serving.modeling.paste import paste_mask_patch, paste_masks
+from maskrcnn_serving.encoding import coco_rle_of_mask, legacy_rle, polygons_of_mask
+from maskrcnn_serving.modeling.paste import paste_mask, paste_masks
 from maskrcnn_serving.request import MASK_FORMATS, RequestOptions
-from maskrcnn_serving.structures import Detections
-
-# (y0, x0, patch): an instance's mask is ``patch`` (h, w) uint8 {0, 1} at rows y0.., cols x0.., 0 elsewhere.
-MaskPatch = tuple[int, int, np.ndarray]
+from maskrcnn_serving.structures import Detections, MaskRuns
 
 
 def filter_detections(dets: Detections, options: RequestOptions, default_max: int) -> Detections:
@@ -43,28 +40,28 @@ def _require_masks(dets: Detections) -> np.ndarray:
     return dets.mask_probs
 
 
-def mask_patches(dets: Detections, threshold: float = 0.5) -> Iterator[MaskPatch]:
-    """Yield ``(y0, x0, patch)`` per detection, pasted at box size (``dets.accurate_paste`` picks the method)."""
+def instance_masks(dets: Detections, threshold: float = 0.5) -> Iterator[MaskRuns]:
+    """Yield each detection's pasted mask (``dets.accurate_paste`` picks the method)."""
     probs = _require_masks(dets)
     for box, prob in zip(dets.boxes, probs, strict=True):
-        yield paste_mask_patch(box, prob, dets.image_hw, threshold, dets.accurate_paste)
+        yield paste_mask(box, prob, dets.image_hw, threshold, dets.accurate_paste)
 
 
 def full_masks(dets: Detections, threshold: float = 0.5) -> np.ndarray:
-    """(N, H, W) uint8 {0, 1} full-image masks. Prefer :func:`mask_patches` for large images: N full-size masks of
-    a 4000x3000 photo take N x 12 MB."""
+    """(N, H, W) uint8 {0, 1} full-image masks. Prefer :func:`instance_masks` for large images: N full-size masks
+    of a 4000x3000 photo take N x 12 MB."""
     return paste_masks(dets.boxes, _require_masks(dets), dets.image_hw, threshold, dets.accurate_paste)
 
 
-def paste_patches(dets: Detections, options: RequestOptions) -> list[MaskPatch] | None:
-    """Mask patches ``(y0, x0, patch)`` of every detection for mask formats (pasted at box size, never full
-    image size), None for ``boxes``."""
+def paste_for_options(dets: Detections, options: RequestOptions) -> list[MaskRuns] | None:
+    """The pasted mask of every detection for mask formats (runs in box-sized windows, never a full-size mask), None
+    for ``boxes``."""
     if options.format not in MASK_FORMATS or not dets.has_masks:
         return None
-    return list(mask_patches(dets, options.mask_threshold))
+    return list(instance_masks(dets, options.mask_threshold))
 
 
-def encode_annotations(dets: Detections, options: RequestOptions, patches: list[MaskPatch] | None) -> list[dict]:
+def encode_annotations(dets: Detections, options: RequestOptions, masks: list[MaskRuns] | None) -> list[dict]:
     """The ``annotations`` list of one image in ``options.format``, in descending score order.
 
     legacy: seed-compatible (docs/seed-containers.md#response): ``bbox`` [int(x1), int(y1), int(x2-x1), int(y2-y1)]
@@ -75,7 +72,6 @@ def encode_annotations(dets: Detections, options: RequestOptions, patches: list[
     boxes: float xywh ``bbox`` only.
     """
     fmt = options.format
-    height, width = dets.image_hw
     annotations = []
     for index in range(len(dets)):
         x1, y1, x2, y2 = (float(v) for v in dets.boxes[index])
@@ -90,14 +86,13 @@ def encode_annotations(dets: Detections, options: RequestOptions, patches: list[
             "category_name": dets.class_names[label],
             "score": round(float(dets.scores[index]), 5),
         }
-        if patches is not None:
-            y0, x0, patch = patches[index]
+        if masks is not None:
             if fmt == "legacy":
-                record["segmentation"] = legacy_rle(y0, x0, patch, (height, width))
+                record["segmentation"] = legacy_rle(masks[index])
             elif fmt == "coco":
-                record["segmentation"] = coco_rle_of_patch(y0, x0, patch, (height, width))
+                record["segmentation"] = coco_rle_of_mask(masks[index])
             else:
-                record["segmentation"] = polygons_of_patch(y0, x0, patch)
+                record["segmentation"] = polygons_of_mask(masks[index])
         annotations.append(record)
     return annotations
 

@@ -29,10 +29,13 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from maskrcnn_serving.postprocess import MaskPatch, mask_patches
+from maskrcnn_serving.postprocess import instance_masks
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from maskrcnn_serving.structures import Detections
+
+# (y0, x0, patch): an instance's mask is ``patch`` (h, w) uint8 {0, 1} at rows y0.., cols x0.., 0 elsewhere.
+MaskPatch = tuple[int, int, np.ndarray]
 
 MASK_FORMATS = ("auto", "legacy", "coco", "polygon")
 _POLYGON_SHIFT = 8  # fractional bits of polygon vertices given to cv2.fillPoly
@@ -239,7 +242,10 @@ def draw_instances(
 
 def draw_detections(image: np.ndarray, detections: Detections, mask_threshold: float = 0.5, **style) -> np.ndarray:
     """Draw a backend's :class:`Detections` (masks pasted per box, never N full-size masks at once)."""
-    patches: Iterator[MaskPatch] | None = mask_patches(detections, mask_threshold) if detections.has_masks else None
+    patches: Iterator[MaskPatch] | None = (
+        ((mask.y0, mask.x0, mask.patch()) for mask in instance_masks(detections, mask_threshold))
+        if detections.has_masks else None
+    )
     return draw_instances(
         image, detections.boxes, detections.labels, detections.names, detections.scores, patches, **style
     )

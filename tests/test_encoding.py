@@ -1,4 +1,4 @@
-"""Mask encoders working on placed patches: the seed's row-major RLE, COCO RLE, polygons."""
+"""Mask encoders of pasted masks (MaskRuns): the seed's row-major RLE, COCO RLE, polygons."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
-from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle, polygons_of_patch
+from maskrcnn_serving.encoding import coco_rle, coco_rle_of_mask, legacy_rle, polygons_of_mask
+from maskrcnn_serving.structures import MaskRuns
 
 # pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -31,15 +32,15 @@ def placed(full_hw, y0, x0, patch):
 )
 def test_legacy_rle_spec_examples(mask, counts):
     mask = np.array(mask, dtype=np.uint8)
-    assert legacy_rle(0, 0, mask, mask.shape) == {"counts": counts, "size": list(mask.shape)}
+    assert legacy_rle(MaskRuns.from_patch(0, 0, mask, mask.shape)) == {"counts": counts, "size": list(mask.shape)}
 
 
 def test_legacy_rle_merges_runs_across_row_breaks():
     # Ones touching the right edge of row 0 and the left edge of row 1 are one run in a flat scan.
     full = np.array([[0, 0, 1], [1, 0, 0], [0, 0, 0]], dtype=np.uint8)
-    assert legacy_rle(0, 0, full, full.shape)["counts"] == [2, 2, 5]
+    assert legacy_rle(MaskRuns.from_patch(0, 0, full, full.shape))["counts"] == [2, 2, 5]
     # The same from a patch that spans the whole width.
-    assert legacy_rle(0, 0, full[:2], full.shape)["counts"] == [2, 2, 5]
+    assert legacy_rle(MaskRuns.from_patch(0, 0, full[:2], full.shape))["counts"] == [2, 2, 5]
 
 
 def test_encoders_match_references_on_random_patches():
@@ -50,22 +51,22 @@ def test_encoders_match_references_on_random_patches():
         y0, x0 = int(rng.integers(0, height - ph + 1)), int(rng.integers(0, width - pw + 1))
         patch = (rng.random((ph, pw)) < rng.random()).astype(np.uint8)
         full = placed((height, width), y0, x0, patch)
-        legacy = legacy_rle(y0, x0, patch, (height, width))
+        legacy = legacy_rle(MaskRuns.from_patch(y0, x0, patch, (height, width)))
         assert legacy["counts"] == seed_binary_mask_to_rle(full)["counts"]
         assert sum(legacy["counts"]) == height * width
-        assert coco_rle_of_patch(y0, x0, patch, (height, width)) == coco_rle(full[None])[0]
+        assert coco_rle_of_mask(MaskRuns.from_patch(y0, x0, patch, (height, width))) == coco_rle(full[None])[0]
 
 
 def test_patch_overhanging_the_image_is_clipped():
     patch = np.ones((4, 4), dtype=np.uint8)
     full = placed((5, 5), 3, 3, patch)
-    assert legacy_rle(3, 3, patch, (5, 5))["counts"] == seed_binary_mask_to_rle(full)["counts"]
-    assert coco_rle_of_patch(3, 3, patch, (5, 5)) == coco_rle(full[None])[0]
+    assert legacy_rle(MaskRuns.from_patch(3, 3, patch, (5, 5)))["counts"] == seed_binary_mask_to_rle(full)["counts"]
+    assert coco_rle_of_mask(MaskRuns.from_patch(3, 3, patch, (5, 5))) == coco_rle(full[None])[0]
 
 
 def test_legacy_rle_is_row_major_not_pycocotools():
     full = np.array([[0, 1, 1], [0, 0, 1]], dtype=np.uint8)
-    rle = legacy_rle(0, 0, full, full.shape)
+    rle = legacy_rle(MaskRuns.from_patch(0, 0, full, full.shape))
     # pycocotools reads uncompressed counts column-major: it would decode these counts into a different mask.
     wrong = mask_utils.decode(mask_utils.frPyObjects(rle, 2, 3))
     assert not np.array_equal(wrong, full)
@@ -79,10 +80,10 @@ def test_large_mask_is_fast_and_exact():
     ys, xs = np.nonzero(full)
     y0, x0 = int(ys.min()), int(xs.min())
     patch = full[y0 : ys.max() + 1, x0 : xs.max() + 1]
-    counts = np.array(legacy_rle(y0, x0, patch, full.shape)["counts"])
+    counts = np.array(legacy_rle(MaskRuns.from_patch(y0, x0, patch, full.shape))["counts"])
     values = np.arange(len(counts)) % 2
     assert np.array_equal(np.repeat(values, counts).reshape(full.shape).astype(np.uint8), full)
-    assert coco_rle_of_patch(y0, x0, patch, full.shape) == coco_rle(full[None])[0]
+    assert coco_rle_of_mask(MaskRuns.from_patch(y0, x0, patch, full.shape)) == coco_rle(full[None])[0]
 
 
 def test_polygons_cover_the_mask():
@@ -91,7 +92,7 @@ def test_polygons_cover_the_mask():
     cv2.rectangle(full, (5, 5), (20, 30), 1, -1)
     ys, xs = np.nonzero(full)
     y0, x0 = int(ys.min()), int(xs.min())
-    polygons = polygons_of_patch(y0, x0, full[y0 : ys.max() + 1, x0 : xs.max() + 1])
+    polygons = polygons_of_mask(MaskRuns.from_patch(y0, x0, full[y0 : ys.max() + 1, x0 : xs.max() + 1], full.shape))
     assert len(polygons) == 2
     assert all(len(p) % 2 == 0 and len(p) >= 6 for p in polygons)
     rle = mask_utils.merge(mask_utils.frPyObjects(polygons, *full.shape))
@@ -101,6 +102,6 @@ def test_polygons_cover_the_mask():
 
 def test_empty_patch_encodings():
     empty = np.zeros((0, 0), dtype=np.uint8)
-    assert legacy_rle(0, 0, empty, (3, 4))["counts"] == [12]
-    assert mask_utils.decode(coco_rle_of_patch(0, 0, empty, (3, 4))).sum() == 0
-    assert polygons_of_patch(0, 0, empty) == []
+    assert legacy_rle(MaskRuns.from_patch(0, 0, empty, (3, 4)))["counts"] == [12]
+    assert mask_utils.decode(coco_rle_of_mask(MaskRuns.from_patch(0, 0, empty, (3, 4)))).sum() == 0
+    assert polygons_of_mask(MaskRuns.from_patch(0, 0, empty, (3, 4))) == []

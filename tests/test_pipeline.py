@@ -129,23 +129,24 @@ def test_masks_are_pasted_and_encoded_one_at_a_time_with_the_same_answer(
         if pipeline_module.ANNOTATION_WORKERS < 2:
             pytest.skip("one CPU: the annotation workers are not used")
         monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)  # every image counts as large
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_FORMATS", frozenset({"legacy", "coco", "polygon"}))
     data = example_images[1].read_bytes()
     result = pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())[0]
     options = wire.parse_options({"format": fmt, "score_threshold": 0.0}, pipeline.default_options(),
                                  pipeline.backend.class_names, False)
     at_once = postprocess.encode_annotations(result.detections, options,
-                                             postprocess.paste_patches(result.detections, options))
+                                             postprocess.paste_for_options(result.detections, options))
     assert len(result.detections) > 20
     assert json.dumps(result.annotations) == json.dumps(at_once)
     sizes, threads = [], set()
-    real = postprocess.paste_patches
+    real = postprocess.paste_for_options
 
     def recorded(dets, opts):
         sizes.append(len(dets))
         threads.add(threading.current_thread().name.startswith("annotate"))
         return real(dets, opts)
 
-    monkeypatch.setattr(postprocess, "paste_patches", recorded)
+    monkeypatch.setattr(postprocess, "paste_for_options", recorded)
     pipeline.process(request(pipeline, [data], score_threshold=0.0, format=fmt).images, StageTimes())
     assert sizes == [1] * len(result.detections)
     assert threads == ({True} if workers and fmt != "boxes" else {False})
@@ -161,12 +162,13 @@ def test_an_answer_over_the_response_limit_is_refused_before_the_masks_are_paste
 
     if workers:
         monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_FORMATS", frozenset({"legacy"}))
     from maskrcnn_serving.settings import Limits
 
     data = example_images[1].read_bytes()
     pasted = []
-    real = postprocess.paste_patches
-    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: pasted.append(1) or real(dets, opts))
+    real = postprocess.paste_for_options
+    monkeypatch.setattr(postprocess, "paste_for_options", lambda dets, opts: pasted.append(1) or real(dets, opts))
     probe = Pipeline(tensorpack_backend)
     try:
         full = probe.handle(request(probe, [data], score_threshold=0.0, max_detections=200))
@@ -206,9 +208,9 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
                         "bbox": [1.0, 2.0, 30.5, 40.25], "category": "ring", "category_id": 4, "score": 0.75,
                         "height": 50, "width": 60, "mask": "", "thumbnail": ""} for i, v in enumerate(vectors)])
     searched, pasted = [], []
-    search, paste = InstanceIndex.search, postprocess.paste_patches
+    search, paste = InstanceIndex.search, postprocess.paste_for_options
     monkeypatch.setattr(InstanceIndex, "search", lambda self, *a, **k: searched.append(1) or search(self, *a, **k))
-    monkeypatch.setattr(postprocess, "paste_patches", lambda dets, opts: pasted.append(1) or paste(dets, opts))
+    monkeypatch.setattr(postprocess, "paste_for_options", lambda dets, opts: pasted.append(1) or paste(dets, opts))
     service = SearchService(index.db, index.collection, dim, 30.0)  # as a server's worker searches it
     assert service.open()
     data = example_images[1].read_bytes()
@@ -250,15 +252,16 @@ def test_an_answer_too_large_with_its_search_fields_is_refused_before_the_work_i
 def test_the_deadline_is_checked_between_masks(pipeline, example_images, monkeypatch, workers):
     if workers:
         monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_AREA", 0)
+        monkeypatch.setattr(pipeline_module, "PARALLEL_PASTE_FORMATS", frozenset({"legacy"}))
     data = example_images[1].read_bytes()
     parsed = request(pipeline, [data], score_threshold=0.0, max_detections=100)
-    real = postprocess.paste_patches
+    real = postprocess.paste_for_options
 
     def slow(dets, options):
         time.sleep(0.05)
         return real(dets, options)
 
-    monkeypatch.setattr(postprocess, "paste_patches", slow)
+    monkeypatch.setattr(postprocess, "paste_for_options", slow)
     start = time.perf_counter()
     with pytest.raises(DeadlineExceeded, match="encoding"):
         pipeline.handle(parsed, Deadline.after(0.5))

@@ -13,8 +13,8 @@ from maskrcnn_serving.postprocess import (
     encode_annotations,
     filter_detections,
     full_masks,
-    mask_patches,
-    paste_patches,
+    instance_masks,
+    paste_for_options,
 )
 from maskrcnn_serving.request import RequestOptions
 
@@ -22,7 +22,7 @@ from maskrcnn_serving.request import RequestOptions
 def test_legacy_annotations_match_the_seed_layout():
     dets = shape_detections()
     options = RequestOptions(score_threshold=0.5)
-    annotations = encode_annotations(dets, options, paste_patches(dets, options))
+    annotations = encode_annotations(dets, options, paste_for_options(dets, options))
     first = annotations[0]
     assert list(first) == ["bbox", "category_id", "category_name", "score", "segmentation"]
     x1, y1, x2, y2 = (float(v) for v in dets.boxes[0])
@@ -42,7 +42,7 @@ def test_coco_polygon_and_boxes_annotations():
     dets = shape_detections()
     for fmt in ("coco", "polygon", "boxes"):
         options = RequestOptions(score_threshold=0.5, format=fmt)
-        annotations = encode_annotations(dets, options, paste_patches(dets, options))
+        annotations = encode_annotations(dets, options, paste_for_options(dets, options))
         assert annotations[0]["bbox"] == [10.7, 5.2, 19.4, 15.7]
         if fmt == "coco":
             assert isinstance(annotations[0]["segmentation"]["counts"], str)
@@ -65,22 +65,24 @@ def test_filter_keeps_the_same_object_when_nothing_is_dropped_and_can_drop_every
     assert filter_detections(dets, RequestOptions(score_threshold=0.5), default_max=100) is dets
     none = filter_detections(dets, RequestOptions(score_threshold=0.5, classes=frozenset({2})), default_max=100)
     assert len(none) == 0 and none.boxes.shape == (0, 4) and none.mask_probs.shape == (0, 28, 28)
-    assert encode_annotations(none, RequestOptions(score_threshold=0.5), paste_patches(none, RequestOptions(0.5))) == []
+    options = RequestOptions(score_threshold=0.5)
+    assert encode_annotations(none, options, paste_for_options(none, options)) == []
 
 
 @pytest.mark.parametrize("accurate", [True, False])
-def test_patches_placed_in_the_image_are_the_full_masks(accurate):
-    """Each patch, put at (y0, x0) of an empty image, is the full mask (both paste methods); the full masks are
-    modeling/paste.py's, and a patch spans its box (grown by (M + 2) / M for the accurate paste's padding, and a few
-    pixels of slack), never the image."""
+def test_pasted_masks_placed_in_the_image_are_the_full_masks(accurate):
+    """Each mask's window, put at (y0, x0) of an empty image, is the full mask (both paste methods); the full masks
+    are modeling/paste.py's, and a window spans its box (grown by (M + 2) / M for the accurate paste's padding, and a
+    few pixels of slack), never the image."""
     dets = shape_detections()
     dets.accurate_paste = accurate
     full = full_masks(dets, 0.4)
     assert full.shape == (3, 48, 64) and full.dtype == np.uint8 and set(np.unique(full)) == {0, 1}
     np.testing.assert_array_equal(full, paste_masks(dets.boxes, dets.mask_probs, (48, 64), 0.4, accurate))
-    for (y0, x0, patch), mask, box in zip(mask_patches(dets, 0.4), full, dets.boxes, strict=True):
+    for runs, mask, box in zip(instance_masks(dets, 0.4), full, dets.boxes, strict=True):
+        patch = runs.patch()
         placed = np.zeros((48, 64), np.uint8)
-        placed[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+        placed[runs.y0 : runs.y0 + patch.shape[0], runs.x0 : runs.x0 + patch.shape[1]] = patch
         np.testing.assert_array_equal(placed, mask)
         height, width = (box[3] - box[1]) * 30 / 28 + 4, (box[2] - box[0]) * 30 / 28 + 4
         assert patch.shape[0] <= height < 48 and patch.shape[1] <= width < 64
@@ -88,11 +90,11 @@ def test_patches_placed_in_the_image_are_the_full_masks(accurate):
 
 def test_mask_threshold_and_formats_decide_what_is_pasted():
     dets = shape_detections()
-    assert paste_patches(dets, RequestOptions(0.5, format="boxes")) is None
-    assert paste_patches(shape_detections(with_masks=False), RequestOptions(0.5)) is None
-    assert len(paste_patches(dets, RequestOptions(0.5, format="polygon"))) == 3
-    above = paste_patches(dets, RequestOptions(0.5, mask_threshold=0.95))  # every probability is 0.9 or 0
-    assert all(patch.sum() == 0 for _, _, patch in above)
+    assert paste_for_options(dets, RequestOptions(0.5, format="boxes")) is None
+    assert paste_for_options(shape_detections(with_masks=False), RequestOptions(0.5)) is None
+    assert len(paste_for_options(dets, RequestOptions(0.5, format="polygon"))) == 3
+    above = paste_for_options(dets, RequestOptions(0.5, mask_threshold=0.95))  # every probability is 0.9 or 0
+    assert all(mask.area == 0 for mask in above)
 
 
 def test_masks_of_a_model_without_a_mask_head_are_an_error():
@@ -100,7 +102,7 @@ def test_masks_of_a_model_without_a_mask_head_are_an_error():
     with pytest.raises(ValueError, match="no mask head"):
         full_masks(dets)
     with pytest.raises(ValueError, match="no mask head"):
-        next(mask_patches(dets))
+        next(instance_masks(dets))
 
 
 def test_search_fields_are_added_where_asked():

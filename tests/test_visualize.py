@@ -14,6 +14,7 @@ from maskrcnn_serving import encoding, visualize
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.encoding import coco_rle
 from maskrcnn_serving.postprocess import full_masks
+from maskrcnn_serving.structures import MaskRuns
 
 
 def random_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -104,13 +105,13 @@ def test_round_trip_through_the_server_encoders():
         ys, xs = np.nonzero(mask) if mask.any() else (np.array([0]), np.array([0]))
         y0, x0 = int(ys.min()), int(xs.min())
         patch = mask[y0 : ys.max() + 1, x0 : xs.max() + 1]
-        legacy = encoding.legacy_rle(y0, x0, patch, mask.shape)
+        legacy = encoding.legacy_rle(MaskRuns.from_patch(y0, x0, patch, mask.shape))
         assert legacy == seed_binary_mask_to_rle(mask)
         np.testing.assert_array_equal(visualize.segmentation_to_mask(legacy), mask)
-        coco = encoding.coco_rle_of_patch(y0, x0, patch, mask.shape)
+        coco = encoding.coco_rle_of_mask(MaskRuns.from_patch(y0, x0, patch, mask.shape))
         np.testing.assert_array_equal(visualize.segmentation_to_mask(coco), mask)
     for mask in hole_free(masks):
-        polygons = encoding.polygons_of_patch(0, 0, mask)
+        polygons = encoding.polygons_of_mask(MaskRuns.from_patch(0, 0, mask, mask.shape))
         np.testing.assert_array_equal(visualize.segmentation_to_mask(polygons, mask.shape), mask)
 
 

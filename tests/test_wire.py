@@ -14,7 +14,7 @@ from assertions import shape_detections
 
 from maskrcnn_serving import wire
 from maskrcnn_serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from maskrcnn_serving.postprocess import encode_annotations, paste_patches
+from maskrcnn_serving.postprocess import encode_annotations, paste_for_options
 from maskrcnn_serving.request import ImageResult, RequestOptions
 from maskrcnn_serving.settings import Limits
 
@@ -227,7 +227,7 @@ def test_the_response_size_floor_is_never_over_the_real_size(fmt):
     check would, and earlier."""
     dets = shape_detections()
     options = RequestOptions(score_threshold=0.5, format=fmt)
-    records = encode_annotations(dets, options, paste_patches(dets, options))
+    records = encode_annotations(dets, options, paste_for_options(dets, options))
     body = len(wire.encode_response([wire.image_response(None, records)], False, LIMITS))
     size = wire.ParsedRequest([], is_list=False).response_budget(LIMITS)
     floors = size.add_floor(dets, options)
@@ -261,7 +261,7 @@ def test_the_response_size_counts_the_search_fields_before_the_search_and_the_ma
     options = RequestOptions(score_threshold=0.5, format=fmt, embeddings=True, neighbours=3)
     found = [[Neighbour(100 + k, f"images/{k}.jpg", [1.5, 2.0, 30.25, 4.0], "circle", 0.9, 0.125)
               for k in range(count)] for count in (0, 1, 3)]
-    records = encode_annotations(dets, options, paste_patches(dets, options))
+    records = encode_annotations(dets, options, paste_for_options(dets, options))
     add_search_fields(records, dets, options, found)
     body = len(wire.encode_response([wire.image_response(None, records, dets.image_embedding)], False, LIMITS))
     without_search = wire.ResponseSize(LIMITS)

@@ -22,7 +22,8 @@ from maskrcnn_serving.bench.model import summarize_calls
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
 from maskrcnn_serving.bench.stats import summarize
 from maskrcnn_serving.bench.workload import CallResult, Workload
-from maskrcnn_serving.encoding import coco_rle_of_patch, legacy_rle
+from maskrcnn_serving.encoding import coco_rle_of_mask, legacy_rle
+from maskrcnn_serving.structures import MaskRuns
 
 
 def _rounds_order(index: int) -> tuple[int, int]:
@@ -88,9 +89,9 @@ def compare_pipelines(
 
 # Mask encoders compared by ``compare_rle``: full-size (H, W) uint8 mask -> segmentation record.
 RLE_ENCODERS: dict[str, Callable[[np.ndarray], dict]] = {
-    "legacy": lambda mask: legacy_rle(0, 0, mask, mask.shape),
+    "legacy": lambda mask: legacy_rle(MaskRuns.from_patch(0, 0, mask, mask.shape)),
     "seed": seed_binary_mask_to_rle,
-    "coco": lambda mask: coco_rle_of_patch(0, 0, mask, mask.shape),
+    "coco": lambda mask: coco_rle_of_mask(MaskRuns.from_patch(0, 0, mask, mask.shape)),
 }
 ROW_MAJOR = frozenset({"legacy", "seed"})
 

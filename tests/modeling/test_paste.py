@@ -1,11 +1,10 @@
 """The mask paste (docs/model-conventions.md#paste): accurate and fast, against per-pixel references."""
 
-import contextlib
-
 import numpy as np
 import pytest
 
-from maskrcnn_serving.modeling.paste import paste_mask_patch, paste_masks
+from maskrcnn_serving.modeling.paste import paste_mask, paste_masks
+from maskrcnn_serving.structures import MaskRuns
 
 
 # --- mask paste ---------------------------------------------------------------------------------------------------
@@ -54,8 +53,8 @@ def test_accurate_paste_matches_per_pixel_reference():
 
 
 def test_paste_degenerate_box_is_empty():
-    y0, x0, patch = paste_mask_patch(np.array([5.0, 5.0, 5.0, 9.0]), np.ones((28, 28)), (20, 20))
-    assert patch.size == 0
+    runs = paste_mask(np.array([5.0, 5.0, 5.0, 9.0]), np.ones((28, 28)), (20, 20))
+    assert runs.area == 0 and runs.patch().size == 0
 
 
 def test_fast_paste_rounds_the_box():
@@ -119,86 +118,141 @@ def _random_paste_cases(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.
     return cases
 
 
-def test_paste_on_one_blas_thread_gives_the_same_bits_as_threaded_blas(monkeypatch):
-    """The paste runs its matrix products on one BLAS thread for speed; the masks must not change by one pixel."""
-    from threadpoolctl import threadpool_limits
+def per_pixel_product(box, mask, hw, threshold):
+    """The paste as one float64 value per pixel of the image (the weights of both axes times the padded mask, the
+    implementation before the runs): a vectorized reference for photo-sized boxes."""
+    box = np.asarray(box, np.float64)  # as the paste reads a float32 box: its grown box is float64 arithmetic
+    padded = np.pad(mask.astype(np.float64), 1)
+    n = padded.shape[0]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw_, hh = (box[2] - box[0]) / 2 * n / (n - 2), (box[3] - box[1]) / 2 * n / (n - 2)
 
-    from maskrcnn_serving.modeling import paste
+    def weights(size, lo, hi):
+        f = (np.arange(size) + 0.5 - lo) / (hi - lo) * n - 0.5
+        inside = (f >= 0) & (f <= n - 1)
+        i = np.minimum(np.floor(np.where(inside, f, 0)).astype(int), n - 2)
+        t = np.where(inside, f, 0) - i
+        w = np.zeros((size, n))
+        w[np.arange(size), i] = np.where(inside, 1 - t, 0)
+        w[np.arange(size), i + 1] = np.where(inside, t, 0)
+        return w
 
-    cases = _random_paste_cases(150)
-    ours = [paste.paste_mask_patch(box, mask, hw, threshold=t) for box, mask, hw in cases for t in (0.3, 0.5, 0.7)]
-    monkeypatch.setattr(paste, "_single_threaded_blas", contextlib.nullcontext)
-    with threadpool_limits(limits=2, user_api="blas"):
-        threaded = [
-            paste.paste_mask_patch(box, mask, hw, threshold=t) for box, mask, hw in cases for t in (0.3, 0.5, 0.7)
-        ]
-    for (y0, x0, patch), (ry0, rx0, reference) in zip(ours, threaded, strict=True):
-        assert (y0, x0) == (ry0, rx0)
-        np.testing.assert_array_equal(patch, reference)
-
-    # Underneath, the float products agree to rounding: OpenBLAS picks its kernel by thread count.
-    rng = np.random.default_rng(1)
-    wy = paste._interp_weights(np.arange(800) + 0.5, -10.3, 790.7, 30)
-    wx = paste._interp_weights(np.arange(1067) + 0.5, 3.3, 1000.1, 30)
-    padded = rng.random((30, 30))
-    with threadpool_limits(limits=1, user_api="blas"):
-        single = wy @ padded @ wx.T
-    with threadpool_limits(limits=2, user_api="blas"):
-        double = wy @ padded @ wx.T
-    assert np.abs(single - double).max() < 1e-14
+    values = weights(hw[0], cy - hh, cy + hh) @ padded @ weights(hw[1], cx - hw_, cx + hw_).T
+    return (values >= threshold).astype(np.uint8)
 
 
-def test_one_blas_thread_holds_while_any_thread_is_still_pasting():
-    """Threads paste at once (the pipeline's annotation workers, the server's request threads): BLAS stays on one
-    thread until the last of them is done, then gets its own setting back."""
-    import threading
-
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    from maskrcnn_serving.modeling import paste
-
-    def blas_threads() -> set[int]:  # numpy's BLAS (OpenCV brings an OpenBLAS of its own, fixed at one thread)
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"
-                and "numpy" in lib["filepath"]}
-
-    with threadpool_limits(limits=2, user_api="blas"):
-        if blas_threads() != {2}:
-            pytest.skip("this numpy's BLAS cannot be set to 2 threads")
-        both_inside, first_left = threading.Barrier(2), threading.Event()
-        seen = {}
-
-        def first():
-            with paste._single_threaded_blas():
-                both_inside.wait()
-            first_left.set()
-
-        def second():
-            with paste._single_threaded_blas():
-                both_inside.wait()
-                first_left.wait(5)
-                seen["after the first left"] = blas_threads()
-
-        threads = [threading.Thread(target=first), threading.Thread(target=second)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-        assert seen["after the first left"] == {1}
-        assert blas_threads() == {2}
+def test_runs_of_photo_sized_boxes_are_the_per_pixel_values_thresholded():
+    """Boxes up to a 12-megapixel photo, smooth network-like masks and noise, three thresholds: the runs found from
+    the knot values set the pixels the per-pixel product sets, and MaskRuns' invariants hold."""
+    rng = np.random.default_rng(5)
+    hw = (3024, 4032)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for case in range(6):
+        size = rng.uniform(0.05, 1.0, 2) * hw[::-1]
+        x1, y1 = rng.uniform(0, 1, 2) * (np.array(hw[::-1]) - size)
+        box = np.array([x1, y1, x1 + size[0], y1 + size[1]], np.float32)
+        if case % 2:
+            mask = rng.random((28, 28)).astype(np.float32)
+        else:
+            mask = (1 / (1 + np.exp(np.hypot(yy - 14, xx - 14) - rng.uniform(5, 12)))).astype(np.float32)
+        for threshold in (0.3, 0.5, 0.7):
+            runs = paste_mask(box, mask, hw, threshold)
+            full = np.zeros(hw, np.uint8)
+            full[runs.y0 : runs.y0 + runs.height, runs.x0 : runs.x0 + runs.width] = runs.patch()
+            np.testing.assert_array_equal(full, per_pixel_product(box, mask, hw, threshold))
+            assert_valid_runs(runs)
 
 
-def test_the_paste_in_bands_of_rows_gives_the_mask_of_the_whole_box(monkeypatch):
-    """The accurate paste makes its float values a band of rows at a time (bounded memory for a photo-sized box):
-    the same pixels as one product over the whole box, with bands of one row, a few rows, and one band."""
-    from maskrcnn_serving.modeling import paste
+def assert_valid_runs(runs: MaskRuns) -> None:
+    assert 0 <= runs.y0 and runs.y0 + runs.height <= runs.image_hw[0]
+    assert 0 <= runs.x0 and runs.x0 + runs.width <= runs.image_hw[1]
+    assert np.all(runs.starts < runs.ends) and np.all(runs.starts >= 0) and np.all(runs.ends <= runs.width)
+    assert np.all((runs.rows >= 0) & (runs.rows < runs.height))
+    same_row = runs.rows[1:] == runs.rows[:-1]
+    assert np.all(np.diff(runs.rows) >= 0) and np.all(runs.ends[:-1][same_row] <= runs.starts[1:][same_row])
 
-    cases = _random_paste_cases(60, seed=3)
-    monkeypatch.setattr(paste, "PASTE_CHUNK_VALUES", 1 << 40)
-    whole = [paste.paste_mask_patch(box, mask, hw) for box, mask, hw in cases]
-    assert max(patch.size for _, _, patch in whole) > 50_000
-    for band_values in (1, 1000, 4096):
-        monkeypatch.setattr(paste, "PASTE_CHUNK_VALUES", band_values)
-        for (box, mask, hw), (y0, x0, expected) in zip(cases, whole, strict=True):
-            got_y0, got_x0, got = paste.paste_mask_patch(box, mask, hw)
-            assert (got_y0, got_x0) == (y0, x0) and got.dtype == np.uint8
-            np.testing.assert_array_equal(got, expected)
+
+def test_runs_of_random_boxes_and_thresholds_are_the_per_pixel_reference():
+    """Boxes from sub-pixel to larger than the image, overhanging its edges, random masks: every pixel as the
+    per-pixel transcription of the spec decides it (the product of the two knots' weights and values)."""
+    for box, mask, hw in _random_paste_cases(40, seed=4)[:40]:
+        small_hw = (min(hw[0], 120), min(hw[1], 160))
+        box = np.minimum(box * 0.25, [small_hw[1], small_hw[0], small_hw[1], small_hw[0]])
+        for threshold in (0.3, 0.5, 0.7):
+            got = paste_masks(box[None], mask[None], small_hw, threshold)[0]
+            np.testing.assert_array_equal(got, reference_accurate_paste(box, mask, small_hw, threshold))
+
+
+def test_threshold_must_be_positive_and_nan_probabilities_set_nothing():
+    box = np.array([3.0, 4.0, 90.0, 70.0])
+    with pytest.raises(ValueError, match="> 0"):
+        paste_mask(box, np.ones((28, 28), np.float32), (80, 100), threshold=0.0)
+    assert paste_mask(box, np.full((28, 28), np.nan, np.float32), (80, 100)).area == 0
+    partly = np.ones((28, 28), np.float32)
+    partly[5:9, 3:20] = np.nan
+    runs = paste_mask(box, partly, (80, 100))
+    assert_valid_runs(runs)
+    assert 0 < runs.area < paste_mask(box, np.ones((28, 28), np.float32), (80, 100)).area
+
+
+def test_mask_runs_round_trip_through_their_pixels():
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        hw = (int(rng.integers(1, 20)), int(rng.integers(1, 20)))
+        patch = (rng.random((int(rng.integers(0, 22)), int(rng.integers(0, 22)))) < rng.random()).astype(np.uint8)
+        y0, x0 = int(rng.integers(0, hw[0])), int(rng.integers(0, hw[1]))
+        runs = MaskRuns.from_patch(y0, x0, patch, hw)
+        assert_valid_runs(runs)
+        visible = patch[: hw[0] - y0, : hw[1] - x0]
+        if visible.size:
+            np.testing.assert_array_equal(runs.patch(), visible)
+        assert runs.area == int(visible.sum())
+        transposed = runs.transposed()
+        assert transposed.image_hw == hw[::-1] and (transposed.y0, transposed.x0) == (runs.x0, runs.y0)
+        if visible.size:
+            np.testing.assert_array_equal(transposed.patch(), visible.T)
+    # Runs that touch are set pixels all the same.
+    touching = MaskRuns(1, 2, 2, 6, (4, 9), np.array([0, 0, 1]), np.array([0, 3, 1]), np.array([3, 5, 2]))
+    assert touching.patch().tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]
+
+
+def two_stage_values(box, mask, hw):
+    """Every pixel's value computed as the paste computes the values it checks: each row's values at the knot
+    columns (two knot rows and their weights), then two of those and the column's weights; 0 outside the knots."""
+    box = [float(v) for v in box]
+    cx, cy = (box[0] + box[2]) * 0.5, (box[1] + box[3]) * 0.5
+    half_w, half_h = (box[2] - box[0]) * 0.5 * 30 / 28, (box[3] - box[1]) * 0.5 * 30 / 28
+
+    def segments(lo, hi, size):
+        position = (np.arange(size) + 0.5 - lo) / (hi - lo) * 30 - 0.5
+        inside = (position >= 0) & (position <= 29)
+        segment = np.minimum(np.floor(np.where(inside, position, 0)).astype(int), 28)
+        return segment, np.where(inside, position - segment, np.nan)
+
+    padded = np.pad(mask.astype(np.float64), 1)
+    row_segment, row_t = segments(cy - half_h, cy + half_h, hw[0])
+    row_t = row_t[:, None]
+    knot_values = np.nan_to_num(padded[row_segment] * (1 - row_t) + padded[row_segment + 1] * row_t)
+    column_segment, column_t = segments(cx - half_w, cx + half_w, hw[1])
+    values = knot_values[:, column_segment] * (1 - column_t) + knot_values[:, column_segment + 1] * column_t
+    return np.nan_to_num(values)
+
+
+def test_a_pixel_on_the_threshold_is_decided_by_its_own_value():
+    """Masks of a few levels, boxes 28 x k pixels and thresholds at those levels put pixel values exactly on the
+    threshold, or one rounding away from it. A run end solved from the knots can land a pixel off there; the paste
+    checks the pixels beside each end against their own values, so every pixel is what its value says."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        hw = (int(rng.integers(5, 120)), int(rng.integers(5, 120)))
+        levels = int(rng.choice([2, 4, 8, 10]))
+        mask = (rng.integers(0, levels + 1, (28, 28)) / levels).astype(np.float32)
+        scale = rng.choice([0.5, 1, 2, 3, 7, 28 / 30, 2.5])
+        x1, y1 = (int(v) for v in rng.integers(0, 40, 2))
+        box = np.array([x1, y1, x1 + 28 * scale, y1 + 28 * scale * rng.choice([1, 2])], np.float32)
+        box = np.minimum(box, [hw[1], hw[0], hw[1], hw[0]])
+        if box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        threshold = float(rng.integers(1, levels + 1) / levels)
+        got = paste_masks(box[None], mask[None], hw, threshold)[0]
+        np.testing.assert_array_equal(got, (two_stage_values(box, mask, hw) >= threshold).astype(np.uint8))

@@ -2,7 +2,7 @@
 
 * both RLE codecs: the legacy row-major encoder (``encoding.legacy_rle``) against the seed's own algorithm
   (docs/seed-containers.md#legacy-rle) and the decoder clients use (``visualize.decode_legacy_rle``); the COCO encoder
-  (``encoding.coco_rle_of_patch``, ``encoding.coco_rle``) against pycocotools and ``visualize.decode_coco_rle`` --
+  (``encoding.coco_rle_of_mask``, ``encoding.coco_rle``) against pycocotools and ``visualize.decode_coco_rle`` --
   random masks including empty, full, single-pixel, odd sizes and patches that run off the image;
 * the image decoder (``imaging.decode_image``) on random bytes and on mutated valid images, and the request parser
   (``wire.parse_request``) on random JSON documents: every input is either accepted or refused with a
@@ -30,10 +30,11 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn_serving import imaging, wire
 from maskrcnn_serving.bench.seed_rle import seed_binary_mask_to_rle
-from maskrcnn_serving.encoding import coco_rle, coco_rle_of_patch, legacy_rle
+from maskrcnn_serving.encoding import coco_rle, coco_rle_of_mask, legacy_rle
 from maskrcnn_serving.errors import ServingError
 from maskrcnn_serving.request import FORMATS, RequestOptions
 from maskrcnn_serving.settings import Limits
+from maskrcnn_serving.structures import MaskRuns
 from maskrcnn_serving.visualize import decode_coco_rle, decode_legacy_rle
 
 # pycocotools 2.0.11 calls np.array(..., copy=False) on its RLE objects under numpy 2 (harmless, once per decode).
@@ -91,7 +92,7 @@ def full_mask(y0: int, x0: int, patch: np.ndarray, image_hw: tuple[int, int]) ->
 def test_legacy_rle_is_the_seed_encoding_and_round_trips(placed):
     y0, x0, patch, image_hw = placed
     mask = full_mask(y0, x0, patch, image_hw)
-    encoded = legacy_rle(y0, x0, patch, image_hw)
+    encoded = legacy_rle(MaskRuns.from_patch(y0, x0, patch, image_hw))
     assert encoded["size"] == list(image_hw)
     assert encoded["counts"] == seed_binary_mask_to_rle(mask)["counts"]
     assert all(isinstance(c, int) and c >= 0 for c in encoded["counts"])
@@ -103,7 +104,7 @@ def test_legacy_rle_is_the_seed_encoding_and_round_trips(placed):
 def test_coco_rle_is_pycocotools_and_round_trips(placed):
     y0, x0, patch, image_hw = placed
     mask = full_mask(y0, x0, patch, image_hw)
-    encoded = coco_rle_of_patch(y0, x0, patch, image_hw)
+    encoded = coco_rle_of_mask(MaskRuns.from_patch(y0, x0, patch, image_hw))
     reference = mask_utils.encode(np.asfortranarray(mask))
     assert encoded == {"size": list(image_hw), "counts": reference["counts"].decode("ascii")}
     assert coco_rle(mask[None]) == [encoded]

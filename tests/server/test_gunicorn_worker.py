@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -205,7 +206,16 @@ def test_ping_has_a_thread_no_request_can_take(tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
             stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                             b"Content-Length: 1000\r\n\r\n\x89PNG")
-            stalled_at = time.monotonic()
+            # The stalled request holds the request thread until the worker's model load fails (it waits for the
+            # load, then answers 503 without reading the body): 1.4-2.3 s after the stall, by the machine's speed.
+            stalled_answered: dict[str, object] = {}
+
+            def read_stalled_answer() -> None:
+                stalled_answered["head"] = stalled.recv(100)
+                stalled_answered["at"] = time.monotonic()
+
+            reader = threading.Thread(target=read_stalled_answer, daemon=True)
+            reader.start()
             time.sleep(0.5)  # the request thread is reading its body
             for request in (b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                             b"HEAD /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -216,12 +226,13 @@ def test_ping_has_a_thread_no_request_can_take(tmp_path):
                 for _ in range(2):  # a kept-alive connection is peeked again at its next request
                     answer, took = exchange(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", kept)
                     assert answer.startswith(b"HTTP/1.1 503") and took < 1.0, took
+            pinged = time.monotonic()
             answer, _ = exchange(b"GET /model HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            # answered only once the stalled upload has let the request thread go (measured 2.3 s and 1.996 s after
-            # the stall), counted from the stall: the pings before it take a variable share of that time on a busy
-            # machine. An answer at once takes under 1 s (above), so 1.5 s tells the two apart
-            waited = time.monotonic() - stalled_at
-            assert answer.startswith(b"HTTP/1.1 503") and waited > 1.5, waited
+            answered = time.monotonic()
+            reader.join(30)
+            # The pings were answered while the request thread was still held; /model only after it was let go.
+            assert stalled_answered["head"].startswith(b"HTTP/1.1 503"), stalled_answered
+            assert pinged < stalled_answered["at"] <= answered, (pinged, stalled_answered["at"], answered)
     finally:
         master.terminate()
         master.wait(timeout=60)
