@@ -16,6 +16,7 @@ raises :class:`MilvusUnavailable` with pip's own last words, for the tests to sk
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,19 @@ class MilvusServer:
                 self._driver.wait(timeout=30)
         self._driver = None
         self.pid = None
+        self._kill_orphaned_server()
+
+    def _kill_orphaned_server(self) -> None:
+        """Kill a server binary of this base directory still running (its driver died without stopping it)."""
+        binary = str(self.base_dir / "bin" / "milvus").encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "cmdline").read_bytes().split(b"\0")[0] == binary:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
 
     def _command(self, command: str) -> str:
         assert self._driver is not None and self._driver.stdin is not None and self._driver.stdout is not None
