@@ -116,8 +116,8 @@ def _paste_accurate(box: np.ndarray, mask: np.ndarray, image_hw: tuple[int, int]
     column_positions = _knot_positions(bx0, bx1, xa, xb, knots)
     column_first, column_stop = _inside(column_positions, knots)
     segment_start = np.empty(knots, np.int64)
-    segment_start[:-1] = np.searchsorted(column_positions, np.arange(knots - 1))
-    segment_start[0], segment_start[-1] = column_first, column_stop
+    segment_start[:-1] = np.searchsorted(column_positions, np.arange(knots - 1))  # [0] is column_first
+    segment_start[-1] = column_stop
     lo, hi = segment_start[segment], segment_start[segment + 1]
     # The weight of each inside column (column hi may be one past the window: read, never used for a decision).
     weight = np.zeros(xb - xa + 1)

@@ -118,26 +118,35 @@ def _random_paste_cases(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.
     return cases
 
 
+def pixel_knots(box, hw):
+    """Each pixel row's and column's knot interval and weight, as the spec places them: ``((row_segment, row_t),
+    (column_segment, column_t))``, t the weight of the interval's upper knot and NaN outside the knots."""
+    x1, y1, x2, y2 = (float(v) for v in box)  # as the paste reads a float32 box: its grown box is float64 arithmetic
+    cx, cy = (x1 + x2) * 0.5, (y1 + y2) * 0.5
+    half_w, half_h = (x2 - x1) * 0.5 * 30 / 28, (y2 - y1) * 0.5 * 30 / 28
+
+    def segments(lo, hi, size):
+        position = (np.arange(size) + 0.5 - lo) / (hi - lo) * 30 - 0.5
+        inside = (position >= 0) & (position <= 29)
+        segment = np.minimum(np.floor(np.where(inside, position, 0)).astype(int), 28)
+        return segment, np.where(inside, position - segment, np.nan)
+
+    return segments(cy - half_h, cy + half_h, hw[0]), segments(cx - half_w, cx + half_w, hw[1])
+
+
 def per_pixel_product(box, mask, hw, threshold):
     """The paste as one float64 value per pixel of the image (the weights of both axes times the padded mask, the
     implementation before the runs): a vectorized reference for photo-sized boxes."""
-    box = np.asarray(box, np.float64)  # as the paste reads a float32 box: its grown box is float64 arithmetic
     padded = np.pad(mask.astype(np.float64), 1)
-    n = padded.shape[0]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    hw_, hh = (box[2] - box[0]) / 2 * n / (n - 2), (box[3] - box[1]) / 2 * n / (n - 2)
 
-    def weights(size, lo, hi):
-        f = (np.arange(size) + 0.5 - lo) / (hi - lo) * n - 0.5
-        inside = (f >= 0) & (f <= n - 1)
-        i = np.minimum(np.floor(np.where(inside, f, 0)).astype(int), n - 2)
-        t = np.where(inside, f, 0) - i
-        w = np.zeros((size, n))
-        w[np.arange(size), i] = np.where(inside, 1 - t, 0)
-        w[np.arange(size), i + 1] = np.where(inside, t, 0)
+    def weights(segment, t):
+        w = np.zeros((len(segment), 30))
+        w[np.arange(len(segment)), segment] = np.nan_to_num(1 - t)
+        w[np.arange(len(segment)), segment + 1] = np.nan_to_num(t)
         return w
 
-    values = weights(hw[0], cy - hh, cy + hh) @ padded @ weights(hw[1], cx - hw_, cx + hw_).T
+    rows, columns = pixel_knots(box, hw)
+    values = weights(*rows) @ padded @ weights(*columns).T
     return (values >= threshold).astype(np.uint8)
 
 
@@ -219,21 +228,10 @@ def test_mask_runs_round_trip_through_their_pixels():
 def two_stage_values(box, mask, hw):
     """Every pixel's value computed as the paste computes the values it checks: each row's values at the knot
     columns (two knot rows and their weights), then two of those and the column's weights; 0 outside the knots."""
-    box = [float(v) for v in box]
-    cx, cy = (box[0] + box[2]) * 0.5, (box[1] + box[3]) * 0.5
-    half_w, half_h = (box[2] - box[0]) * 0.5 * 30 / 28, (box[3] - box[1]) * 0.5 * 30 / 28
-
-    def segments(lo, hi, size):
-        position = (np.arange(size) + 0.5 - lo) / (hi - lo) * 30 - 0.5
-        inside = (position >= 0) & (position <= 29)
-        segment = np.minimum(np.floor(np.where(inside, position, 0)).astype(int), 28)
-        return segment, np.where(inside, position - segment, np.nan)
-
+    (row_segment, row_t), (column_segment, column_t) = pixel_knots(box, hw)
     padded = np.pad(mask.astype(np.float64), 1)
-    row_segment, row_t = segments(cy - half_h, cy + half_h, hw[0])
     row_t = row_t[:, None]
     knot_values = np.nan_to_num(padded[row_segment] * (1 - row_t) + padded[row_segment + 1] * row_t)
-    column_segment, column_t = segments(cx - half_w, cx + half_w, hw[1])
     values = knot_values[:, column_segment] * (1 - column_t) + knot_values[:, column_segment + 1] * column_t
     return np.nan_to_num(values)
 
